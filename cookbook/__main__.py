@@ -1,0 +1,6 @@
+"""`python -m cookbook`: see cookbook.cli."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""Command line: `python -m cookbook train ...` and `python -m cookbook reproduce RUN_ID`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, available_configs, from_params, load_config, unflatten
+from .data import DataError, load_mnist
+from .hooks import Recorder
+from .progress import Progress
+from .tracking import DEFAULT_EXPERIMENT
+from .train import train
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+# CLI flag -> config key. An empty value ("" from MLproject) means "as the config file says".
+OVERRIDES = {
+    "seed": "seed", "epochs": "epochs", "device": "device", "lr": "optim.lr", "optimizer": "optim.name",
+    "max_norm": "optim.max_norm", "warmup_epochs": "schedule.warmup_epochs", "schedule": "schedule.kind",
+    "norm": "model.norm", "init": "model.init", "width": "model.width", "depth": "model.depth",
+    "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset",
+    "data_dir": "data.data_dir",
+}
+NOT_REPRODUCIBLE = ("time/", "system/")  # wall-clock metrics differ run to run by nature
+
+
+def parse_value(text: str):
+    """A CLI value read as YAML, so '[100, 500]', 'none' and 'true' mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"cannot parse value {text!r}") from None
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    """Nested override dict from the flags that were given (non-empty) and --set KEY=VALUE pairs."""
+    flat = {key: parse_value(getattr(args, flag)) for flag, key in OVERRIDES.items() if getattr(args, flag) not in (None, "")}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE (e.g. monitor.layer_every=10)")
+        flat[key] = parse_value(value)
+    return unflatten(flat)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .tracking import MlflowTracker
+
+    cfg = load_config(args.config, args.configs_dir, overrides_from(args))
+    data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    label = f"{cfg.name} s{cfg.seed}"
+    started = time.time()
+    if args.no_track:
+        result = train(cfg, data, [Progress(label)])
+        print(f"{label}: {'DIVERGED at step %d' % result.diverged_step if result.diverged else 'finished'} {result.final}")
+        return 0
+    with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
+                       system_metrics=not args.no_system_metrics) as tracker:
+        result = train(cfg, data, [Progress(label), tracker])
+    print_summary(tracker.run_id, label, result, time.time() - started)
+    return 0
+
+
+def print_summary(run_id: str, label: str, result, seconds: float) -> None:
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    uri = mlflow.get_tracking_uri()
+    outcome = f"DIVERGED at step {result.diverged_step}" if result.diverged else "finished"
+    final = result.final
+    print(f"\n{label}: {outcome} after {result.steps_run}/{result.total_steps} steps in {seconds:.0f}s")
+    if final:
+        print(f"  final train loss {final['epoch/train_loss']:.4f} | test loss {final['test/loss']:.4f} | "
+              f"test acc {final['test/acc']:.4f} | mean pre-clip grad norm {final['epoch/grad_norm_preclip_mean']:.3f}")
+    print(f"  run {run_id} in experiment {run.info.experiment_id} ({uri})")
+    print(f"  open it: mlflow ui --backend-store-uri {uri}  then  http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}")
+
+
+def compare(tracked: dict[str, list[tuple[int, float]]], rerun: dict[str, list[tuple[int, float]]]) -> list[tuple[str, str]]:
+    """(metric, verdict) for every tracked metric: 'exact' or where the first difference is."""
+    report = []
+    for key in sorted(tracked):
+        if key.startswith(NOT_REPRODUCIBLE):
+            continue
+        a, b = sorted(tracked[key]), sorted(rerun.get(key, []))
+        if a == b:
+            report.append((key, f"exact ({len(a)} values)"))
+            continue
+        diff = next(((x, y) for x, y in zip(a, b) if x != y), None)
+        where = f"step {diff[0][0]}: tracked {diff[0][1]!r} vs rerun {diff[1][1]!r}" if diff else f"{len(a)} vs {len(b)} values"
+        report.append((key, f"MISMATCH at {where}"))
+    return report
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(args.run_id)
+    cfg = from_params(run.data.params)
+    data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    recorder = Recorder()
+    train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder])
+    tracked = {key: [(m.step, m.value) for m in client.get_metric_history(args.run_id, key)] for key in run.data.metrics}
+    report = compare(tracked, recorder.history)
+    for key, verdict in report:
+        print(f"{key:48s} {verdict}")
+    bad = [k for k, v in report if v.startswith("MISMATCH")]
+    print(f"\n{len(report) - len(bad)}/{len(report)} metrics reproduced exactly" + (f"; differing: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cookbook", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train one config and track it in MLflow")
+    tr.add_argument("--config", default="all_tricks", help="config name in experiments/configs/ or a path to a YAML file")
+    tr.add_argument("--configs-dir", type=Path, default=CONFIGS_DIR)
+    for flag in OVERRIDES:
+        tr.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {OVERRIDES[flag]}")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. monitor.layer_every=10")
+    tr.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (ignored inside `mlflow run`)")
+    tr.add_argument("--run-name", default=None)
+    tr.add_argument("--no-track", action="store_true", help="train without MLflow")
+    tr.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
+    tr.set_defaults(func=cmd_train)
+    rp = sub.add_parser("reproduce", help="re-run a tracked run from its params and compare every metric exactly")
+    rp.add_argument("run_id")
+    rp.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,210 @@
+"""Typed run configuration: dataclass defaults, small YAML overrides, strict validation."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+@dataclass
+class ModelConfig:
+    norm: Literal["none", "batch", "layer"] = "none"
+    init: Literal["kaiming", "default"] = "kaiming"
+    width: float = 1.0  # channel multiplier on 32-64-128
+    depth: int = 3  # number of conv blocks
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3  # peak learning rate (lr_max)
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    max_norm: Optional[float] = None  # total-norm gradient clipping; None = off
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warmup length; 0 = none
+    lr_min: float = 1e-6  # cosine floor (the seed's value)
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data"
+    batch_size: int = 128
+    train_subset: Optional[int] = None  # first N training images; None = all 60k
+    test_subset: Optional[int] = None  # first N test images; None = all 10k
+
+
+@dataclass
+class MonitorConfig:
+    layer_every: int = 50  # per-layer grad norms every N steps
+    snapshot_steps: list[int] = field(default_factory=lambda: [100, 500, 2000])
+    flush_every: int = 25  # steps between host syncs / metric batches
+    diverge_factor: float = 10.0  # diverged if loss > factor * initial loss (or non-finite)
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    description: str = ""
+    seed: int = 0
+    epochs: int = 5
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Return value converted to the type hint, or raise ConfigError naming it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r} is not valid; choose one of: {', '.join(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r} must be a list")
+        return [_coerce(v, args[0], f"{where}[]") for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if hint is float:
+        # YAML 1.1 reads "1e-3" as a string, so numeric strings are accepted here.
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r} must be a number") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported type hint {hint} at {where}")
+
+
+def merge(obj: Any, updates: dict, where: str = "") -> Any:
+    """Return a copy of dataclass obj with updates (a nested dict) applied; unknown keys are errors."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in updates.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}'; valid keys: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, path)
+        else:
+            changes[key] = _coerce(value, hints[key], path)
+    return dataclasses.replace(obj, **changes)
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError for values that are well-typed but meaningless; return cfg."""
+    checks = [
+        (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr), "optim.lr", cfg.optim.lr, "must be a positive number"),
+        (cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1"),
+        (cfg.model.width > 0, "model.width", cfg.model.width, "must be > 0"),
+        (1 <= cfg.model.depth <= 5, "model.depth", cfg.model.depth, "must be in 1..5 (28x28 input)"),
+        (cfg.optim.max_norm is None or cfg.optim.max_norm > 0, "optim.max_norm", cfg.optim.max_norm, "must be > 0 or none"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "must be >= 0"),
+        (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, "must be >= 0"),
+        (0 <= cfg.schedule.lr_min <= cfg.optim.lr, "schedule.lr_min", cfg.schedule.lr_min, "must be in [0, optim.lr]"),
+        (cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1"),
+        (cfg.data.train_subset is None or cfg.data.train_subset >= 2, "data.train_subset", cfg.data.train_subset, "must be >= 2 or none"),
+        (cfg.data.test_subset is None or cfg.data.test_subset >= 1, "data.test_subset", cfg.data.test_subset, "must be >= 1 or none"),
+        (cfg.monitor.layer_every >= 1, "monitor.layer_every", cfg.monitor.layer_every, "must be >= 1"),
+        (cfg.monitor.flush_every >= 1, "monitor.flush_every", cfg.monitor.flush_every, "must be >= 1"),
+        (cfg.monitor.diverge_factor > 1, "monitor.diverge_factor", cfg.monitor.diverge_factor, "must be > 1"),
+        (cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.split(":")[0] == "cuda",
+         "device", cfg.device, "must be one of auto, cpu, cuda, cuda:N, mps"),
+    ]
+    for ok, name, value, rule in checks:
+        if not ok:
+            raise ConfigError(f"{name}={value!r} {rule}")
+    return cfg
+
+
+def available_configs(configs_dir: Path) -> list[str]:
+    """Names of the config files in configs_dir."""
+    return sorted(p.stem for p in Path(configs_dir).glob("*.yaml"))
+
+
+def load_config(name_or_path: str, configs_dir: Path, overrides: dict | None = None) -> Config:
+    """Resolve defaults <- config file <- overrides (nested dict) into a validated Config."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(configs_dir) / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown config '{name_or_path}'; available: {', '.join(available_configs(configs_dir))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    cfg = merge(Config(name=path.stem), data, where="")
+    return validate(merge(cfg, overrides or {}))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a (nested) dataclass, e.g. {'optim.lr': 0.001}."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        out.update(flatten(value, key + ".") if dataclasses.is_dataclass(value) else {key: value})
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """Inverse of flatten: {'optim.lr': x} -> {'optim': {'lr': x}}."""
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def to_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def format_param(value: Any) -> str:
+    """A config value as an MLflow param string that yaml.safe_load reads back to the same value."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def from_params(params: dict[str, str]) -> Config:
+    """Rebuild a Config from the MLflow params written by format_param."""
+    parsed = {k: yaml.safe_load(v) for k, v in params.items()}
+    return validate(merge(Config(), unflatten(parsed)))

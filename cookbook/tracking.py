@@ -1,0 +1,100 @@
+"""MLflow tracking as a training hook: params, tags, batched async metrics, artifacts."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from .config import Config, flatten, format_param, to_yaml
+from .hooks import Hook, Rows
+
+DEFAULT_EXPERIMENT = "stability-cookbook"
+SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_state(repo: Path = REPO) -> tuple[str, bool]:
+    """(commit, dirty) of the code being run; ('unknown', False) outside git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def _metrics(rows: Rows) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for step, values in rows for key, value in values.items()]
+
+
+class MlflowTracker(Hook):
+    """One MLflow run per training; resumes the run an `mlflow run` created (MLFLOW_RUN_ID)."""
+
+    def __init__(self, cfg: Config, data_md5: dict[str, str], experiment: str = DEFAULT_EXPERIMENT,
+                 run_name: str | None = None, system_metrics: bool = True, extra_tags: dict[str, str] | None = None):
+        self.cfg, self.data_md5, self.experiment = cfg, data_md5, experiment
+        self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
+        self.system_metrics, self.extra_tags = system_metrics, extra_tags or {}
+        self.client = MlflowClient()
+        self.run_id: str | None = None
+        self.pending = []  # async RunOperations to wait for
+
+    def __enter__(self) -> "MlflowTracker":
+        if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the project run already has its experiment
+            mlflow.set_experiment(self.experiment)
+        run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics)
+        self.run_id = run.info.run_id
+        commit, dirty = git_state()
+        tags = {
+            "config": self.cfg.name, "seed": str(self.cfg.seed), "git_commit": commit, "git_dirty": str(dirty).lower(),
+            "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads()),
+            "mlflow.runName": self.run_name, **{f"data_md5.{k}": v for k, v in self.data_md5.items()}, **self.extra_tags,
+        }
+        if self.cfg.description:
+            tags["mlflow.note.content"] = self.cfg.description
+        params = [Param(k, format_param(v)) for k, v in flatten(self.cfg).items()]
+        self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        mlflow.log_text(to_yaml(self.cfg), "config.yaml")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.flush()
+        status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        mlflow.end_run(status=status)
+
+    def flush(self) -> None:
+        """Wait until every async metric batch is stored."""
+        for op in self.pending:
+            op.wait()
+        self.pending = []
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def on_start(self, info):
+        self.set_tags({"param_count": info["param_count"], "device": info["device"], "total_steps": info["total_steps"]})
+
+    def on_metrics(self, rows):
+        metrics = _metrics(rows)
+        for i in range(0, len(metrics), 1000):  # log_batch accepts at most 1000 metrics per call
+            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=False))
+
+    def on_epoch_end(self, epoch, metrics):
+        self.on_metrics([(epoch, metrics)])
+
+    def on_end(self, result):
+        self.set_tags({"diverged": str(result.diverged).lower(), "steps_run": result.steps_run,
+                       **({"diverged_step": result.diverged_step} if result.diverged else {})})
+        buf = io.StringIO()
+        pd.DataFrame(result.snapshots, columns=["step", "param", "numel", "grad_norm", "weight_norm"]).to_csv(buf, index=False)
+        mlflow.log_text(buf.getvalue(), SNAPSHOT_ARTIFACT)
