@@ -1,0 +1,55 @@
+"""Shared fixtures: real MNIST (built once, offline mirror if needed), a tiny config, a temporary MLflow store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cookbook.config import Config, merge, validate
+from cookbook.data import ensure_mnist, load_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = ROOT / "experiments" / "configs"
+DATA_DIR = ROOT / "data"
+
+# A few steps on a small slice of MNIST: every monitor path fires, nothing takes more than seconds.
+TINY = {
+    "epochs": 2,
+    "data": {"data_dir": str(DATA_DIR), "batch_size": 32, "train_subset": 256, "test_subset": 200},
+    "monitor": {"layer_every": 4, "snapshot_steps": [0, 5, 9], "flush_every": 3},
+    "schedule": {"warmup_epochs": 0.5},
+}
+TINY_FLAGS = ["--epochs", "2", "--batch-size", "32", "--train-subset", "256", "--test-subset", "200",
+              "--data-dir", str(DATA_DIR), "--set", "monitor.layer_every=4", "--set", "monitor.flush_every=3",
+              "--set", "monitor.snapshot_steps=[0, 5, 9]", "--no-system-metrics"]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    ensure_mnist(DATA_DIR)
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_data(mnist_dir):
+    return load_mnist(mnist_dir, train_subset=256, test_subset=200)
+
+
+@pytest.fixture
+def tiny_cfg() -> Config:
+    return validate(merge(Config(name="tiny"), TINY))
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -1,0 +1,97 @@
+"""`python -m cookbook train|reproduce` through the real MLflow path on a temporary store."""
+import math
+import shutil
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from cookbook.cli import main
+from cookbook.config import flatten, load_config
+from cookbook.data import MD5, raw_dir
+from conftest import CONFIGS_DIR, TINY_FLAGS
+
+
+def only_run(experiment="stability-cookbook"):
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_tracked_run_has_config_tags_metrics_and_artifacts(mnist_dir, tracking, capsys, tmp_path):
+    assert main(["train", "--config", "all_tricks", "--seed", "7", *TINY_FLAGS]) == 0
+    run = only_run()
+    client = MlflowClient()
+    assert run.info.status == "FINISHED"
+    cfg = load_config("all_tricks", CONFIGS_DIR, {"seed": 7})
+    assert run.data.params["optim.max_norm"] == "1.0" and run.data.params["seed"] == "7"
+    assert set(run.data.params) == set(flatten(cfg))
+    tags = run.data.tags
+    assert tags["config"] == "all_tricks" and tags["diverged"] == "false" and tags["seed"] == "7"
+    assert len(tags["git_commit"]) == 40 and tags["torch_version"] and tags["device"] == "cpu"
+    assert int(tags["param_count"]) == 94410
+    assert {tags[f"data_md5.{k}"] for k in MD5} == set(MD5.values())
+    assert tags["mlflow.note.content"].startswith("BatchNorm + 1 epoch")
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 16
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == [1, 2]
+    local = client.download_artifacts(run.info.run_id, "", str(tmp_path))
+    snapshots = pd.read_csv(f"{local}/grad_norms/snapshots.csv")
+    assert sorted(snapshots.step.unique()) == [0, 5, 9] and (snapshots.grad_norm > 0).all()
+    assert "optim:\n  name: adam" in open(f"{local}/config.yaml").read()
+    out = capsys.readouterr().out
+    assert run.info.run_id in out and "mlflow ui --backend-store-uri" in out
+
+
+def test_diverged_run_is_finished_tagged_and_finite(mnist_dir, tracking):
+    assert main(["train", "--config", "no_tricks", "--optimizer", "sgd", "--lr", "50", *TINY_FLAGS]) == 0
+    run = only_run()
+    assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "true"
+    step = int(run.data.tags["diverged_step"])
+    history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == step and all(math.isfinite(m.value) for m in history)
+
+
+def test_reproduce_reports_exact_match(mnist_dir, tracking, capsys):
+    main(["train", "--config", "layernorm", *TINY_FLAGS])
+    run_id = only_run().info.run_id
+    capsys.readouterr()
+    assert main(["reproduce", run_id]) == 0
+    out = capsys.readouterr().out
+    assert "train/loss" in out and "metrics reproduced exactly" in out and "MISMATCH" not in out
+
+
+def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
+    main(["train", "--config", "no_tricks", *TINY_FLAGS])
+    run_id = only_run().info.run_id
+    MlflowClient().log_metric(run_id, "train/loss", 123.0, step=3)  # tamper with one logged value
+    assert main(["reproduce", run_id]) == 1
+    assert "train/loss" in capsys.readouterr().out.split("differing:")[-1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config", "nope"], "unknown config 'nope'; available: all_tricks, batchnorm, layernorm, no_tricks"),
+    (["--lr", "-1"], "optim.lr=-1.0 must be a positive number"),
+    (["--lr", "0"], "optim.lr=0.0 must be a positive number"),
+    (["--epochs", "0"], "epochs=0 must be >= 1"),
+    (["--norm", "instance"], "model.norm='instance' is not valid; choose one of: none, batch, layer"),
+    (["--init", "zeros"], "model.init='zeros' is not valid; choose one of: kaiming, default"),
+    (["--optimizer", "lion"], "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
+    (["--width", "-1"], "model.width=-1.0 must be > 0"),
+    (["--set", "optim.lr"], "must look like KEY=VALUE"),
+])
+def test_bad_input_is_one_line_and_creates_no_run(tracking, capsys, argv, message):
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}" or (message in err and err.count("\n") == 0)
+    assert mlflow.get_experiment_by_name("stability-cookbook") is None
+
+
+def test_corrupt_mnist_names_the_file_and_creates_no_run(mnist_dir, tracking, tmp_path, capsys):
+    shutil.copytree(raw_dir(mnist_dir), raw_dir(tmp_path))
+    (raw_dir(tmp_path) / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
+    assert main(["train", "--data-dir", str(tmp_path), "--no-system-metrics"]) == 2
+    err = capsys.readouterr().err
+    assert "MD5 mismatch" in err and "train-images-idx3-ubyte" in err
+    assert mlflow.get_experiment_by_name("stability-cookbook") is None
+

@@ -1,0 +1,66 @@
+import pytest
+
+from cookbook.config import (Config, ConfigError, available_configs, flatten, format_param, from_params, load_config,
+                             merge, validate)
+from conftest import CONFIGS_DIR
+
+
+def test_seed_configs_exist_with_their_semantics():
+    assert {"no_tricks", "batchnorm", "layernorm", "all_tricks"} <= set(available_configs(CONFIGS_DIR))
+    cfgs = {n: load_config(n, CONFIGS_DIR) for n in ["no_tricks", "batchnorm", "layernorm", "all_tricks"]}
+    assert [cfgs[n].model.norm for n in cfgs] == ["none", "batch", "layer", "batch"]
+    assert [cfgs[n].schedule.warmup_epochs for n in cfgs] == [0, 0, 0, 1]
+    assert [cfgs[n].optim.max_norm for n in cfgs] == [None, None, None, 1.0]
+    assert all(c.schedule.kind == "cosine" and c.optim.lr == 1e-3 and c.optim.name == "adam" for c in cfgs.values())
+    assert all(c.description for c in cfgs.values())
+
+
+def test_config_file_sets_only_differences():
+    text = (CONFIGS_DIR / "batchnorm.yaml").read_text()
+    assert "lr" not in text and "epochs" not in text
+
+
+def test_unknown_config_lists_available():
+    with pytest.raises(ConfigError, match="unknown config 'nope'; available: all_tricks, batchnorm"):
+        load_config("nope", CONFIGS_DIR)
+
+
+def test_unknown_key_and_wrong_type_are_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  nrom: batch\n")
+    with pytest.raises(ConfigError, match="unknown key 'model.nrom'; valid keys: norm, init, width, depth"):
+        load_config(str(bad), CONFIGS_DIR)
+    bad.write_text("epochs: five\n")
+    with pytest.raises(ConfigError, match="epochs='five' must be an integer"):
+        load_config(str(bad), CONFIGS_DIR)
+    bad.write_text("model:\n  norm: instance\n")
+    with pytest.raises(ConfigError, match="model.norm='instance' is not valid; choose one of: none, batch, layer"):
+        load_config(str(bad), CONFIGS_DIR)
+
+
+def test_yaml_exponent_strings_are_numbers():
+    assert merge(Config(), {"optim": {"lr": "1e-3"}}).optim.lr == 1e-3
+    assert merge(Config(), {"optim": {"max_norm": "none"}}).optim.max_norm is None
+
+
+@pytest.mark.parametrize("updates,message", [
+    ({"optim": {"lr": 0}}, "optim.lr=0.0 must be a positive number"),
+    ({"optim": {"lr": -1}}, "optim.lr=-1.0 must be a positive number"),
+    ({"optim": {"lr": "nan"}}, "optim.lr=nan must be a positive number"),
+    ({"epochs": 0}, "epochs=0 must be >= 1"),
+    ({"model": {"width": -0.5}}, "model.width=-0.5 must be > 0"),
+    ({"model": {"depth": 9}}, "model.depth=9 must be in 1..5"),
+    ({"optim": {"name": "lion"}}, "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
+    ({"model": {"init": "orthogonal"}}, "model.init='orthogonal' is not valid; choose one of: kaiming, default"),
+    ({"device": "tpu"}, "device='tpu' must be one of auto, cpu"),
+])
+def test_meaningless_values_name_the_value(updates, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        validate(merge(Config(), updates))
+
+
+def test_params_round_trip_to_the_same_config():
+    cfg = load_config("all_tricks", CONFIGS_DIR, {"seed": 3, "data": {"train_subset": 100}})
+    params = {k: format_param(v) for k, v in flatten(cfg).items()}
+    assert from_params(params) == cfg
+    assert params["optim.max_norm"] == "1.0" and params["data.test_subset"] == "null"
