@@ -204,7 +204,17 @@ def format_param(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
+# MLflow params of the resolved config are prefixed: `mlflow run` logs its raw MLproject
+# parameters (seed='' ...) as params too, and a param value can never change once logged.
+PARAM_PREFIX = "config."
+
+
+def to_params(cfg: Config) -> dict[str, str]:
+    """The resolved config as MLflow params: {'config.optim.lr': '0.001', ...}."""
+    return {PARAM_PREFIX + k: format_param(v) for k, v in flatten(cfg).items()}
+
+
 def from_params(params: dict[str, str]) -> Config:
-    """Rebuild a Config from the MLflow params written by format_param."""
-    parsed = {k: yaml.safe_load(v) for k, v in params.items()}
+    """Rebuild a Config from the MLflow params written by to_params (other params are ignored)."""
+    parsed = {k.removeprefix(PARAM_PREFIX): yaml.safe_load(v) for k, v in params.items() if k.startswith(PARAM_PREFIX)}
     return validate(merge(Config(), unflatten(parsed)))

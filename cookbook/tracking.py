@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from .config import Config, flatten, format_param, to_yaml
+from .config import Config, to_params, to_yaml
 from .hooks import Hook, Rows
 
 DEFAULT_EXPERIMENT = "stability-cookbook"
@@ -62,7 +62,7 @@ class MlflowTracker(Hook):
         }
         if self.cfg.description:
             tags["mlflow.note.content"] = self.cfg.description
-        params = [Param(k, format_param(v)) for k, v in flatten(self.cfg).items()]
+        params = [Param(k, v) for k, v in to_params(self.cfg).items()]
         self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
         mlflow.log_text(to_yaml(self.cfg), "config.yaml")
         return self

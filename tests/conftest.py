@@ -1,6 +1,7 @@
 """Shared fixtures: real MNIST (built once, offline mirror if needed), a tiny config, a temporary MLflow store."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -53,3 +54,4 @@ def tracking(tmp_path, monkeypatch) -> str:
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it for child processes

@@ -25,8 +25,8 @@ def test_tracked_run_has_config_tags_metrics_and_artifacts(mnist_dir, tracking, 
     client = MlflowClient()
     assert run.info.status == "FINISHED"
     cfg = load_config("all_tricks", CONFIGS_DIR, {"seed": 7})
-    assert run.data.params["optim.max_norm"] == "1.0" and run.data.params["seed"] == "7"
-    assert set(run.data.params) == set(flatten(cfg))
+    assert run.data.params["config.optim.max_norm"] == "1.0" and run.data.params["config.seed"] == "7"
+    assert set(run.data.params) == {f"config.{k}" for k in flatten(cfg)}
     tags = run.data.tags
     assert tags["config"] == "all_tricks" and tags["diverged"] == "false" and tags["seed"] == "7"
     assert len(tags["git_commit"]) == 40 and tags["torch_version"] and tags["device"] == "cpu"

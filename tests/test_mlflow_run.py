@@ -1,0 +1,43 @@
+"""`mlflow run .` end to end, as a user types it (slow: a subprocess per run)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def mlflow_run(tmp_path, *extra):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(leaked, None)
+    cmd = [MLFLOW, "run", str(ROOT), "--experiment-name", "e2e", *extra]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    mlflow.set_tracking_uri(uri)
+    return done
+
+
+def test_mlflow_run_local_env_tracks_one_finished_run(mnist_dir, tmp_path):
+    done = mlflow_run(tmp_path, "--env-manager", "local", "-P", "config=all_tricks", "-P", "epochs=1",
+                      "-P", "train_subset=300", "-P", "test_subset=200", "-P", f"data_dir={mnist_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.project.entryPoint"] == "main" and run.data.tags["config"] == "all_tricks"
+    assert run.data.params["config.data.train_subset"] == "300" and run.data.params["config.optim.max_norm"] == "1.0"
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "train/loss")) == 3  # 300 images / 128
+    assert run.info.run_id in done.stdout
+
+
+def test_mlflow_run_bad_config_fails_with_one_line(tmp_path):
+    done = mlflow_run(tmp_path, "--env-manager", "local", "-P", "config=nope")
+    assert done.returncode != 0
+    assert "error: unknown config 'nope'; available: all_tricks, batchnorm, layernorm, no_tricks" in done.stderr

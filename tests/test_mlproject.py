@@ -1,0 +1,67 @@
+"""Every MLproject parameter reaches the command and lands on the config key it names."""
+import shlex
+
+import pytest
+import yaml
+from mlflow.projects import _project_spec
+
+from cookbook.cli import OVERRIDES, build_parser, overrides_from
+from cookbook.config import flatten, load_config
+from conftest import CONFIGS_DIR, ROOT
+
+# A distinctive, valid value per parameter, and the config key it must set.
+PROBES = {
+    "seed": ("11", "seed", 11), "lr": ("0.0123", "optim.lr", 0.0123), "epochs": ("7", "epochs", 7),
+    "batch_size": ("77", "data.batch_size", 77), "max_norm": ("2.5", "optim.max_norm", 2.5),
+    "warmup_epochs": ("0.25", "schedule.warmup_epochs", 0.25), "width": ("1.5", "model.width", 1.5),
+    "depth": ("4", "model.depth", 4), "train_subset": ("999", "data.train_subset", 999),
+    "test_subset": ("333", "data.test_subset", 333), "device": ("cpu", "device", "cpu"),
+    "data_dir": ("/some/where", "data.data_dir", "/some/where"),
+}
+
+
+def entry_point():
+    return _project_spec.load_project(str(ROOT)).get_entry_point("main")
+
+
+def parse(command: str):
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "cookbook", "train"]
+    args = build_parser().parse_args(argv[3:])
+    return load_config(args.config, CONFIGS_DIR, overrides_from(args))
+
+
+def test_mlproject_declares_the_required_parameters():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    declared = set(spec["entry_points"]["main"]["parameters"])
+    assert {"config", *PROBES} <= declared
+    assert set(PROBES) == declared - {"config"}, "add a probe for every new parameter"
+    assert spec["python_env"] == "python_env.yaml"
+
+
+def test_defaults_mean_as_the_config_file_says():
+    cfg = parse(entry_point().compute_command({"config": "all_tricks"}, "/tmp"))
+    assert cfg == load_config("all_tricks", CONFIGS_DIR)
+
+
+@pytest.mark.parametrize("param", sorted(PROBES))
+def test_each_parameter_reaches_its_config_key(param):
+    value, key, expected = PROBES[param]
+    cfg = parse(entry_point().compute_command({"config": "batchnorm", param: value}, "/tmp"))
+    flat = flatten(cfg)
+    assert flat[key] == expected
+    untouched = flatten(load_config("batchnorm", CONFIGS_DIR))
+    assert {k: v for k, v in flat.items() if k != key} == {k: v for k, v in untouched.items() if k != key}
+
+
+def test_config_parameter_selects_the_file():
+    assert parse(entry_point().compute_command({"config": "layernorm"}, "/tmp")).model.norm == "layer"
+
+
+def test_max_norm_none_turns_clipping_off():
+    cfg = parse(entry_point().compute_command({"config": "all_tricks", "max_norm": "none"}, "/tmp"))
+    assert cfg.optim.max_norm is None
+
+
+def test_cli_flags_cover_mlproject_parameters():
+    assert set(PROBES) <= set(OVERRIDES)
