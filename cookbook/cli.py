@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, available_configs, from_params, load_config, unflatten
+from .config import ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
 from .progress import Progress
@@ -50,12 +50,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tracking import MlflowTracker
 
     cfg = load_config(args.config, args.configs_dir, overrides_from(args))
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     label = f"{cfg.name} s{cfg.seed}"
     started = time.time()
     if args.no_track:
         result = train(cfg, data, [Progress(label)])
-        print(f"{label}: {'DIVERGED at step %d' % result.diverged_step if result.diverged else 'finished'} {result.final}")
+        outcome = f"DIVERGED at step {result.diverged_step}" if result.diverged else "finished"
+        print(f"{label}: {outcome} {result.final}")
         return 0
     with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
                        system_metrics=not args.no_system_metrics) as tracker:
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. monitor.layer_every=10")
     tr.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (ignored inside `mlflow run`)")
     tr.add_argument("--run-name", default=None)
+    tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     tr.add_argument("--no-track", action="store_true", help="train without MLflow")
     tr.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
     tr.set_defaults(func=cmd_train)

@@ -6,7 +6,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -29,7 +29,7 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate (lr_max)
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only
-    max_norm: Optional[float] = None  # total-norm gradient clipping; None = off
+    max_norm: float | None = None  # total-norm gradient clipping; None = off
 
 
 @dataclass
@@ -43,8 +43,8 @@ class ScheduleConfig:
 class DataConfig:
     data_dir: str = "data"
     batch_size: int = 128
-    train_subset: Optional[int] = None  # first N training images; None = all 60k
-    test_subset: Optional[int] = None  # first N test images; None = all 10k
+    train_subset: int | None = None  # first N training images; None = all 60k
+    test_subset: int | None = None  # first N test images; None = all 10k
 
 
 @dataclass

@@ -129,7 +129,7 @@ class MNIST:
     test_y: torch.Tensor
     md5: dict[str, str]
 
-    def to(self, device: torch.device) -> "MNIST":
+    def to(self, device: torch.device) -> MNIST:
         t = lambda v: v.to(device)  # noqa: E731
         return MNIST(t(self.train_x), t(self.train_y), t(self.test_x), t(self.test_y), self.md5)
 

@@ -49,7 +49,7 @@ class MlflowTracker(Hook):
         self.run_id: str | None = None
         self.pending = []  # async RunOperations to wait for
 
-    def __enter__(self) -> "MlflowTracker":
+    def __enter__(self) -> MlflowTracker:
         if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the project run already has its experiment
             mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics)

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from conftest import CONFIGS_DIR, TINY_FLAGS
 from cookbook.cli import main
 from cookbook.config import flatten, load_config
 from cookbook.data import MD5, raw_dir
-from conftest import CONFIGS_DIR, TINY_FLAGS
 
 
 def only_run(experiment="stability-cookbook"):
@@ -95,3 +95,9 @@ def test_corrupt_mnist_names_the_file_and_creates_no_run(mnist_dir, tracking, tm
     assert "MD5 mismatch" in err and "train-images-idx3-ubyte" in err
     assert mlflow.get_experiment_by_name("stability-cookbook") is None
 
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    assert main(["train", "--config", "all_tricks", "--lr", "3e-3", "--max-norm", "none", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "name: all_tricks" in out and "lr: 0.003" in out and "max_norm: null" in out and "norm: batch" in out

@@ -1,8 +1,7 @@
 import pytest
 
-from cookbook.config import (Config, ConfigError, available_configs, from_params, to_params, load_config,
-                             merge, validate)
 from conftest import CONFIGS_DIR
+from cookbook.config import Config, ConfigError, available_configs, from_params, load_config, merge, to_params, validate
 
 
 def test_seed_configs_exist_with_their_semantics():

@@ -3,9 +3,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from conftest import CONFIGS_DIR, TINY_FLAGS
 from cookbook.cli import main
 from cookbook.config import available_configs
-from conftest import CONFIGS_DIR, TINY_FLAGS
 
 
 @pytest.mark.parametrize("config", available_configs(CONFIGS_DIR))

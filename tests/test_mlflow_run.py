@@ -41,3 +41,13 @@ def test_mlflow_run_bad_config_fails_with_one_line(tmp_path):
     done = mlflow_run(tmp_path, "--env-manager", "local", "-P", "config=nope")
     assert done.returncode != 0
     assert "error: unknown config 'nope'; available: all_tricks, batchnorm, layernorm, no_tricks" in done.stderr
+
+
+def test_mlflow_run_without_flags_builds_its_virtualenv(mnist_dir, tmp_path):
+    """The default env manager: a virtualenv from python_env.yaml (built once, ~2-3 min, then reused)."""
+    done = mlflow_run(tmp_path, "-P", "config=batchnorm", "-P", "epochs=1", "-P", "train_subset=256",
+                      "-P", "test_subset=200", "-P", f"data_dir={mnist_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "/.mlflow/envs/" in done.stderr  # ran inside the project's virtualenv, not this interpreter
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("e2e").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["config"] == "batchnorm"

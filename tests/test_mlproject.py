@@ -5,9 +5,9 @@ import pytest
 import yaml
 from mlflow.projects import _project_spec
 
+from conftest import CONFIGS_DIR, ROOT
 from cookbook.cli import OVERRIDES, build_parser, overrides_from
 from cookbook.config import flatten, load_config
-from conftest import CONFIGS_DIR, ROOT
 
 # A distinctive, valid value per parameter, and the config key it must set.
 PROBES = {
