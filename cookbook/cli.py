@@ -100,16 +100,24 @@ def compare(tracked: dict[str, list[tuple[int, float]]], rerun: dict[str, list[t
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    run = client.get_run(args.run_id)
+    try:
+        run = client.get_run(args.run_id)
+    except MlflowException:
+        raise ConfigError(f"no run '{args.run_id}' in {mlflow.get_tracking_uri()}") from None
     cfg = from_params(run.data.params)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     recorder = Recorder()
-    train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder])
+    result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder])
     tracked = {key: [(m.step, m.value) for m in client.get_metric_history(args.run_id, key)] for key in run.data.metrics}
     report = compare(tracked, recorder.history)
+    outcome = f"diverged={str(result.diverged).lower()} steps_run={result.steps_run}"
+    tracked_outcome = f"diverged={run.data.tags.get('diverged')} steps_run={run.data.tags.get('steps_run')}"
+    report.append(("outcome (tags)", "exact" if outcome == tracked_outcome else f"MISMATCH: tracked {tracked_outcome}, rerun {outcome}"))
     for key, verdict in report:
         print(f"{key:48s} {verdict}")
     bad = [k for k, v in report if v.startswith("MISMATCH")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ class Config:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Return value converted to the type hint, or raise ConfigError naming it."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), where)

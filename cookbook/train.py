@@ -61,11 +61,79 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss, acc
 
 
-def _first_divergence(rows, initial_loss: float, factor: float) -> int | None:
-    for step, metrics in rows:
-        if "train/loss" in metrics and is_diverged(metrics["train/loss"], initial_loss, factor):
-            return step
-    return None
+class DivergenceCheck:
+    """Applies the divergence rule to flushed rows, against the loss of step 0."""
+
+    def __init__(self, factor: float):
+        self.factor, self.initial_loss = factor, None
+
+    def first_bad_step(self, rows) -> int | None:
+        for step, metrics in rows:
+            if "train/loss" not in metrics:
+                continue
+            if self.initial_loss is None:
+                self.initial_loss = metrics["train/loss"]
+            if is_diverged(metrics["train/loss"], self.initial_loss, self.factor):
+                return step
+        return None
+
+
+@dataclass
+class Parts:
+    """Everything one training run updates, built from its config."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosineLR
+    monitor: Monitor
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_parts(cfg: Config, n_train: int, device: torch.device) -> Parts:
+    """Seeded model, optimizer, LR scheduler and monitor for n_train training images."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(cfg.optim, model)
+    steps_per_epoch = -(-n_train // cfg.data.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = WarmupCosineLR(optimizer, lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind, total_steps=total_steps,
+                               warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch))
+    return Parts(model, optimizer, scheduler, Monitor(model, cfg.monitor, device), steps_per_epoch, total_steps)
+
+
+def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor, step: int, max_norm: float | None):
+    """One update; returns (loss, pre-clip grad norm, lr used) without a host sync."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(parts.model(x), y)
+    loss.backward()
+    parts.monitor.before_clip(step)
+    grad_norm = clip_gradients(parts.monitor.params, max_norm)
+    lr = parts.optimizer.param_groups[0]["lr"]
+    parts.optimizer.step()
+    parts.scheduler.step()
+    return loss.detach(), grad_norm.detach(), lr
+
+
+def train_epoch(parts: Parts, cfg: Config, data: MNIST, order: list[torch.Tensor], first_step: int,
+                hook: Hook, check: DivergenceCheck) -> tuple[list[float], int | None]:
+    """Train over the batches in order; return ([loss sum, grad-norm sum, clipped steps], diverged step or None)."""
+    parts.model.train()
+    max_norm = cfg.optim.max_norm
+    sums = torch.zeros(3, device=data.train_x.device)
+    for i, idx in enumerate(order):
+        step = first_step + i
+        idx = idx.to(data.train_x.device)
+        loss, grad_norm, lr = train_step(parts, data.train_x[idx], data.train_y[idx], step, max_norm)
+        clipped = grad_norm > max_norm if max_norm is not None else torch.zeros_like(grad_norm, dtype=torch.bool)
+        sums += torch.stack([loss, grad_norm, clipped.to(sums.dtype)])
+        if parts.monitor.record(step, loss, grad_norm, lr) or i == len(order) - 1:
+            rows = parts.monitor.flush()
+            bad = check.first_bad_step(rows)
+            hook.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
+            if bad is not None:
+                return [], bad
+    return sums.tolist(), None
 
 
 def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
@@ -73,67 +141,35 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
     hook = Hooks(list(hooks))
     device = resolve_device(cfg.device)
     data = data.to(device)
-    torch.manual_seed(cfg.seed)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(cfg.optim, model)
     n_train = len(data.train_y)
-    steps_per_epoch = -(-n_train // cfg.data.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = WarmupCosineLR(optimizer, lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind, total_steps=total_steps,
-                               warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch))
-    monitor = Monitor(model, cfg.monitor, device)
-    params = monitor.params
-    result = TrainResult(steps_run=0, total_steps=total_steps, param_count=parameter_count(model))
-    hook.on_start({"total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                   "param_count": result.param_count, "param_names": monitor.names, "device": str(device)})
-    initial_loss = None
-    step = 0
+    parts = build_parts(cfg, n_train, device)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    check = DivergenceCheck(cfg.monitor.diverge_factor)
+    result = TrainResult(steps_run=0, total_steps=parts.total_steps, param_count=parameter_count(parts.model))
+    hook.on_start({"total_steps": parts.total_steps, "steps_per_epoch": parts.steps_per_epoch,
+                   "param_count": result.param_count, "param_names": parts.monitor.names, "device": str(device)})
     for epoch in range(1, cfg.epochs + 1):
         hook.on_epoch_start(epoch)
-        model.train()
         started = time.perf_counter()
-        sums = torch.zeros(3, device=device)  # loss, grad norm, clipped-step count
-        for idx in batches(n_train, cfg.data.batch_size, shuffle):
-            idx = idx.to(device)
-            x, y = data.train_x[idx], data.train_y[idx]
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            monitor.before_clip(step)
-            grad_norm = clip_gradients(params, cfg.optim.max_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            clipped = (grad_norm > cfg.optim.max_norm) if cfg.optim.max_norm is not None else torch.zeros((), device=device)
-            sums += torch.stack([loss.detach(), grad_norm.detach(), clipped.to(sums.dtype)])
-            step += 1
-            full = monitor.record(step - 1, loss, grad_norm, lr)
-            if full or step == epoch * steps_per_epoch:
-                rows = monitor.flush()
-                initial_loss = rows[0][1]["train/loss"] if initial_loss is None else initial_loss
-                bad = _first_divergence(rows, initial_loss, cfg.monitor.diverge_factor)
-                if bad is not None:
-                    hook.on_metrics([(s, m) for s, m in rows if s < bad])
-                    result.diverged, result.diverged_step, result.steps_run = True, bad, bad
-                    result.snapshots = [r for r in monitor.snapshot_table() if r["step"] < bad]
-                    hook.on_end(result)
-                    return result
-                hook.on_metrics(rows)
+        sums, bad = train_epoch(parts, cfg, data, batches(n_train, cfg.data.batch_size, shuffle),
+                                result.steps_run, hook, check)
+        if bad is not None:
+            result.diverged, result.diverged_step, result.steps_run = True, bad, bad
+            break
         seconds = time.perf_counter() - started
-        loss_sum, gnorm_sum, clipped_count = sums.tolist()
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
+        result.steps_run += parts.steps_per_epoch
+        test_loss, test_acc = evaluate(parts.model, data.test_x, data.test_y)
+        loss_sum, gnorm_sum, clipped_steps = sums
         result.final = {
-            "epoch/train_loss": loss_sum / steps_per_epoch,
-            "epoch/grad_norm_preclip_mean": gnorm_sum / steps_per_epoch,
-            "epoch/clip_fraction": clipped_count / steps_per_epoch,
+            "epoch/train_loss": loss_sum / parts.steps_per_epoch,  # mean of batch losses, as the seed reports
+            "epoch/grad_norm_preclip_mean": gnorm_sum / parts.steps_per_epoch,
+            "epoch/clip_fraction": clipped_steps / parts.steps_per_epoch,
             "test/loss": test_loss,
             "test/acc": test_acc,
             "time/epoch_seconds": seconds,
             "time/samples_per_second": n_train / seconds,
         }
         hook.on_epoch_end(epoch, result.final)
-    result.steps_run = step
-    result.snapshots = monitor.snapshot_table()
+    result.snapshots = [r for r in parts.monitor.snapshot_table() if r["step"] < result.steps_run]
     hook.on_end(result)
     return result

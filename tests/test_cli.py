@@ -59,6 +59,13 @@ def test_reproduce_reports_exact_match(mnist_dir, tracking, capsys):
     assert main(["reproduce", run_id]) == 0
     out = capsys.readouterr().out
     assert "train/loss" in out and "metrics reproduced exactly" in out and "MISMATCH" not in out
+    assert "outcome (tags)" in out
+
+
+def test_reproduce_unknown_run_is_one_line_error(tracking, capsys):
+    assert main(["reproduce", "0123456789abcdef"]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # MLflow may log INFO lines first
+    assert last_line.startswith("error: no run '0123456789abcdef' in sqlite:///")
 
 
 def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
