@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cookbook.config import merge, validate
 from cookbook.hooks import Recorder
 from cookbook.model import build_model
-from cookbook.train import train
+from cookbook.train import build_optimizer, train
 
 
 def run(cfg, data):
@@ -95,3 +95,15 @@ def test_loss_curve_equals_plain_loop(tiny_cfg, tiny_data):
     _, hist = run(cfg, tiny_data)
     ours = [v for _, v in hist["train/loss"]]
     assert ours == pytest.approx(plain_loop(cfg, tiny_data), rel=1e-5)
+
+
+@pytest.mark.parametrize("name,cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_optimizer_choices_train(name, cls, tiny_cfg, tiny_data):
+    cfg = validate(merge(tiny_cfg, {"optim": {"name": name, "lr": 0.05 if name == "sgd" else 1e-3, "weight_decay": 0.01}}))
+    optimizer = build_optimizer(cfg.optim, build_model(cfg.model))
+    group = optimizer.param_groups[0]
+    assert type(optimizer) is cls and group["weight_decay"] == 0.01
+    assert name != "sgd" or group["momentum"] == 0.9
+    result, hist = run(cfg, tiny_data)
+    losses = [v for _, v in hist["train/loss"]]
+    assert not result.diverged and sum(losses[-4:]) < sum(losses[:4])
