@@ -57,28 +57,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     label = f"{cfg.name} s{cfg.seed}"
     started = time.time()
     if args.no_track:
-        result = train(cfg, data, [Progress(label)])
-        outcome = f"DIVERGED at step {result.diverged_step}" if result.diverged else "finished"
-        print(f"{label}: {outcome} {result.final}")
+        print_summary(label, train(cfg, data, [Progress(label)]), time.time() - started)
         return 0
     with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
                        system_metrics=not args.no_system_metrics) as tracker:
         result = train(cfg, data, [Progress(label), tracker])
-    print_summary(tracker.run_id, label, result, time.time() - started)
+    print_summary(label, result, time.time() - started)
+    print_where(tracker.run_id)
     return 0
 
 
-def print_summary(run_id: str, label: str, result, seconds: float) -> None:
-    import mlflow
-
-    run = mlflow.get_run(run_id)
-    uri = mlflow.get_tracking_uri()
+def print_summary(label: str, result, seconds: float) -> None:
+    """Outcome and final metrics of a training, in two lines."""
     outcome = f"DIVERGED at step {result.diverged_step}" if result.diverged else "finished"
     final = result.final
     print(f"\n{label}: {outcome} after {result.steps_run}/{result.total_steps} steps in {seconds:.0f}s")
     if final:
         print(f"  final train loss {final['epoch/train_loss']:.4f} | test loss {final['test/loss']:.4f} | "
               f"test acc {final['test/acc']:.4f} | mean pre-clip grad norm {final['epoch/grad_norm_preclip_mean']:.3f}")
+
+
+def print_where(run_id: str) -> None:
+    """Where the run is tracked and how to open it in the MLflow UI."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    uri = mlflow.get_tracking_uri()
     print(f"  run {run_id} in experiment {run.info.experiment_id} ({uri})")
     print(f"  open it: mlflow ui --backend-store-uri {uri}  then  http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}")
 

@@ -108,3 +108,9 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert main(["train", "--config", "all_tricks", "--lr", "3e-3", "--max-norm", "none", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "name: all_tricks" in out and "lr: 0.003" in out and "max_norm: null" in out and "norm: batch" in out
+
+
+def test_no_track_trains_without_mlflow(mnist_dir, tracking, capsys):
+    assert main(["train", "--config", "no_tricks", *TINY_FLAGS, "--epochs", "1", "--no-track"]) == 0
+    assert "no_tricks s0: finished after 8/8 steps" in capsys.readouterr().out
+    assert mlflow.get_experiment_by_name("stability-cookbook") is None
