@@ -41,10 +41,11 @@ class MlflowTracker(Hook):
     """One MLflow run per training; resumes the run an `mlflow run` created (MLFLOW_RUN_ID)."""
 
     def __init__(self, cfg: Config, data_md5: dict[str, str], experiment: str = DEFAULT_EXPERIMENT,
-                 run_name: str | None = None, system_metrics: bool = True, extra_tags: dict[str, str] | None = None):
+                 run_name: str | None = None, system_metrics: bool = True, extra_tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None):
         self.cfg, self.data_md5, self.experiment = cfg, data_md5, experiment
         self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
-        self.system_metrics, self.extra_tags = system_metrics, extra_tags or {}
+        self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id
         self.client = MlflowClient()
         self.run_id: str | None = None
         self.pending = []  # async RunOperations to wait for
@@ -52,7 +53,8 @@ class MlflowTracker(Hook):
     def __enter__(self) -> MlflowTracker:
         if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the project run already has its experiment
             mlflow.set_experiment(self.experiment)
-        run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics)
+        run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics,
+                               parent_run_id=self.parent_run_id, nested=self.parent_run_id is not None)
         self.run_id = run.info.run_id
         commit, dirty = git_state()
         tags = {

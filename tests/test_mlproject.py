@@ -65,3 +65,15 @@ def test_max_norm_none_turns_clipping_off():
 
 def test_cli_flags_cover_mlproject_parameters():
     assert set(PROBES) <= set(OVERRIDES)
+
+
+def test_every_sweep_parameter_reaches_its_flag():
+    from experiments.sweep import build_parser as sweep_parser
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["sweep"]["parameters"]
+    probes = {name: "3" if name == "workers" else f"probe-{i}" for i, name in enumerate(spec)}
+    command = _project_spec.load_project(str(ROOT)).get_entry_point("sweep").compute_command(probes, "/tmp")
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "experiments.sweep", "run"]
+    args = vars(sweep_parser().parse_args(argv[3:]))
+    assert {name: str(args[name]) for name in spec} == probes

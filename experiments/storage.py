@@ -1,0 +1,90 @@
+"""Optuna storages for sweeps: a journal file by default (many processes, one machine), any RDB URL for many machines."""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import optuna
+from mlflow import MlflowClient
+from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+DEFAULT_STORAGE = "optuna/journal.log"  # the embedded default, in the project folder
+RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
+HEARTBEAT_SECONDS, GRACE_SECONDS = 5, 20  # RDB: a worker silent for GRACE_SECONDS is dead
+RETRIES = 3
+
+
+class SweepError(ValueError):
+    """Bad sweep input (grid, storage); raised before any work starts."""
+
+
+def worker_id() -> str:
+    """host:pid of this process, stored on each trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A failed (killed) cell: close its MLflow run as KILLED and enqueue the cell again (at most RETRIES times)."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id and MlflowClient().get_run(run_id).info.status == "RUNNING":
+        MlflowClient().set_terminated(run_id, "KILLED")
+    RetryFailedTrialCallback(max_retry=RETRIES)(study, trial)
+
+
+def open_storage(spec: str) -> optuna.storages.BaseStorage:
+    """A journal file path (default) or an RDB URL with heartbeats; one-line SweepError if unusable."""
+    if "://" not in spec:
+        path = Path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    scheme = spec.split("://", 1)[0].split("+", 1)[0]
+    if scheme not in RDB_SCHEMES:
+        raise SweepError(f"storage '{spec}': unknown scheme '{scheme}'; use a journal file path or one of: "
+                         f"{', '.join(s + '://' for s in RDB_SCHEMES)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+            return RDBStorage(spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                              heartbeat_stale_trial_callback=requeue, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:  # sqlalchemy raises many types for bad hosts, credentials, drivers
+        raise SweepError(f"storage '{spec}' is unreachable or invalid: {str(e).splitlines()[0]}") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie (killed but not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): trust kill(0)
+        return True
+
+
+def recover_dead_workers(study: optuna.Study) -> int:
+    """Fail and requeue RUNNING trials whose worker process on this host is gone; return how many.
+
+    The journal storage has no heartbeat, but all its workers share one machine, so a dead
+    worker is exactly a pid that no longer exists.
+    """
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if owner_host != host or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        try:
+            won = study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except RuntimeError:  # another worker failed it first (UpdateFinishedTrialError)
+            continue
+        if won:
+            requeue(study, study._storage.get_trial(trial._trial_id))
+            recovered += 1
+    return recovered

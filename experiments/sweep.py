@@ -1,0 +1,325 @@
+"""Sweeps on Optuna: each cell of a config x seed x LR (x width, depth, warmup) grid is one trial and one nested MLflow run.
+
+    python -m experiments.sweep run --configs no_tricks,all_tricks --seeds 0,1 --lrs 1e-3,1e-2 --workers 2
+    python -m experiments.sweep work --study NAME --storage URL      # join from another machine
+
+Optuna's storage is the shared record and the work queue: cells are enqueued trials, workers
+pop them with study.optimize, a killed worker's cell is failed and requeued (heartbeat on RDB
+storages, pid check on the journal file), and a finished cell is never run again.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import mlflow
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import TrialState
+
+from cookbook.cli import CONFIGS_DIR
+from cookbook.config import ConfigError, available_configs, load_config
+from cookbook.data import DataError, load_mnist
+from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker
+from cookbook.train import train
+from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
+
+GRID = ("config", "seed", "lr", "width", "depth", "warmup_epochs")  # cell fields, in key order
+TRAIN_FLAGS = ("epochs", "batch_size", "train_subset", "test_subset", "device", "data_dir")  # shared by every cell
+CONFIG_KEYS = {"seed": "seed", "lr": "optim.lr", "width": "model.width", "depth": "model.depth",
+               "warmup_epochs": "schedule.warmup_epochs", "epochs": "epochs", "batch_size": "data.batch_size",
+               "train_subset": "data.train_subset", "test_subset": "data.test_subset", "device": "device",
+               "data_dir": "data.data_dir"}
+POLL_SECONDS = 2.0
+
+
+def parse_list(text: str | None, kind: type, name: str) -> list:
+    """'1e-3,3e-3' -> [0.001, 0.003]; empty -> [None] (= as each config says)."""
+    if text in (None, ""):
+        return [None]
+    try:
+        values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SweepError(f"{name}={text!r}: every value must be a {kind.__name__}") from None
+    if not values:
+        raise SweepError(f"{name}={text!r} is an empty list")
+    return values
+
+
+def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str = "", warmups: str = "") -> list[dict]:
+    """Every combination of the lists, each checked by resolving its config (bad values fail here, before any work)."""
+    names = parse_list(configs, str, "configs")
+    known = available_configs(CONFIGS_DIR)
+    for name in names:
+        if name not in known:
+            raise SweepError(f"unknown config '{name}' in configs; available: {', '.join(known)}")
+    lists = [names, parse_list(seeds, int, "seeds"), parse_list(lrs, float, "lrs"), parse_list(widths, float, "widths"),
+             parse_list(depths, int, "depths"), parse_list(warmups, float, "warmup_epochs")]
+    cells = [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
+    for cell in cells:
+        load_config(cell["config"], CONFIGS_DIR, overrides(cell, {}))
+    return cells
+
+
+def cell_key(cell: dict) -> str:
+    """Stable readable id, e.g. 'all_tricks seed=0 lr=0.001' (fields left to the config are omitted)."""
+    return " ".join([cell["config"]] + [f"{k}={cell[k]:g}" for k in GRID[1:] if cell.get(k) is not None])
+
+
+def overrides(cell: dict, settings: dict) -> dict:
+    """Nested config overrides for one cell plus the sweep-wide training settings."""
+    nested: dict = {}
+    for field, value in {**settings, **cell}.items():
+        if field == "config" or value in (None, ""):
+            continue
+        *parents, leaf = CONFIG_KEYS[field].split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def study_name(cells: list[dict], settings: dict) -> str:
+    """Same grid and settings -> same study, which is what makes a rerun resume."""
+    digest = hashlib.sha1(json.dumps([cells, settings], sort_keys=True).encode()).hexdigest()[:10]
+    return f"sweep-{digest}"
+
+
+def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, settings: dict | None = None) -> optuna.Study:
+    """Create (with the grid stored on it) or load the sweep's study."""
+    storage = open_storage(storage_spec)
+    if cells is None:
+        try:
+            return optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise SweepError(f"no study '{name}' in storage '{storage_spec}'") from None
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
+    if "cells" not in study.user_attrs:
+        study.set_user_attr("cells", cells)
+        study.set_user_attr("settings", settings)
+    return study
+
+
+def enqueue_missing(study: optuna.Study) -> int:
+    """Enqueue every cell that is neither finished nor queued nor running; return how many."""
+    keys = [cell_key(c) for c in study.user_attrs["cells"]]
+    taken = {t.user_attrs.get("queued_cell")
+             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))}
+    missing = [k for k in keys if k not in taken]
+    for key in missing:
+        study.enqueue_trial({"cell": key}, user_attrs={"queued_cell": key})
+    return len(missing)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_mnist(data_dir: str, train_subset: int | None, test_subset: int | None):
+    return load_mnist(data_dir, train_subset, test_subset)
+
+
+def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
+    """Another trial already finished this cell or is running it (possible only if a cell was enqueued twice)."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if other.number != trial.number and other.user_attrs.get("queued_cell") == key:
+            return True
+    return False
+
+
+def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
+    """Train one queued cell, tracked as a nested MLflow run; returns its final train loss (inf if it diverged)."""
+    trial.set_user_attr("worker", worker_id())
+    if "queued_cell" not in trial.user_attrs:  # study.optimize found no queued cell: nothing to do
+        raise optuna.TrialPruned("not a queued cell")
+    study = trial.study
+    cells = {cell_key(c): c for c in study.user_attrs["cells"]}
+    key = trial.suggest_categorical("cell", list(cells))
+    for field, value in cells[key].items():  # readable columns in optuna-dashboard
+        trial.set_user_attr(field, value)
+    if is_duplicate(study, trial, key):
+        raise optuna.TrialPruned(f"duplicate of a finished or running '{key}'")
+    settings = study.user_attrs["settings"]
+    cfg = load_config(cells[key]["config"], CONFIGS_DIR, overrides(cells[key], settings))
+    data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
+    with MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False,
+                       extra_tags=tags, parent_run_id=parent_run_id) as tracker:
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        result = train(cfg, data, [tracker])
+    trial.set_user_attr("diverged", result.diverged)
+    trial.set_user_attr("steps_run", result.steps_run)
+    for name, value in result.final.items():
+        trial.set_user_attr(name, value)
+    return float("inf") if result.diverged else result.final["epoch/train_loss"]
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Cells done / queued / running (duplicates and strays not counted)."""
+    trials = study.get_trials(deepcopy=False)
+    done = {t.params["cell"] for t in trials if t.state == TrialState.COMPLETE}
+    return {"done": len(done), "total": len(study.user_attrs["cells"]),
+            "waiting": sum(t.state == TrialState.WAITING for t in trials),
+            "running": sum(t.state == TrialState.RUNNING for t in trials)}
+
+
+def work(storage_spec: str, name: str, experiment: str, threads: int | None = None) -> None:
+    """Worker loop: run queued cells until none is queued or running anywhere."""
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(storage_spec, name)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    while True:
+        recover_dead_workers(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # RDB heartbeats: requeues cells of workers dead on other machines
+        counts = state_counts(study)
+        if counts["waiting"]:
+            study.optimize(lambda t: objective(t, experiment, parent), n_trials=1)
+        elif counts["running"]:
+            time.sleep(POLL_SECONDS)
+        else:
+            return
+
+
+def spawn_workers(n: int, storage_spec: str, name: str, experiment: str) -> list[subprocess.Popen]:
+    """n worker processes sharing this machine's cores; they must not resume the parent run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    cmd = [sys.executable, "-m", "experiments.sweep", "work", "--study", name, "--storage", storage_spec,
+           "--experiment", experiment, "--threads", str(threads)]
+    return [subprocess.Popen(cmd, env=env) for _ in range(n)]
+
+
+def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], started: float, done_before: int) -> None:
+    """Print cells done/total and an ETA until every worker has exited."""
+    last = None
+    while [p.poll() for p in procs].count(None):  # poll every worker: it also reaps dead ones
+        time.sleep(POLL_SECONDS)
+        c = state_counts(study)
+        line = f"[sweep] {c['done']}/{c['total']} cells done, {c['running']} running, {c['waiting']} queued"
+        new = c["done"] - done_before
+        if new > 0:
+            line += f", ETA {(time.time() - started) / new * (c['total'] - c['done']) / 60:.1f} min"
+        if line != last:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+
+
+def summary(study: optuna.Study) -> pd.DataFrame:
+    """One row per finished cell, from the study's records."""
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        rows.append({**{k: t.user_attrs.get(k) for k in ("config", "seed", "lr", "width", "depth", "warmup_epochs")},
+                     "cell": t.params["cell"], "final_loss": t.user_attrs.get("epoch/train_loss"),
+                     "test_acc": t.user_attrs.get("test/acc"), "diverged": t.user_attrs.get("diverged"),
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+    return pd.DataFrame(rows)
+
+
+def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
+    """The sweep's parent MLflow run: the `mlflow run` project run, else the one an earlier invocation made, else new."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return mlflow.start_run()
+    mlflow.set_experiment(experiment)
+    earlier = study.user_attrs.get("mlflow_parent_run_id")
+    if earlier and mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id = '{earlier}'").shape[0]:
+        return mlflow.start_run(run_id=earlier)
+    return mlflow.start_run(run_name=study.study_name)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Validate, create or resume the study, enqueue missing cells, run workers, summarise."""
+    cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs)
+    settings = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) not in (None, "")}
+    for field in ("epochs", "batch_size", "train_subset", "test_subset"):
+        if field in settings:
+            settings[field] = parse_list(settings[field], int, field)[0]
+    load_config(cells[0]["config"], CONFIGS_DIR, overrides(cells[0], settings))  # the shared settings are valid too
+    name = args.study or study_name(cells, settings)
+    study = open_study(args.storage, name, cells, settings)
+    recover_dead_workers(study)
+    queued = enqueue_missing(study)
+    before = state_counts(study)
+    print(f"[sweep] study '{name}' in {args.storage}: {before['total']} cells, {before['done']} already done, "
+          f"{queued} queued now", file=sys.stderr)
+    with start_parent_run(study, args.experiment) as parent:
+        mlflow.set_tags({"sweep": name, "optuna_storage": args.storage, "cells": str(before["total"])})
+        study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+        started = time.time()
+        for _ in range(3):  # a round per batch of workers; a worker killed mid-round leaves its cell to the next
+            procs = spawn_workers(args.workers, args.storage, name, args.experiment)
+            wait_with_progress(study, procs, started, before["done"])
+            recover_dead_workers(study)
+            if state_counts(study)["done"] == before["total"] or not enqueue_missing(study) and not state_counts(study)["waiting"]:
+                break
+        table = summary(study)
+        mlflow.log_text(table.to_csv(index=False), "sweep_summary.csv")
+        after = state_counts(study)
+        mlflow.log_metrics({"sweep/cells_done": after["done"], "sweep/wall_seconds": time.time() - started}, step=0)
+    print_summary(table, after, time.time() - started)
+    return 0 if after["done"] == after["total"] else 1
+
+
+def print_summary(table: pd.DataFrame, counts: dict, seconds: float) -> None:
+    """One screen: mean final loss over seeds per config and LR, diverged cells counted."""
+    print(f"\n{counts['done']}/{counts['total']} cells done in {seconds / 60:.1f} min")
+    if table.empty:
+        return
+    table = table.assign(lr=table.lr.fillna("config"), diverged=table.diverged.astype(bool))
+    grouped = table.groupby(["config", "lr"], dropna=False).agg(
+        seeds=("cell", "count"), final_loss=("final_loss", "mean"), test_acc=("test_acc", "mean"),
+        diverged=("diverged", "sum"))
+    print(grouped.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a grid")
+    run.add_argument("--configs", default="no_tricks,batchnorm,layernorm,all_tricks")
+    run.add_argument("--seeds", default="0")
+    run.add_argument("--lrs", default="", help="comma list; empty = each config's own LR")
+    run.add_argument("--widths", default="")
+    run.add_argument("--depths", default="")
+    run.add_argument("--warmup-epochs", default="")
+    for flag in TRAIN_FLAGS:
+        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
+    run.add_argument("--workers", type=int, default=1)
+    run.add_argument("--study", default="", help="default: derived from the grid and settings (same command = resume)")
+    for p in (run, sub.add_parser("work", help="join a sweep as one more worker")):
+        p.add_argument("--storage", default=DEFAULT_STORAGE, help="journal file path (default) or RDB URL")
+        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    work_parser = sub.choices["work"]
+    work_parser.add_argument("--study", required=True)
+    work_parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "work":
+            work(args.storage, args.study, args.experiment, args.threads)
+            return 0
+        if args.workers < 1:
+            raise SweepError(f"workers={args.workers} must be >= 1")
+        return run_sweep(args)
+    except (SweepError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Sweeps on Optuna: grid validation, resumability, parallel workers, a worker killed with SIGKILL mid-cell."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import DATA_DIR, ROOT
+from experiments.storage import SweepError, open_storage
+from experiments.sweep import cell_key, main, make_cells, overrides, parse_list, study_name
+
+TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
+
+
+def test_grid_is_the_product_of_the_lists():
+    cells = make_cells("no_tricks,all_tricks", "0,1", "1e-3,3e-2")
+    assert len(cells) == 8 and len({cell_key(c) for c in cells}) == 8
+    assert cell_key(cells[0]) == "no_tricks seed=0 lr=0.001"
+    assert overrides(cells[0], {"epochs": 2}) == {"seed": 0, "optim": {"lr": 0.001}, "epochs": 2}
+    sized = make_cells("all_tricks", "0", "", widths="0.5,2", depths="4", warmups="0,1")
+    assert cell_key(sized[0]) == "all_tricks seed=0 width=0.5 depth=4 warmup_epochs=0"
+    assert study_name(cells, {}) == study_name(make_cells("no_tricks,all_tricks", "0,1", "1e-3,3e-2"), {})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"configs": "no_tricks,nope"}, "unknown config 'nope' in configs; available: all_tricks"),
+    ({"lrs": "1e-3,fast"}, "lrs='1e-3,fast': every value must be a float"),
+    ({"lrs": ","}, "lrs=',' is an empty list"),
+    ({"lrs": "-1"}, "optim.lr=-1.0 must be a positive number"),
+    ({"seeds": "0.5"}, "seeds='0.5': every value must be a int"),
+])
+def test_bad_grids_fail_before_any_work(kwargs, message):
+    args = {"configs": "no_tricks", "seeds": "0", "lrs": "1e-3", **kwargs}
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(".", r"\.")):
+        make_cells(**args)
+    assert parse_list("", float, "lrs") == [None]
+
+
+@pytest.mark.parametrize("url,message", [
+    ("redis://localhost/0", "unknown scheme 'redis'"),
+    ("postgresql://u:p@127.0.0.1:1/db", "is unreachable or invalid: (psycopg.OperationalError) connection failed"),
+])
+def test_bad_storage_is_one_line(url, message):
+    with pytest.raises(SweepError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        open_storage(url)
+
+
+def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
+    storage = tmp_path / "journal.log"
+    assert main(["run", "--configs", "no_tricks,nope", "--storage", str(storage), *TINY]) == 2
+    assert main(["run", "--configs", "no_tricks", "--storage", "redis://x", *TINY]) == 2
+    assert main(["run", "--configs", "no_tricks", "--epochs", "0", "--storage", str(storage)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert [e.split(":")[0] for e in errors] == ["error"] * 3
+    assert not storage.exists() and mlflow.get_experiment_by_name("stability-cookbook") is None
+
+
+def finished_cells(storage, name):
+    study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    return study, [t.params["cell"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+
+
+def cell_runs(status=None):
+    exp = mlflow.get_experiment_by_name("stability-cookbook")
+    runs = MlflowClient().search_runs([exp.experiment_id], "tags.cell != ''" if status is None else
+                                      f"attributes.status = '{status}'")
+    return [r for r in runs if "cell" in r.data.tags]
+
+
+@pytest.mark.slow
+def test_two_workers_run_each_cell_once_and_a_rerun_skips_them(mnist_dir, tracking, tmp_path):
+    storage = str(tmp_path / "journal.log")
+    argv = ["run", "--configs", "no_tricks,batchnorm", "--seeds", "0", "--lrs", "1e-3,1e-1", "--workers", "2",
+            "--storage", storage, "--study", "grid", *TINY]
+    assert main(argv) == 0
+    study, done = finished_cells(storage, "grid")
+    assert sorted(done) == sorted(cell_key(c) for c in make_cells("no_tricks,batchnorm", "0", "1e-3,1e-1"))
+    runs = cell_runs()
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
+    assert len({t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}) == 2
+    assert main(argv) == 0  # resume: nothing left to do
+    assert len(study.get_trials()) == 4 and len(cell_runs()) == 4
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, tmp_path):
+    storage = str(tmp_path / "journal.log")
+    slow = ["--epochs", "2", "--train-subset", "2048", "--test-subset", "100", "--data-dir", str(DATA_DIR)]
+    argv = ["run", "--configs", "no_tricks,layernorm,batchnorm", "--seeds", "0", "--workers", "2",
+            "--storage", storage, "--study", "kill", *slow]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    coordinator = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *argv], env=env)
+    deadline = time.time() + 300
+    victim = None
+    while victim is None and time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="kill", storage=open_storage(storage))
+        except (KeyError, SweepError):
+            continue
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+        if running:
+            victim = running[0]
+    assert victim is not None, "no cell started training"
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    assert coordinator.wait(timeout=600) == 0
+    study, done = finished_cells(storage, "kill")
+    assert sorted(done) == sorted(["no_tricks seed=0", "layernorm seed=0", "batchnorm seed=0"])  # each exactly once
+    assert study.trials[victim.number].state == TrialState.FAIL
+    finished = cell_runs("FINISHED")
+    assert sorted(r.data.tags["cell"] for r in finished) == sorted(done)
+    assert MlflowClient().get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
