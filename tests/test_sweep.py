@@ -10,6 +10,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from postgres import postgres_server
 
 from conftest import DATA_DIR, ROOT
 from experiments.storage import SweepError, open_storage
@@ -90,29 +91,44 @@ def test_two_workers_run_each_cell_once_and_a_rerun_skips_them(mnist_dir, tracki
     assert len(study.get_trials()) == 4 and len(cell_runs()) == 4
 
 
-@pytest.mark.slow
-def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, tmp_path):
-    storage = str(tmp_path / "journal.log")
-    slow = ["--epochs", "2", "--train-subset", "2048", "--test-subset", "100", "--data-dir", str(DATA_DIR)]
-    argv = ["run", "--configs", "no_tricks,layernorm,batchnorm", "--seeds", "0", "--workers", "2",
-            "--storage", storage, "--study", "kill", *slow]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    coordinator = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *argv], env=env)
-    deadline = time.time() + 300
-    victim = None
-    while victim is None and time.time() < deadline:
+@pytest.fixture(params=["journal", "postgresql"])
+def storage_url(request, tmp_path):
+    """The embedded default (a journal file) and a real PostgreSQL server on loopback."""
+    if request.param == "journal":
+        yield str(tmp_path / "journal.log")
+    else:
+        with postgres_server() as url:
+            yield url
+
+
+def wait_for_training_cell(storage, name, deadline):
+    """The first RUNNING trial whose cell has started training (its MLflow run exists)."""
+    while time.time() < deadline:
         time.sleep(0.5)
         try:
-            study = optuna.load_study(study_name="kill", storage=open_storage(storage))
+            study = optuna.load_study(study_name=name, storage=open_storage(storage))
         except (KeyError, SweepError):
             continue
         running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
         if running:
-            victim = running[0]
-    assert victim is not None, "no cell started training"
+            return running[0]
+    raise AssertionError("no cell started training")
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, storage_url):
+    """Two workers on one grid; one is killed mid-cell and a replacement joins; each cell ends with one result."""
+    slow = ["--epochs", "2", "--train-subset", "2048", "--test-subset", "100", "--data-dir", str(DATA_DIR)]
+    argv = ["--storage", storage_url, "--study", "kill"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sweep = [sys.executable, "-m", "experiments.sweep"]
+    grid = ["--configs", "no_tricks,layernorm,batchnorm", "--seeds", "0", "--workers", "2", *slow]
+    coordinator = subprocess.Popen([*sweep, "run", *grid, *argv], env=env)
+    victim = wait_for_training_cell(storage_url, "kill", time.time() + 300)
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
-    assert coordinator.wait(timeout=600) == 0
-    study, done = finished_cells(storage, "kill")
+    replacement = subprocess.Popen([*sweep, "work", *argv], env=env)  # "restart it": a worker joining the study
+    assert coordinator.wait(timeout=600) == 0 and replacement.wait(timeout=120) == 0
+    study, done = finished_cells(storage_url, "kill")
     assert sorted(done) == sorted(["no_tricks seed=0", "layernorm seed=0", "batchnorm seed=0"])  # each exactly once
     assert study.trials[victim.number].state == TrialState.FAIL
     finished = cell_runs("FINISHED")
