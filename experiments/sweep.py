@@ -177,6 +177,8 @@ def work(storage_spec: str, name: str, experiment: str, threads: int | None = No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage_spec, name)
     parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:  # cells live beside their parent, e.g. in the experiment `mlflow run --experiment-name` chose
+        experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
     while True:
         recover_dead_workers(study)
         with warnings.catch_warnings():
@@ -255,7 +257,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"[sweep] study '{name}' in {args.storage}: {before['total']} cells, {before['done']} already done, "
           f"{queued} queued now", file=sys.stderr)
     with start_parent_run(study, args.experiment) as parent:
-        mlflow.set_tags({"sweep": name, "optuna_storage": args.storage, "cells": str(before["total"])})
+        mlflow.set_tags({"sweep": name, "optuna_storage": args.storage, "cells": str(before["total"]), "mlflow.runName": name})
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
         started = time.time()
         for _ in range(3):  # a round per batch of workers; a worker killed mid-round leaves its cell to the next

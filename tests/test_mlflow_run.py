@@ -51,3 +51,15 @@ def test_mlflow_run_without_flags_builds_its_virtualenv(mnist_dir, tmp_path):
     assert "/.mlflow/envs/" in done.stderr  # ran inside the project's virtualenv, not this interpreter
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("e2e").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["config"] == "batchnorm"
+
+
+def test_mlflow_run_sweep_entry_nests_cells_under_the_project_run(mnist_dir, tmp_path):
+    done = mlflow_run(tmp_path, "--env-manager", "local", "-e", "sweep", "-P", "configs=no_tricks,batchnorm",
+                      "-P", "lrs=1e-3,1e-2", "-P", "epochs=1", "-P", "train_subset=256", "-P", "test_subset=100",
+                      "-P", "workers=2", "-P", f"storage={tmp_path}/journal.log", "-P", f"data_dir={mnist_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("e2e").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "sweep"]
+    cells = [r for r in runs if "cell" in r.data.tags]
+    assert len(cells) == 4 and {r.data.tags["mlflow.parentRunId"] for r in cells} == {parent.info.run_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}
