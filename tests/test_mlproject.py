@@ -67,13 +67,17 @@ def test_cli_flags_cover_mlproject_parameters():
     assert set(PROBES) <= set(OVERRIDES)
 
 
-def test_every_sweep_parameter_reaches_its_flag():
-    from experiments.sweep import build_parser as sweep_parser
+NUMERIC = {"workers": "3", "n_trials": "17", "factor": "500.0", "converge_ratio": "0.25"}
 
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["sweep"]["parameters"]
-    probes = {name: "3" if name == "workers" else f"probe-{i}" for i, name in enumerate(spec)}
-    command = _project_spec.load_project(str(ROOT)).get_entry_point("sweep").compute_command(probes, "/tmp")
+
+@pytest.mark.parametrize("entry", ["sweep", "stress"])
+def test_every_sweep_and_stress_parameter_reaches_its_flag(entry):
+    from experiments import stress, sweep
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]["parameters"]
+    probes = {name: NUMERIC.get(name, f"probe-{i}") for i, name in enumerate(spec)}
+    command = _project_spec.load_project(str(ROOT)).get_entry_point(entry).compute_command(probes, "/tmp")
     argv = shlex.split(command)
-    assert argv[:4] == ["python", "-m", "experiments.sweep", "run"]
-    args = vars(sweep_parser().parse_args(argv[3:]))
+    assert argv[:4] == ["python", "-m", f"experiments.{entry}", "run"]
+    args = vars({"sweep": sweep, "stress": stress}[entry].build_parser().parse_args(argv[3:]))
     assert {name: str(args[name]) for name in spec} == probes

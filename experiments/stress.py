@@ -1,0 +1,221 @@
+"""Divergence-boundary study: per config, an Optuna study over log10(LR) from the config's LR to factor x that LR.
+
+    python -m experiments.stress run --configs no_tricks,all_tricks --seeds 0,1 --n-trials 16 --epochs 1
+
+Each trial trains one (LR, seed) as a nested MLflow run. A trial that diverges is pruned at once
+(training stops at the divergence step), so the budget goes to LRs near the boundary: TPE maximises
+log10(LR) among runs that converge. Converged = final train loss < converge_ratio x loss at step 0.
+The LR x100 point and the config's own LR are probed for every seed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from cookbook.cli import CONFIGS_DIR
+from cookbook.config import ConfigError, available_configs, load_config
+from cookbook.data import DataError
+from cookbook.hooks import Recorder
+from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker
+from cookbook.train import train
+from experiments.boundary import boundary, converged
+from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
+from experiments.sweep import TRAIN_FLAGS, cached_mnist, overrides, parse_list
+
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def lr_range(config: str, settings: dict, factor: float) -> tuple[float, float]:
+    """log10 of the config's own LR and of factor x it."""
+    base = math.log10(load_config(config, CONFIGS_DIR, overrides({}, settings)).optim.lr)
+    return base, base + math.log10(factor)
+
+
+def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float:
+    """Train one (LR, seed); prune if it diverges; value = log10 LR if it converged, else below the range."""
+    trial.set_user_attr("worker", worker_id())
+    spec = trial.study.user_attrs
+    lo, hi = lr_range(spec["config"], spec["settings"], spec["factor"])
+    log_lr = trial.suggest_float("log10_lr", lo, hi)
+    seed = trial.suggest_categorical("seed", spec["seeds"])
+    cfg = load_config(spec["config"], CONFIGS_DIR, overrides({"seed": seed, "lr": 10**log_lr}, spec["settings"]))
+    data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    recorder = Recorder()
+    tags = {"stress": trial.study.study_name, "trial": str(trial.number)}
+    with MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
+                       system_metrics=False, extra_tags=tags, parent_run_id=parent) as tracker:
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        result = train(cfg, data, [tracker, recorder])
+    initial = recorder.history["train/loss"][0][1] if recorder.history.get("train/loss") else float("nan")
+    final = result.final.get("epoch/train_loss", float("nan"))
+    ok = not result.diverged and converged(final, initial, spec["converge_ratio"])
+    for name, value in {"lr": 10**log_lr, "seed": seed, "diverged": result.diverged, "diverged_step": result.diverged_step,
+                        "steps_run": result.steps_run, "total_steps": result.total_steps, "initial_loss": initial,
+                        "final_loss": final if math.isfinite(final) else None, "converged": ok}.items():
+        trial.set_user_attr(name, value)
+    if result.diverged:
+        raise optuna.TrialPruned(f"diverged at step {result.diverged_step}")
+    return log_lr if ok else lo - 1.0
+
+
+def open_stress_study(storage: str, config: str, spec: dict | None = None, name: str | None = None) -> optuna.Study:
+    """Create (storing the study's spec and probing base and x100 LRs for every seed) or load a config's study."""
+    if spec is not None:
+        digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+        name = f"stress-{config}-{digest}"
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
+    study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
+                                sampler=sampler, load_if_exists=spec is not None) if spec else \
+        optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler)
+    if spec is not None and "config" not in study.user_attrs:
+        for key, value in spec.items():
+            study.set_user_attr(key, value)
+        lo, _ = lr_range(config, spec["settings"], spec["factor"])
+        for seed in spec["seeds"]:
+            for log_lr in (lo, lo + 2):  # the config's own LR and the seed's "LR x100"
+                study.enqueue_trial({"log10_lr": log_lr, "seed": seed}, skip_if_exists=True)
+    return study
+
+
+def work(storage: str, name: str, n_trials: int, experiment: str, threads: int | None = None) -> None:
+    """Run trials until the study holds n_trials finished ones (shared budget across workers)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_stress_study(storage, config="", name=name)
+    recover_dead_workers(study)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
+    if len(study.get_trials(deepcopy=False, states=DONE)) < n_trials:
+        study.optimize(lambda t: objective(t, experiment, parent), n_trials=n_trials,
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)])
+
+
+def report(study: optuna.Study) -> dict:
+    """Boundary, the x100 table and the compute pruning saved, from the study's records."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=DONE) if "converged" in t.user_attrs]
+    df = pd.DataFrame([t.user_attrs for t in trials])
+    spec = study.user_attrs
+    lo, _ = lr_range(spec["config"], spec["settings"], spec["factor"])
+    x100 = df[(df.lr / 10**lo - 100).abs() < 1e-6]
+    steps_run, steps_full = int(df.steps_run.sum()), int(df.total_steps.sum())
+    return {"config": spec["config"], "base_lr": 10**lo, "trials": len(df),
+            **boundary([math.log10(v) for v in df.lr], list(~df.converged.astype(bool))),
+            "x100": x100[["seed", "converged", "diverged", "diverged_step", "final_loss"]].to_dict("records"),
+            "steps_run": steps_run, "steps_without_pruning": steps_full,
+            "pruning_saved": 1 - steps_run / steps_full if steps_full else 0.0}
+
+
+def run_stress(args: argparse.Namespace) -> int:
+    """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
+    configs = parse_list(args.configs, str, "configs")
+    for name in configs:
+        if name not in available_configs(CONFIGS_DIR):
+            raise SweepError(f"unknown config '{name}' in configs; available: {', '.join(available_configs(CONFIGS_DIR))}")
+    settings = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) not in (None, "")}
+    for field in ("epochs", "batch_size", "train_subset", "test_subset"):
+        if field in settings:
+            settings[field] = parse_list(settings[field], int, field)[0]
+    seeds = parse_list(args.seeds, int, "seeds")
+    if args.n_trials < 2 * len(seeds) or args.factor <= 100 or not 0 < args.converge_ratio < 1:
+        raise SweepError(f"need n_trials >= 2 x seeds ({2 * len(seeds)}), factor > 100, 0 < converge_ratio < 1; got "
+                         f"n_trials={args.n_trials}, factor={args.factor}, converge_ratio={args.converge_ratio}")
+    for name in configs:
+        load_config(name, CONFIGS_DIR, overrides({"lr": 1.0}, settings))
+    open_storage(args.storage)
+    reports = []
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(args.experiment)
+    with mlflow.start_run(run_name="stress") as parent:
+        for name in configs:
+            spec = {"config": name, "seeds": seeds, "settings": settings, "factor": args.factor,
+                    "converge_ratio": args.converge_ratio}
+            study = open_stress_study(args.storage, name, spec)
+            study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+            run_workers(args, study.study_name)
+            reports.append(report(study))
+            print(format_report(reports[-1]), file=sys.stderr, flush=True)
+        mlflow.log_text(json.dumps(reports, indent=1, default=str), "stress_report.json")
+    print("\n".join(format_report(r) for r in reports))
+    return 0
+
+
+def run_workers(args: argparse.Namespace, name: str) -> None:
+    """Worker processes sharing the study's trial budget (threads split between them)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    cmd = [sys.executable, "-m", "experiments.stress", "work", "--study", name, "--storage", args.storage,
+           "--n-trials", str(args.n_trials), "--experiment", args.experiment, "--threads", str(threads)]
+    for proc in [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]:
+        proc.wait()
+
+
+def format_report(r: dict) -> str:
+    """A few lines per config."""
+    fmt = lambda v: "none in range" if v is None else f"{v:.3g}"  # noqa: E731
+    lines = [f"{r['config']}: base lr {r['base_lr']:.3g}, {r['trials']} trials ({r['failed']} failed): "
+             f"largest converged {fmt(r['largest_converged_lr'])}, smallest failed {fmt(r['smallest_failed_lr'])}"]
+    if "boundary_lr" in r:
+        low, high = r["boundary_lr_90ci"]
+        lines.append(f"  boundary (P(fail)=0.5) {r['boundary_lr']:.3g}, 90% CI [{low:.3g}, {high:.3g}]")
+    for row in r["x100"]:
+        state = "converged" if row["converged"] else f"diverged at step {int(row['diverged_step'])}" \
+            if row["diverged"] else "did not converge"
+        loss = "" if row["final_loss"] is None or pd.isna(row["final_loss"]) else f", final loss {row['final_loss']:.3f}"
+        lines.append(f"  lr x100 seed {row['seed']}: {state}{loss}")
+    lines.append(f"  steps run {r['steps_run']} of {r['steps_without_pruning']} without pruning "
+                 f"(saved {r['pruning_saved']:.0%})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.stress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--configs", default="all_tricks")
+    run.add_argument("--seeds", default="0,1")
+    run.add_argument("--n-trials", type=int, default=16, help="budget per config, base and x100 probes included")
+    run.add_argument("--factor", type=float, default=1000.0, help="probe LRs up to factor x the config's LR")
+    run.add_argument("--converge-ratio", type=float, default=0.5, help="converged: final loss < ratio x loss at step 0")
+    run.add_argument("--workers", type=int, default=1)
+    for flag in TRAIN_FLAGS:
+        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
+    work_parser = sub.add_parser("work")
+    work_parser.add_argument("--study", required=True)
+    work_parser.add_argument("--n-trials", type=int, required=True)
+    work_parser.add_argument("--threads", type=int, default=None)
+    for p in (run, work_parser):
+        p.add_argument("--storage", default=DEFAULT_STORAGE)
+        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "work":
+            work(args.storage, args.study, args.n_trials, args.experiment, args.threads)
+            return 0
+        return run_stress(args)
+    except (SweepError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
