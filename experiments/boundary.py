@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
+MIN_SLOPE = 1.0  # per decade of LR; below it the fit has found no boundary
+
 
 def converged(final_loss: float, initial_loss: float, ratio: float) -> bool:
     """A run converged when its final train loss is below ratio x its loss at step 0 (and finite)."""
@@ -17,19 +19,22 @@ def bracket(log_lrs: np.ndarray, failed: np.ndarray) -> tuple[float | None, floa
 
 
 def fit_logistic(log_lrs: np.ndarray, failed: np.ndarray, l2: float = 1e-2) -> tuple[float, float]:
-    """(x0, slope) of P(fail) = sigmoid(slope * (x - x0)), maximum likelihood with a small L2 on the slope.
+    """(x0, slope) of P(fail) = sigmoid(slope * (x - x0)), slope >= 0, maximum likelihood with a small L2 on the slope.
 
-    The penalty keeps the fit finite when the outcomes are perfectly separated by LR.
+    slope >= 0 encodes the assumption that a larger LR is never safer; the penalty keeps the fit
+    finite when the outcomes are perfectly separated by LR.
     """
     y = failed.astype(float)
+    lo, hi = float(log_lrs.min()), float(log_lrs.max())
 
     def loss(theta):
-        x0, slope = theta
+        x0, raw = theta
+        slope = np.logaddexp(0, raw)  # softplus: slope >= 0
         z = slope * (log_lrs - x0)
         return np.sum(np.logaddexp(0, z) - y * z) + l2 * slope**2
 
-    start = [float(np.median(log_lrs)), 1.0]
-    return tuple(float(v) for v in minimize(loss, start, method="Nelder-Mead").x)
+    x0, raw = minimize(loss, [float(np.median(log_lrs)), 0.5], method="Nelder-Mead").x
+    return float(np.clip(x0, lo - 1, hi + 1)), float(np.logaddexp(0, raw))  # x0 kept within a decade of the data
 
 
 def boundary(log_lrs, failed, bootstrap: int = 200, seed: int = 0) -> dict:
@@ -41,6 +46,8 @@ def boundary(log_lrs, failed, bootstrap: int = 200, seed: int = 0) -> dict:
     if failed.all() or not failed.any():
         return out  # no boundary inside the probed range
     x0, slope = fit_logistic(log_lrs, failed)
+    if slope < MIN_SLOPE:  # failures do not rise with LR (e.g. only slow convergence at small LRs)
+        return {**out, "slope_per_decade": slope}
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(bootstrap):

@@ -31,3 +31,11 @@ def test_logistic_recovers_a_known_boundary():
 def test_no_boundary_inside_the_range():
     result = boundary([-3, -2, -1], [False, False, False])
     assert "boundary_lr" not in result and result["smallest_failed_lr"] is None
+
+
+def test_failures_only_at_low_lr_give_no_increasing_boundary():
+    x = np.array([-3.0, -3.0, -2.0, -1.5, -1.0, -0.5])
+    failed = np.array([True, True, False, False, False, False])  # slow at the smallest LR, never diverging
+    x0, slope = fit_logistic(x, failed)
+    assert slope < 0.5 and -4.0 <= x0 <= 0.5  # flat and bounded, not a boundary at low LR
+    assert "boundary_lr" not in boundary(x, failed)
