@@ -23,14 +23,14 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from cookbook.cli import CONFIGS_DIR
-from cookbook.config import ConfigError, available_configs, load_config
+from cookbook.config import ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
-from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker
+from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker
 from cookbook.train import train
 from experiments.boundary import boundary, converged
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
-from experiments.sweep import TRAIN_FLAGS, cached_mnist, overrides, parse_list
+from experiments.sweep import TRAIN_FLAGS, cached_mnist, config_names, overrides, parse_list, train_settings, worker_env
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -121,14 +121,9 @@ def report(study: optuna.Study) -> dict:
 
 def run_stress(args: argparse.Namespace) -> int:
     """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
-    configs = parse_list(args.configs, str, "configs")
-    for name in configs:
-        if name not in available_configs(CONFIGS_DIR):
-            raise SweepError(f"unknown config '{name}' in configs; available: {', '.join(available_configs(CONFIGS_DIR))}")
-    settings = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) not in (None, "")}
-    for field in ("epochs", "batch_size", "train_subset", "test_subset"):
-        if field in settings:
-            settings[field] = parse_list(settings[field], int, field)[0]
+    configs, settings = config_names(args.configs), train_settings(args)
+    if args.workers < 1:
+        raise SweepError(f"workers={args.workers} must be >= 1")
     seeds = parse_list(args.seeds, int, "seeds")
     if args.n_trials < 2 * len(seeds) or args.factor <= 100 or not 0 < args.converge_ratio < 1:
         raise SweepError(f"need n_trials >= 2 x seeds ({2 * len(seeds)}), factor > 100, 0 < converge_ratio < 1; got "
@@ -155,13 +150,10 @@ def run_stress(args: argparse.Namespace) -> int:
 
 def run_workers(args: argparse.Namespace, name: str) -> None:
     """Worker processes sharing the study's trial budget (threads split between them)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update(MLFLOW_TRACKING_URI=mlflow.get_tracking_uri(),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     cmd = [sys.executable, "-m", "experiments.stress", "work", "--study", name, "--storage", args.storage,
            "--n-trials", str(args.n_trials), "--experiment", args.experiment, "--threads", str(threads)]
-    for proc in [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]:
+    for proc in [subprocess.Popen(cmd, env=worker_env()) for _ in range(args.workers)]:
         proc.wait()
 
 

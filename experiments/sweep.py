@@ -55,14 +55,35 @@ def parse_list(text: str | None, kind: type, name: str) -> list:
     return values
 
 
-def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str = "", warmups: str = "") -> list[dict]:
-    """Every combination of the lists, each checked by resolving its config (bad values fail here, before any work)."""
-    names = parse_list(configs, str, "configs")
-    known = available_configs(CONFIGS_DIR)
+def config_names(text: str) -> list[str]:
+    """A comma list of config names, each one a file in experiments/configs/."""
+    names, known = parse_list(text, str, "configs"), available_configs(CONFIGS_DIR)
     for name in names:
         if name not in known:
             raise SweepError(f"unknown config '{name}' in configs; available: {', '.join(known)}")
-    lists = [names, parse_list(seeds, int, "seeds"), parse_list(lrs, float, "lrs"), parse_list(widths, float, "widths"),
+    return names
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    """The training flags given on the command line (shared by every cell or trial), typed."""
+    settings = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) not in (None, "")}
+    for field in ("epochs", "batch_size", "train_subset", "test_subset"):
+        if field in settings:
+            settings[field] = parse_list(settings[field], int, field)[0]
+    return settings
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for worker processes: this tracking URI and code, but not the parent's run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str = "", warmups: str = "") -> list[dict]:
+    """Every combination of the lists, each checked by resolving its config (bad values fail here, before any work)."""
+    lists = [config_names(configs), parse_list(seeds, int, "seeds"), parse_list(lrs, float, "lrs"), parse_list(widths, float, "widths"),
              parse_list(depths, int, "depths"), parse_list(warmups, float, "warmup_epochs")]
     cells = [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
     for cell in cells:
@@ -195,13 +216,10 @@ def work(storage_spec: str, name: str, experiment: str, threads: int | None = No
 
 def spawn_workers(n: int, storage_spec: str, name: str, experiment: str) -> list[subprocess.Popen]:
     """n worker processes sharing this machine's cores; they must not resume the parent run."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     threads = max(1, (os.cpu_count() or 1) // n)
     cmd = [sys.executable, "-m", "experiments.sweep", "work", "--study", name, "--storage", storage_spec,
            "--experiment", experiment, "--threads", str(threads)]
-    return [subprocess.Popen(cmd, env=env) for _ in range(n)]
+    return [subprocess.Popen(cmd, env=worker_env()) for _ in range(n)]
 
 
 def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], started: float, done_before: int) -> None:
@@ -244,10 +262,7 @@ def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
 def run_sweep(args: argparse.Namespace) -> int:
     """Validate, create or resume the study, enqueue missing cells, run workers, summarise."""
     cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs)
-    settings = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) not in (None, "")}
-    for field in ("epochs", "batch_size", "train_subset", "test_subset"):
-        if field in settings:
-            settings[field] = parse_list(settings[field], int, field)[0]
+    settings = train_settings(args)
     load_config(cells[0]["config"], CONFIGS_DIR, overrides(cells[0], settings))  # the shared settings are valid too
     name = args.study or study_name(cells, settings)
     study = open_study(args.storage, name, cells, settings)
