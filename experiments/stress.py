@@ -74,10 +74,11 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
         digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
         name = f"stress-{config}-{digest}"
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
+    if spec is None:
+        return optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler)
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
-                                sampler=sampler, load_if_exists=spec is not None) if spec else \
-        optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler)
-    if spec is not None and "config" not in study.user_attrs:
+                                sampler=sampler, load_if_exists=True)
+    if "config" not in study.user_attrs:
         for key, value in spec.items():
             study.set_user_attr(key, value)
         lo, _ = lr_range(config, spec["settings"], spec["factor"])

@@ -279,7 +279,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             procs = spawn_workers(args.workers, args.storage, name, args.experiment)
             wait_with_progress(study, procs, started, before["done"])
             recover_dead_workers(study)
-            if state_counts(study)["done"] == before["total"] or not enqueue_missing(study) and not state_counts(study)["waiting"]:
+            enqueue_missing(study)  # cells whose retries ran out get one more chance next round
+            if not state_counts(study)["waiting"]:
                 break
         table = summary(study)
         mlflow.log_text(table.to_csv(index=False), "sweep_summary.csv")
