@@ -57,6 +57,12 @@ class MonitorConfig:
 
 
 @dataclass
+class ComputeConfig:
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast for forward and loss; weights and optimizer stay fp32
+    channels_last: bool = True  # NHWC activations: faster convs, norms and pools on CPU (same maths)
+
+
+@dataclass
 class Config:
     name: str = "custom"
     description: str = ""
@@ -68,6 +74,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

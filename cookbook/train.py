@@ -1,6 +1,7 @@
 """The training loop: seeded, monitored, and stopping early (not crashing) on divergence."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -38,24 +39,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (the seed's), AdamW or SGD with momentum."""
-    params = model.parameters()
+    """Adam (the seed's), AdamW or SGD with momentum; fused (one kernel for all parameters) on CPU and CUDA."""
+    params = list(model.parameters())
+    fused = params[0].device.type in ("cpu", "cuda")
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast when cfg.compute.precision asks for it, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.compute.precision == "bf16")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on (x, y), with one host sync."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, precision=None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on (x, y), with one host sync (precision: an autocast context)."""
     model.eval()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        with precision or contextlib.nullcontext():
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
     loss, acc = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).div(len(y)).tolist()
     return loss, acc
@@ -83,6 +91,7 @@ class Parts:
     """Everything one training run updates, built from its config."""
 
     model: nn.Module
+    precision: contextlib.AbstractContextManager  # autocast for forward passes
     optimizer: torch.optim.Optimizer
     scheduler: WarmupCosineLR
     monitor: Monitor
@@ -94,18 +103,21 @@ def build_parts(cfg: Config, n_train: int, device: torch.device) -> Parts:
     """Seeded model, optimizer, LR scheduler and monitor for n_train training images."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
+    if cfg.compute.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
     steps_per_epoch = -(-n_train // cfg.data.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = WarmupCosineLR(optimizer, lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind, total_steps=total_steps,
                                warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch))
-    return Parts(model, optimizer, scheduler, Monitor(model, cfg.monitor, device), steps_per_epoch, total_steps)
+    return Parts(model, autocast(cfg, device), optimizer, scheduler, Monitor(model, cfg.monitor, device), steps_per_epoch, total_steps)
 
 
 def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor, step: int, max_norm: float | None):
     """One update; returns (loss, pre-clip grad norm, lr used) without a host sync."""
     parts.optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(parts.model(x), y)
+    with parts.precision:
+        loss = F.cross_entropy(parts.model(x), y)
     loss.backward()
     parts.monitor.before_clip(step)
     grad_norm = clip_gradients(parts.monitor.params, max_norm)
@@ -158,7 +170,7 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
             break
         seconds = time.perf_counter() - started
         result.steps_run += parts.steps_per_epoch
-        test_loss, test_acc = evaluate(parts.model, data.test_x, data.test_y)
+        test_loss, test_acc = evaluate(parts.model, data.test_x, data.test_y, precision=parts.precision)
         loss_sum, gnorm_sum, clipped_steps = sums
         result.final = {
             "epoch/train_loss": loss_sum / parts.steps_per_epoch,  # mean of batch losses, as the seed reports

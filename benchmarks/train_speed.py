@@ -1,0 +1,214 @@
+"""Seconds per epoch: the seed's loop vs ours (untracked, MLflow-tracked, bf16), per config, in one process.
+
+    python -m benchmarks.train_speed --configs no_tricks,batchnorm,layernorm,all_tricks --epochs 1 --repeats 3
+
+Modes are interleaved within each repeat, so a machine that slows down mid-run slows every mode alike.
+Prints one table (seconds/epoch min and median, samples/s, ratio to the reference, peak RSS, tracking
+overhead) and writes it as CSV and JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import psutil
+import torch
+
+from benchmarks.reference import train_seed_loop
+from cookbook.config import ConfigError, load_config
+from cookbook.data import load_mnist
+from cookbook.hooks import Hook
+from cookbook.tracking import MlflowTracker
+from cookbook.train import resolve_device, train
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+MODES = ("reference", "ours", "ours+mlflow", "ours-bf16")
+
+
+class PeakRSS:
+    """Highest resident set size of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.proc, self.peak, self.running = psutil.Process(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+class EpochTimes(Hook):
+    """Collects each epoch's training seconds and mean loss."""
+
+    def __init__(self):
+        self.seconds, self.losses = [], []
+
+    def on_epoch_end(self, epoch, metrics):
+        self.seconds.append(metrics["time/epoch_seconds"])
+        self.losses.append(metrics["epoch/train_loss"])
+
+
+class TimedHook(Hook):
+    """Wraps a hook and adds up the time the training thread spends inside it."""
+
+    def __init__(self, inner: Hook):
+        self.inner, self.seconds = inner, 0.0
+
+    def _timed(self, name, *args):
+        started = time.perf_counter()
+        getattr(self.inner, name)(*args)
+        self.seconds += time.perf_counter() - started
+
+    def on_start(self, info):
+        self._timed("on_start", info)
+
+    def on_metrics(self, rows):
+        self._timed("on_metrics", rows)
+
+    def on_epoch_end(self, epoch, metrics):
+        self._timed("on_epoch_end", epoch, metrics)
+
+    def on_end(self, result):
+        self._timed("on_end", result)
+
+
+def run_reference(cfg, epochs: int, device: str) -> tuple[list[float], list[float], float]:
+    """The seed's loop with cfg's norm, warmup and clipping: (epoch seconds, epoch losses, hook seconds)."""
+    times = EpochTimes()
+    train_seed_loop(norm_type=cfg.model.norm, use_warmup=cfg.schedule.warmup_epochs > 0,
+                    use_clipping=cfg.optim.max_norm is not None, max_norm=cfg.optim.max_norm or 1.0, epochs=epochs,
+                    lr=cfg.optim.lr, batch_size=cfg.data.batch_size, data_dir=cfg.data.data_dir, device=device,
+                    on_epoch=lambda e, s, loss: times.on_epoch_end(e, {"time/epoch_seconds": s, "epoch/train_loss": loss}))
+    return times.seconds, times.losses, 0.0
+
+
+def run_ours(cfg, data, tracked: bool) -> tuple[list[float], list[float], float]:
+    """Our loop, untracked or with the MLflow tracker `python -m cookbook train` uses (system metrics on)."""
+    times = EpochTimes()
+    if not tracked:
+        train(cfg, data, [times])
+        return times.seconds, times.losses, 0.0
+    with MlflowTracker(cfg, data.md5, experiment="benchmark", run_name=f"bench-{cfg.name}") as tracker:
+        timed = TimedHook(tracker)
+        train(cfg, data, [times, timed])
+        started = time.perf_counter()
+        tracker.flush()  # waiting for the async batches is part of the tracking cost
+        timed.seconds += time.perf_counter() - started
+    return times.seconds, times.losses, timed.seconds
+
+
+def measure(config: str, modes: list[str], epochs: int, repeats: int, device: str, data_dir: str) -> list[dict]:
+    """Rows of raw timings: one per (mode, repeat, epoch)."""
+    base = {"epochs": epochs, "device": device, "data": {"data_dir": data_dir}}
+    cfgs = {m: load_config(config, CONFIGS_DIR, {**base, "compute": {"precision": "bf16" if m == "ours-bf16" else "fp32"}})
+            for m in modes}
+    data = load_mnist(data_dir)
+    rows = []
+    for repeat in range(repeats):
+        for mode in modes:
+            cfg = cfgs[mode]
+            with PeakRSS() as rss:
+                if mode == "reference":
+                    seconds, losses, hook_s = run_reference(cfg, epochs, str(resolve_device(device)))
+                else:
+                    seconds, losses, hook_s = run_ours(cfg, data, tracked=mode == "ours+mlflow")
+            for epoch, (s, loss) in enumerate(zip(seconds, losses), 1):
+                rows.append({"config": config, "mode": mode, "repeat": repeat, "epoch": epoch, "seconds": s,
+                             "train_loss": loss, "hook_seconds": hook_s / len(seconds), "peak_rss_gb": rss.peak / 2**30})
+            print(f"  {config:<11} {mode:<12} repeat {repeat}: " + ", ".join(f"{s:.1f}s" for s in seconds), file=sys.stderr, flush=True)
+    return rows
+
+
+def summarise(raw: pd.DataFrame, n_train: int) -> pd.DataFrame:
+    """One row per (config, mode): min/median s/epoch, samples/s, ratio to the reference, peak RSS, overhead."""
+    table = raw.groupby(["config", "mode"], sort=False).agg(
+        epochs=("seconds", "size"), s_per_epoch_min=("seconds", "min"), s_per_epoch_median=("seconds", "median"),
+        train_loss_last=("train_loss", "last"), hook_s_per_epoch=("hook_seconds", "mean"), peak_rss_gb=("peak_rss_gb", "max"),
+    ).reset_index()
+    table["samples_per_s"] = n_train / table.s_per_epoch_median
+    ref = table[table["mode"] == "reference"].set_index("config").s_per_epoch_median
+    table["ratio_to_reference"] = table.s_per_epoch_median / table.config.map(ref)
+    off = table[table["mode"] == "ours"].set_index("config").s_per_epoch_median
+    tracked = table["mode"] == "ours+mlflow"
+    table["tracking_overhead_pct"] = None
+    table.loc[tracked, "tracking_overhead_pct"] = 100 * (table.s_per_epoch_median[tracked] / table.config[tracked].map(off) - 1)
+    table.loc[tracked, "tracking_in_loop_pct"] = 100 * table.hook_s_per_epoch[tracked] / table.s_per_epoch_median[tracked]
+    return table
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or "unknown"}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="no_tricks,batchnorm,layernorm,all_tricks")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per mode (interleaved)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for train_speed-<device>.csv/.json")
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        print(f"error: modes={args.modes!r}; choose from {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [c for c in args.configs.split(",") if c]
+    try:
+        for c in configs:
+            load_config(c, CONFIGS_DIR)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        if "ours+mlflow" in modes and not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")  # a throwaway store: timings, not results
+        raw = pd.DataFrame([r for c in configs for r in measure(c, modes, args.epochs, args.repeats, args.device, args.data_dir)])
+    table = summarise(raw, n_train=60000)
+    device = str(resolve_device(args.device))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"train_speed-{device.split(':')[0]}"
+    table.to_csv(f"{stem}.csv", index=False)
+    Path(f"{stem}.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "summary": table.to_dict("records"),
+                                                "raw": raw.to_dict("records")}, indent=1, default=str))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.drop(columns=["hook_s_per_epoch"]).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nmachine: {machine()}\nwritten: {stem}.csv, {stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
