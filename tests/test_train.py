@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cookbook.config import merge, validate
 from cookbook.hooks import Recorder
