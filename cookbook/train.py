@@ -140,12 +140,26 @@ def train_epoch(parts: Parts, cfg: Config, data: MNIST, order: list[torch.Tensor
         clipped = grad_norm > max_norm if max_norm is not None else torch.zeros_like(grad_norm, dtype=torch.bool)
         sums += torch.stack([loss, grad_norm, clipped.to(sums.dtype)])
         if parts.monitor.record(step, loss, grad_norm, lr) or i == len(order) - 1:
-            rows = parts.monitor.flush()
+            rows = parts.monitor.flush()[0]
             bad = check.first_bad_step(rows)
             hook.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
             if bad is not None:
                 return [], bad
     return sums.tolist(), None
+
+
+def epoch_summary(sums: list[float], steps: int, test_loss: float, test_acc: float, seconds: float, n_train: int) -> dict:
+    """The per-epoch metrics from [loss sum, pre-clip grad-norm sum, clipped steps] over the epoch's steps."""
+    loss_sum, gnorm_sum, clipped_steps = sums
+    return {
+        "epoch/train_loss": loss_sum / steps,  # mean of batch losses, as the seed reports
+        "epoch/grad_norm_preclip_mean": gnorm_sum / steps,
+        "epoch/clip_fraction": clipped_steps / steps,
+        "test/loss": test_loss,
+        "test/acc": test_acc,
+        "time/epoch_seconds": seconds,
+        "time/samples_per_second": n_train / seconds,
+    }
 
 
 def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
@@ -171,16 +185,7 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
         seconds = time.perf_counter() - started
         result.steps_run += parts.steps_per_epoch
         test_loss, test_acc = evaluate(parts.model, data.test_x, data.test_y, precision=parts.precision)
-        loss_sum, gnorm_sum, clipped_steps = sums
-        result.final = {
-            "epoch/train_loss": loss_sum / parts.steps_per_epoch,  # mean of batch losses, as the seed reports
-            "epoch/grad_norm_preclip_mean": gnorm_sum / parts.steps_per_epoch,
-            "epoch/clip_fraction": clipped_steps / parts.steps_per_epoch,
-            "test/loss": test_loss,
-            "test/acc": test_acc,
-            "time/epoch_seconds": seconds,
-            "time/samples_per_second": n_train / seconds,
-        }
+        result.final = epoch_summary(sums, parts.steps_per_epoch, test_loss, test_acc, seconds, n_train)
         hook.on_epoch_end(epoch, result.final)
     result.snapshots = [r for r in parts.monitor.snapshot_table() if r["step"] < result.steps_run]
     hook.on_end(result)

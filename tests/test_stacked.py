@@ -1,0 +1,74 @@
+"""K seeds trained as one stacked model: each member equals the separate run with its seed."""
+import dataclasses
+
+import pytest
+import torch
+
+from cookbook.config import merge, validate
+from cookbook.hooks import Recorder
+from cookbook.stacked import train_stacked
+from cookbook.train import train
+
+SEEDS = (0, 1, 2)
+
+
+def separate_and_stacked(cfg, data):
+    cfgs = [dataclasses.replace(cfg, seed=s) for s in SEEDS]
+    members = [Recorder() for _ in cfgs]
+    stacked = train_stacked(cfgs, data, [[r] for r in members])
+    alone = []
+    for c in cfgs:
+        rec = Recorder()
+        alone.append((train(c, data, [rec]), rec.history))
+    return list(zip(stacked, [r.history for r in members])), alone
+
+
+def assert_same_history(got, want, rel):
+    assert set(got) == set(want)
+    for key, series in want.items():
+        if key.startswith("time/"):
+            continue
+        assert [s for s, _ in got[key]] == [s for s, _ in series], key
+        # abs: a conv bias followed by BatchNorm has a true gradient of 0; its logged norm is rounding noise
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in series], rel=rel, abs=1e-6), key
+
+
+@pytest.fixture
+def float64(tiny_data):
+    torch.set_default_dtype(torch.float64)
+    yield dataclasses.replace(tiny_data, train_x=tiny_data.train_x.double(), test_x=tiny_data.test_x.double())
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_each_member_equals_its_separate_run_in_float64(norm, tiny_cfg, float64):
+    cfg = validate(merge(tiny_cfg, {"model": {"norm": norm}, "optim": {"max_norm": 0.5}}))
+    stacked, alone = separate_and_stacked(cfg, float64)
+    for (result, history), (want, want_history) in zip(stacked, alone):
+        assert_same_history(history, want_history, rel=1e-6)
+        assert (result.steps_run, result.diverged, result.param_count) == (want.steps_run, want.diverged, want.param_count)
+        assert [(r["step"], r["param"], r["numel"]) for r in result.snapshots] == \
+               [(r["step"], r["param"], r["numel"]) for r in want.snapshots]
+
+
+def test_members_match_in_float32_and_differ_from_each_other(tiny_cfg, tiny_data):
+    cfg = validate(merge(tiny_cfg, {"model": {"norm": "batch"}, "optim": {"max_norm": 1.0}}))
+    stacked, alone = separate_and_stacked(cfg, tiny_data)
+    for (_, history), (_, want) in zip(stacked, alone):
+        assert [v for _, v in history["train/loss"]] == pytest.approx([v for _, v in want["train/loss"]], rel=3e-3)
+        assert [v for _, v in history["test/acc"]] == pytest.approx([v for _, v in want["test/acc"]], abs=0.011)
+    assert stacked[0][1]["train/loss"] != stacked[1][1]["train/loss"]
+
+
+def test_diverging_members_stop_as_separate_runs_do(tiny_cfg, tiny_data):
+    cfg = validate(merge(tiny_cfg, {"optim": {"name": "sgd", "lr": 50.0}, "schedule": {"warmup_epochs": 0}}))
+    stacked, alone = separate_and_stacked(cfg, tiny_data)
+    for (result, history), (want, want_history) in zip(stacked, alone):
+        assert result.diverged and (result.diverged_step, result.steps_run) == (want.diverged_step, want.steps_run)
+        assert [s for s, _ in history["train/loss"]] == [s for s, _ in want_history["train/loss"]]
+
+
+def test_members_must_differ_only_in_seed(tiny_cfg, tiny_data):
+    other = merge(tiny_cfg, {"optim": {"lr": 0.01}})
+    with pytest.raises(ValueError, match="differ only in seed"):
+        train_stacked([tiny_cfg, other], tiny_data, [[], []])
