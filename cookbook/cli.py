@@ -22,7 +22,7 @@ OVERRIDES = {
     "max_norm": "optim.max_norm", "warmup_epochs": "schedule.warmup_epochs", "schedule": "schedule.kind",
     "norm": "model.norm", "init": "model.init", "width": "model.width", "depth": "model.depth",
     "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset",
-    "data_dir": "data.data_dir",
+    "data_dir": "data.data_dir", "precision": "compute.precision",
 }
 NOT_REPRODUCIBLE = ("time/", "system/")  # wall-clock metrics differ run to run by nature
 

@@ -51,11 +51,7 @@ class MlflowTracker(Hook):
         self.pending = []  # async RunOperations to wait for
 
     def __enter__(self) -> MlflowTracker:
-        if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the project run already has its experiment
-            mlflow.set_experiment(self.experiment)
-        run = mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics,
-                               parent_run_id=self.parent_run_id, nested=self.parent_run_id is not None)
-        self.run_id = run.info.run_id
+        self.run_id = self._start_run()
         commit, dirty = git_state()
         tags = {
             "config": self.cfg.name, "seed": str(self.cfg.seed), "git_commit": commit, "git_dirty": str(dirty).lower(),
@@ -66,13 +62,28 @@ class MlflowTracker(Hook):
             tags["mlflow.note.content"] = self.cfg.description
         params = [Param(k, v) for k, v in to_params(self.cfg).items()]
         self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
-        mlflow.log_text(to_yaml(self.cfg), "config.yaml")
+        self.client.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
         return self
+
+    def _start_run(self) -> str:
+        """The fluent run where it is needed (resuming `mlflow run`'s run, system metrics), else a client-made run,
+        so that several trackers (the members of a stacked run) can be open at once."""
+        self.fluent = bool(os.environ.get("MLFLOW_RUN_ID")) or self.system_metrics
+        if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the project run already has its experiment
+            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+        if self.fluent:
+            return mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics,
+                                    parent_run_id=self.parent_run_id, nested=self.parent_run_id is not None).info.run_id
+        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+        return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.flush()
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        mlflow.end_run(status=status)
+        if self.fluent:
+            mlflow.end_run(status=status)
+        else:
+            self.client.set_terminated(self.run_id, status)
 
     def flush(self) -> None:
         """Wait until every async metric batch is stored."""
@@ -99,4 +110,4 @@ class MlflowTracker(Hook):
                        **({"diverged_step": result.diverged_step} if result.diverged else {})})
         buf = io.StringIO()
         pd.DataFrame(result.snapshots, columns=["step", "param", "numel", "grad_norm", "weight_norm"]).to_csv(buf, index=False)
-        mlflow.log_text(buf.getvalue(), SNAPSHOT_ARTIFACT)
+        self.client.log_text(self.run_id, buf.getvalue(), SNAPSHOT_ARTIFACT)

@@ -10,6 +10,7 @@ storages, pid check on the journal file), and a finished cell is never run again
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -24,11 +25,13 @@ import mlflow
 import optuna
 import pandas as pd
 import torch
+from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses; ask/tell has none
 from optuna.trial import TrialState
 
 from cookbook.cli import CONFIGS_DIR
 from cookbook.config import ConfigError, available_configs, load_config
 from cookbook.data import DataError, load_mnist
+from cookbook.stacked import train_stacked
 from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker
 from cookbook.train import train
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
@@ -96,6 +99,11 @@ def cell_key(cell: dict) -> str:
     return " ".join([cell["config"]] + [f"{k}={cell[k]:g}" for k in GRID[1:] if cell.get(k) is not None])
 
 
+def group_key(cell: dict) -> str:
+    """Cells with the same group key differ only in seed and can train as one stacked model."""
+    return cell_key({**cell, "seed": None})
+
+
 def overrides(cell: dict, settings: dict) -> dict:
     """Nested config overrides for one cell plus the sweep-wide training settings."""
     nested: dict = {}
@@ -137,6 +145,8 @@ def enqueue_missing(study: optuna.Study) -> int:
     taken = {t.user_attrs.get("queued_cell")
              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))}
     missing = [k for k in keys if k not in taken]
+    cells = {cell_key(c): c for c in study.user_attrs["cells"]}
+    missing.sort(key=lambda k: (group_key(cells[k]), cells[k]["seed"] or 0))  # seeds of a group side by side, for --stack
     for key in missing:
         study.enqueue_trial({"cell": key}, user_attrs={"queued_cell": key})
     return len(missing)
@@ -155,31 +165,84 @@ def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
     return False
 
 
-def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
-    """Train one queued cell, tracked as a nested MLflow run; returns its final train loss (inf if it diverged)."""
+def take_cell(trial: optuna.Trial) -> dict:
+    """Mark the trial as this worker's, name its cell as the trial's param; prune strays and duplicates."""
     trial.set_user_attr("worker", worker_id())
-    if "queued_cell" not in trial.user_attrs:  # study.optimize found no queued cell: nothing to do
+    if "queued_cell" not in trial.user_attrs:  # the queue was empty when this trial started: nothing to do
         raise optuna.TrialPruned("not a queued cell")
-    study = trial.study
-    cells = {cell_key(c): c for c in study.user_attrs["cells"]}
+    cells = {cell_key(c): c for c in trial.study.user_attrs["cells"]}
     key = trial.suggest_categorical("cell", list(cells))
     for field, value in cells[key].items():  # readable columns in optuna-dashboard
         trial.set_user_attr(field, value)
-    if is_duplicate(study, trial, key):
+    if is_duplicate(trial.study, trial, key):
         raise optuna.TrialPruned(f"duplicate of a finished or running '{key}'")
-    settings = study.user_attrs["settings"]
-    cfg = load_config(cells[key]["config"], CONFIGS_DIR, overrides(cells[key], settings))
+    return cells[key]
+
+
+def cell_tracker(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: str | None):
+    """The cell's resolved config, its data and its nested MLflow run (as a tracker not yet entered)."""
+    study = trial.study
+    cfg = load_config(cell["config"], CONFIGS_DIR, overrides(cell, study.user_attrs["settings"]))
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    key = cell_key(cell)
     tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
-    with MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False,
-                       extra_tags=tags, parent_run_id=parent_run_id) as tracker:
-        trial.set_user_attr("mlflow_run_id", tracker.run_id)
-        result = train(cfg, data, [tracker])
+    return cfg, data, MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False,
+                                    extra_tags=tags, parent_run_id=parent_run_id)
+
+
+def record_result(trial: optuna.Trial, result) -> float:
+    """Store the outcome on the trial; the objective value is the final train loss (inf if it diverged)."""
     trial.set_user_attr("diverged", result.diverged)
     trial.set_user_attr("steps_run", result.steps_run)
     for name, value in result.final.items():
         trial.set_user_attr(name, value)
     return float("inf") if result.diverged else result.final["epoch/train_loss"]
+
+
+def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
+    """Train one queued cell, tracked as a nested MLflow run."""
+    cfg, data, tracker = cell_tracker(trial, take_cell(trial), experiment, parent_run_id)
+    with tracker:
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        result = train(cfg, data, [tracker])
+    return record_result(trial, result)
+
+
+def claim(study: optuna.Study, k: int) -> list[optuna.Trial]:
+    """Take up to k queued cells (ask() pops the oldest queued trial), pruning strays and duplicates."""
+    taken = []
+    while len(taken) < k and state_counts(study)["waiting"]:
+        trial = study.ask()
+        try:
+            taken.append((trial, take_cell(trial)))
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+    return taken
+
+
+def run_stacked(study: optuna.Study, taken: list, experiment: str, parent_run_id: str | None) -> None:
+    """Train claimed cells, those that differ only in seed as one stacked model; tell every trial its outcome."""
+    groups: dict[str, list] = {}
+    for trial, cell in taken:
+        groups.setdefault(group_key(cell), []).append((trial, cell))
+    for members in groups.values():
+        trials = [t for t, _ in members]
+        with contextlib.ExitStack() as stack:
+            for t in trials:  # RDB storages: heartbeats as study.optimize would send them
+                stack.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
+            try:
+                parts = [cell_tracker(t, c, experiment, parent_run_id) for t, c in members]
+                trackers = [stack.enter_context(tracker) for _, _, tracker in parts]
+                for t, tracker in zip(trials, trackers):
+                    t.set_user_attr("mlflow_run_id", tracker.run_id)
+                    t.set_user_attr("stacked", len(trials))
+                results = train_stacked([cfg for cfg, _, _ in parts], parts[0][1], [[tr] for tr in trackers])
+            except Exception:
+                for t in trials:
+                    study.tell(t, state=TrialState.FAIL)
+                raise
+        for t, result in zip(trials, results):
+            study.tell(t, record_result(t, result))
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -191,8 +254,8 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
             "running": sum(t.state == TrialState.RUNNING for t in trials)}
 
 
-def work(storage_spec: str, name: str, experiment: str, threads: int | None = None) -> None:
-    """Worker loop: run queued cells until none is queued or running anywhere."""
+def work(storage_spec: str, name: str, experiment: str, threads: int | None = None, stack: int = 1) -> None:
+    """Worker loop: run queued cells (up to `stack` seeds at once as one model) until none is queued or running anywhere."""
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -206,7 +269,9 @@ def work(storage_spec: str, name: str, experiment: str, threads: int | None = No
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # RDB heartbeats: requeues cells of workers dead on other machines
         counts = state_counts(study)
-        if counts["waiting"]:
+        if counts["waiting"] and stack > 1:
+            run_stacked(study, claim(study, stack), experiment, parent)
+        elif counts["waiting"]:
             study.optimize(lambda t: objective(t, experiment, parent), n_trials=1)
         elif counts["running"]:
             time.sleep(POLL_SECONDS)
@@ -214,11 +279,11 @@ def work(storage_spec: str, name: str, experiment: str, threads: int | None = No
             return
 
 
-def spawn_workers(n: int, storage_spec: str, name: str, experiment: str) -> list[subprocess.Popen]:
+def spawn_workers(n: int, storage_spec: str, name: str, experiment: str, stack: int = 1) -> list[subprocess.Popen]:
     """n worker processes sharing this machine's cores; they must not resume the parent run."""
     threads = max(1, (os.cpu_count() or 1) // n)
     cmd = [sys.executable, "-m", "experiments.sweep", "work", "--study", name, "--storage", storage_spec,
-           "--experiment", experiment, "--threads", str(threads)]
+           "--experiment", experiment, "--threads", str(threads), "--stack", str(stack)]
     return [subprocess.Popen(cmd, env=worker_env()) for _ in range(n)]
 
 
@@ -276,7 +341,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
         started = time.time()
         for _ in range(3):  # a round per batch of workers; a worker killed mid-round leaves its cell to the next
-            procs = spawn_workers(args.workers, args.storage, name, args.experiment)
+            procs = spawn_workers(args.workers, args.storage, name, args.experiment, args.stack)
             wait_with_progress(study, procs, started, before["done"])
             recover_dead_workers(study)
             enqueue_missing(study)  # cells whose retries ran out get one more chance next round
@@ -319,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (run, sub.add_parser("work", help="join a sweep as one more worker")):
         p.add_argument("--storage", default=DEFAULT_STORAGE, help="journal file path (default) or RDB URL")
         p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+        p.add_argument("--stack", type=int, default=1,
+                       help="train up to K seeds of a cell as one stacked model (pays on GPUs; see benchmarks/stacked_speed)")
     work_parser = sub.choices["work"]
     work_parser.add_argument("--study", required=True)
     work_parser.add_argument("--threads", type=int, default=None)
@@ -329,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "work":
-            work(args.storage, args.study, args.experiment, args.threads)
+            work(args.storage, args.study, args.experiment, args.threads, args.stack)
             return 0
         if args.workers < 1:
             raise SweepError(f"workers={args.workers} must be >= 1")
+        if args.stack < 1:
+            raise SweepError(f"stack={args.stack} must be >= 1")
         return run_sweep(args)
     except (SweepError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

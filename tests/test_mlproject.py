@@ -16,7 +16,7 @@ PROBES = {
     "warmup_epochs": ("0.25", "schedule.warmup_epochs", 0.25), "width": ("1.5", "model.width", 1.5),
     "depth": ("4", "model.depth", 4), "train_subset": ("999", "data.train_subset", 999),
     "test_subset": ("333", "data.test_subset", 333), "device": ("cpu", "device", "cpu"),
-    "data_dir": ("/some/where", "data.data_dir", "/some/where"),
+    "data_dir": ("/some/where", "data.data_dir", "/some/where"), "precision": ("bf16", "compute.precision", "bf16"),
 }
 
 
@@ -67,7 +67,7 @@ def test_cli_flags_cover_mlproject_parameters():
     assert set(PROBES) <= set(OVERRIDES)
 
 
-NUMERIC = {"workers": "3", "n_trials": "17", "factor": "500.0", "converge_ratio": "0.25"}
+NUMERIC = {"workers": "3", "stack": "4", "n_trials": "17", "factor": "500.0", "converge_ratio": "0.25"}
 
 
 @pytest.mark.parametrize("entry", ["sweep", "stress"])

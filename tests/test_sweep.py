@@ -134,3 +134,19 @@ def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, storage_url):
     finished = cell_runs("FINISHED")
     assert sorted(r.data.tags["cell"] for r in finished) == sorted(done)
     assert MlflowClient().get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_stacked_sweep_runs_seeds_of_a_cell_as_one_model(mnist_dir, tracking, tmp_path):
+    storage = str(tmp_path / "journal.log")
+    argv = ["run", "--configs", "no_tricks,batchnorm", "--seeds", "0,1,2", "--stack", "2", "--storage", storage,
+            "--study", "stacked", *TINY]
+    assert main(argv) == 0
+    study, done = finished_cells(storage, "stacked")
+    assert sorted(done) == sorted(cell_key(c) for c in make_cells("no_tricks,batchnorm", "0,1,2", ""))
+    stacked = sorted(t.user_attrs["stacked"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    assert stacked == [1, 1, 2, 2, 2, 2]  # seeds queued side by side: (0, 1) stacked, 2 alone, per config
+    runs = cell_runs()
+    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {study.user_attrs["mlflow_parent_run_id"]}
+    assert all("test/acc" in r.data.metrics and r.data.params["config.seed"] == r.data.tags["seed"] for r in runs)
+    assert main(["run", "--stack", "0", "--storage", storage, *TINY]) == 2
