@@ -2,7 +2,8 @@
 
     python -m benchmarks.train_speed --configs no_tricks,batchnorm,layernorm,all_tricks --epochs 1 --repeats 3
 
-Modes are interleaved within each repeat, so a machine that slows down mid-run slows every mode alike.
+Modes are interleaved within each repeat and their order rotates between repeats, so a machine that
+slows down mid-run, or a mode that suffers from following another, biases no mode.
 Prints one table (seconds/epoch min and median, samples/s, ratio to the reference, peak RSS, tracking
 overhead) and writes it as CSV and JSON.
 """
@@ -122,7 +123,7 @@ def measure(config: str, modes: list[str], epochs: int, repeats: int, device: st
     data = load_mnist(data_dir)
     rows = []
     for repeat in range(repeats):
-        for mode in modes:
+        for mode in modes[repeat % len(modes):] + modes[: repeat % len(modes)]:  # rotate: no mode always runs first
             cfg = cfgs[mode]
             with PeakRSS() as rss:
                 if mode == "reference":

@@ -22,12 +22,12 @@ import time
 import warnings
 
 import mlflow
-import optuna
 import pandas as pd
 import torch
 from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses; ask/tell has none
 from optuna.trial import TrialState
 
+import optuna
 from cookbook.cli import CONFIGS_DIR
 from cookbook.config import ConfigError, available_configs, load_config
 from cookbook.data import DataError, load_mnist
@@ -37,11 +37,11 @@ from cookbook.train import train
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
 
 GRID = ("config", "seed", "lr", "width", "depth", "warmup_epochs")  # cell fields, in key order
-TRAIN_FLAGS = ("epochs", "batch_size", "train_subset", "test_subset", "device", "data_dir")  # shared by every cell
+TRAIN_FLAGS = ("epochs", "batch_size", "train_subset", "test_subset", "device", "data_dir", "precision")  # shared by every cell
 CONFIG_KEYS = {"seed": "seed", "lr": "optim.lr", "width": "model.width", "depth": "model.depth",
                "warmup_epochs": "schedule.warmup_epochs", "epochs": "epochs", "batch_size": "data.batch_size",
                "train_subset": "data.train_subset", "test_subset": "data.test_subset", "device": "device",
-               "data_dir": "data.data_dir"}
+               "data_dir": "data.data_dir", "precision": "compute.precision"}
 POLL_SECONDS = 2.0
 
 
