@@ -67,7 +67,7 @@ def test_cli_flags_cover_mlproject_parameters():
     assert set(PROBES) <= set(OVERRIDES)
 
 
-NUMERIC = {"workers": "3", "stack": "4", "n_trials": "17", "factor": "500.0", "converge_ratio": "0.25"}
+NUMERIC = {"workers": "3", "stack": "4", "scale": "quick", "n_trials": "17", "factor": "500.0", "converge_ratio": "0.25"}
 
 
 @pytest.mark.parametrize("entry", ["sweep", "stress"])
@@ -80,4 +80,16 @@ def test_every_sweep_and_stress_parameter_reaches_its_flag(entry):
     argv = shlex.split(command)
     assert argv[:4] == ["python", "-m", f"experiments.{entry}", "run"]
     args = vars({"sweep": sweep, "stress": stress}[entry].build_parser().parse_args(argv[3:]))
+    assert {name: str(args[name]) for name in spec} == probes
+
+
+@pytest.mark.parametrize("entry,module", [("analyze", "analysis.cli"), ("study", "experiments.study")])
+def test_analyze_and_study_parameters_reach_their_flags(entry, module):
+    import importlib
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]["parameters"]
+    probes = {name: NUMERIC.get(name, f"probe-{i}") for i, name in enumerate(spec)}
+    argv = shlex.split(_project_spec.load_project(str(ROOT)).get_entry_point(entry).compute_command(probes, "/tmp"))
+    assert argv[:3] == ["python", "-m", module.removesuffix(".cli")]
+    args = vars(importlib.import_module(module).build_parser().parse_args(argv[3:]))
     assert {name: str(args[name]) for name in spec} == probes

@@ -1,0 +1,96 @@
+"""`python -m analysis --experiment NAME [--output DIR]`: figures, tables and one report from what MLflow tracked.
+
+Reads the experiment's finished training runs (and any stress study's report logged there), draws
+what the runs allow, says what they do not, writes reports/<experiment>/ and logs it all to an
+MLflow run named "analysis" in the experiment "analysis".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+
+from analysis import load, report, sections
+from analysis.load import AnalysisError
+
+ANALYSIS_EXPERIMENT = "analysis"
+
+
+def build_sections(experiment: str) -> tuple[list[sections.Section], dict[str, str]]:
+    """Every section the runs allow, and a one-line reason for each one they do not."""
+    runs = load.training_runs(experiment)
+    reports = load.stress_reports(experiment)
+    steps = [("Results table", lambda: sections.results_table(runs)),
+             ("Loss curves", lambda: sections.loss_curves(runs)),
+             ("Gradient norms across layers", lambda: sections.layer_norms(runs)),
+             ("Gradient norms: no_tricks vs all_tricks", lambda: sections.grad_norms(runs)),
+             ("LR stress", lambda: sections.lr_stress(runs, reports)),
+             ("Tuned comparison (best LR per config)", lambda: sections.isolation(runs)),
+             ("Warmup vs model size", lambda: sections.warmup_size(runs))]
+    done, skipped = [], {}
+    for name, build in steps:
+        try:
+            done.append(build())
+        except sections.Skip as why:
+            skipped[name] = str(why)
+    diverged = runs[runs.diverged]
+    if len(diverged):
+        names = ", ".join(diverged.run_name.fillna(diverged.run_id))
+        skipped["Diverged runs"] = f"{len(diverged)} of {len(runs)} runs diverged ({names}); marked in the LR figures, left out of means"
+    return done, skipped
+
+
+def analyse(experiment: str, output: Path, log_to_mlflow: bool = True) -> Path:
+    """Write the report folder for experiment; return the HTML report's path."""
+    built, skipped = build_sections(experiment)
+    source = f"Experiment `{experiment}` in `{mlflow.get_tracking_uri()}`; every number below is read from its tracked runs."
+    report.save(built, output)
+    md = report.markdown(f"Stability cookbook: {experiment}", built, skipped, source)
+    (output / "report.md").write_text(md)
+    html_path = output / "report.html"
+    html_path.write_text(report.to_html(md, output))
+    for s in built:
+        for fig in s.figures.values():
+            plt.close(fig)
+    for name, why in skipped.items():
+        print(f"not drawn: {name}: {why}", file=sys.stderr)
+    if log_to_mlflow:
+        log_report(experiment, output, built)
+    return html_path
+
+
+def log_report(experiment: str, output: Path, built: list[sections.Section]) -> None:
+    """Log the folder to an MLflow run (the `mlflow run` one if inside it) so the figures show in the UI."""
+    import os
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(ANALYSIS_EXPERIMENT)
+    with mlflow.start_run(run_name=f"analysis-{experiment}"):
+        mlflow.set_tags({"analysed_experiment": experiment})
+        mlflow.log_artifacts(str(output))
+        for s in built:
+            if "results" in s.tables:
+                mlflow.log_table(s.tables["results"], "results_table.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", required=True, help="MLflow experiment holding the training runs")
+    parser.add_argument("--output", default="", help="folder for the report (default reports/<experiment>)")
+    parser.add_argument("--no-mlflow-log", action="store_true", help="do not log the report to an MLflow run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    output = Path(args.output or f"reports/{args.experiment}")
+    try:
+        path = analyse(args.experiment, output, not args.no_mlflow_log)
+    except AnalysisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path.resolve()}")
+    return 0
