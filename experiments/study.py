@@ -20,6 +20,9 @@ from experiments.sweep import worker_env
 CONFIGS = "no_tricks,batchnorm,layernorm,all_tricks"
 # scale -> training settings shared by every phase, the grids, and the stress budget
 SCALES = {
+    "smoke": {"train": ["--epochs", "1", "--train-subset", "512", "--test-subset", "200", "--batch-size", "64"],
+              "seeds": "0,1", "grid_seeds": "0,1", "lrs": "1e-2", "widths": "0.5,1", "size_lrs": "1e-3,1e-2",
+              "stress_trials": "2", "stress_train": ["--epochs", "1", "--train-subset", "256", "--test-subset", "100"]},
     "quick": {"train": ["--epochs", "2", "--train-subset", "12800", "--test-subset", "2000"], "seeds": "0,1", "grid_seeds": "0,1",
               "lrs": "1e-4,1e-2,1e-1", "widths": "0.5,1,2", "size_lrs": "1e-3,1e-2,1e-1", "stress_trials": "6",
               "stress_train": ["--epochs", "1", "--train-subset", "6400", "--test-subset", "1000"]},
