@@ -10,6 +10,13 @@ import seaborn as sns  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 SMOOTH = 25  # steps in the rolling mean of per-step curves (per-batch values are noisy)
+KNOWN = ("no_tricks", "batchnorm", "layernorm", "all_tricks")  # a config keeps its colour in every figure
+
+
+def palette(configs) -> dict[str, str]:
+    """config -> colour, the seed's four first, any other config after them."""
+    extra = sorted(set(configs) - set(KNOWN))
+    return {c: f"C{i}" for i, c in enumerate([*KNOWN, *extra]) if c in set(configs)}
 
 
 def loss_curves(hist: pd.DataFrame) -> plt.Figure:
@@ -17,7 +24,7 @@ def loss_curves(hist: pd.DataFrame) -> plt.Figure:
     hist = hist.sort_values("step").assign(
         value=lambda d: d.groupby(["config", "seed"]).value.transform(lambda s: s.rolling(SMOOTH, min_periods=1).mean()))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    sns.lineplot(hist, x="step", y="value", hue="config", errorbar="sd", ax=ax, linewidth=1)
+    sns.lineplot(hist, x="step", y="value", hue="config", palette=palette(hist.config), errorbar="sd", ax=ax, linewidth=1)
     ax.set(yscale="log", xlabel="update step", ylabel="train loss (nats, log scale)",
            title=f"Training loss, mean over seeds ± 1 sd (rolling mean of {SMOOTH} steps)")
     return fig
@@ -25,7 +32,8 @@ def loss_curves(hist: pd.DataFrame) -> plt.Figure:
 
 def layer_grad_norms(snap: pd.DataFrame) -> plt.Figure:
     """snap: config, seed, step, layer, grad_norm. Per-layer pre-clip grad norm at each snapshot step, one panel per config."""
-    grid = sns.catplot(snap, x="layer", y="grad_norm", hue="step", col="config", kind="bar", errorbar="sd",
+    grid = sns.catplot(snap, x="layer", y="grad_norm", hue="step", col="config", col_order=list(palette(snap.config)),
+                       kind="bar", errorbar="sd",
                        col_wrap=2, height=3.2, aspect=1.6, palette="viridis")
     grid.set(yscale="log")
     grid.set_axis_labels("layer (parameter tensor)", "pre-clip grad norm (log)")
@@ -40,11 +48,12 @@ def grad_norm_over_training(hist: pd.DataFrame, max_norm: float | None, p90: dic
     hist = hist.sort_values("step").assign(
         value=lambda d: d.groupby(["config", "seed"]).value.transform(lambda s: s.rolling(SMOOTH, min_periods=1).mean()))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    sns.lineplot(hist, x="step", y="value", hue="config", errorbar="sd", ax=ax, linewidth=1)
+    colours = palette(hist.config)
+    sns.lineplot(hist, x="step", y="value", hue="config", palette=colours, errorbar="sd", ax=ax, linewidth=1)
     if max_norm is not None:
         ax.axhline(max_norm, color="black", linestyle="--", label=f"clip threshold max_norm = {max_norm:g}")
-    for i, (config, value) in enumerate(p90.items()):
-        ax.axhline(value, color=f"C{i}", linestyle=":", label=f"{config}: 90th percentile of pre-clip norms = {value:.2f}")
+    for config, value in p90.items():
+        ax.axhline(value, color=colours[config], linestyle=":", label=f"{config}: 90th percentile of pre-clip norms = {value:.2f}")
     ax.set(yscale="log", xlabel="update step", ylabel="pre-clip global grad norm (log)",
            title=f"Gradient norm over training, mean over seeds ± 1 sd (rolling {SMOOTH} steps)")
     ax.legend(fontsize=8)
@@ -55,15 +64,16 @@ def lr_stress(grid: pd.DataFrame, boundaries: dict[str, float]) -> plt.Figure:
     """grid: config, lr, final_loss (nan if diverged), diverged. Diverged runs drawn as x at the top."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ok = grid[~grid.diverged]
-    sns.lineplot(ok, x="lr", y="final_loss", hue="config", marker="o", errorbar="sd", ax=ax)
+    colours = palette(grid.config)
+    sns.lineplot(ok, x="lr", y="final_loss", hue="config", palette=colours, marker="o", errorbar="sd", ax=ax)
     top = ok.final_loss.max() if len(ok) else 2.3
     bad = grid[grid.diverged]
-    for i, config in enumerate(sorted(grid.config.unique())):
+    for config, colour in colours.items():
         rows = bad[bad.config == config]
         if len(rows):
-            ax.scatter(rows.lr, [top * 1.5] * len(rows), marker="x", color=f"C{i}", s=60, label=f"{config} diverged")
+            ax.scatter(rows.lr, [top * 1.5] * len(rows), marker="x", color=colour, s=60, label=f"{config} diverged")
         if config in boundaries:
-            ax.axvline(boundaries[config], color=f"C{i}", linestyle="--", linewidth=1, label=f"{config} stress boundary")
+            ax.axvline(boundaries[config], color=colour, linestyle="--", linewidth=1, label=f"{config} stress boundary")
     ax.set(xscale="log", yscale="log", xlabel="peak learning rate (log)", ylabel="final train loss (nats, log)",
            title="Final loss against learning rate (mean ± 1 sd over seeds; x = diverged)")
     ax.legend(fontsize=7, ncol=2)
@@ -72,11 +82,12 @@ def lr_stress(grid: pd.DataFrame, boundaries: dict[str, float]) -> plt.Figure:
 
 def warmup_vs_size(grid: pd.DataFrame) -> plt.Figure:
     """grid: params (count), warmup (label), lr, final_loss. One panel per warmup setting, one curve per model size."""
-    g = sns.relplot(grid, x="lr", y="final_loss", hue="params", col="warmup", kind="line", marker="o",
+    g = sns.relplot(grid, x="lr", y="final_loss", hue="params", col="warmup", col_order=["no warmup", "warmup"], kind="line",
+                    marker="o",
                     errorbar="sd", palette="viridis", height=3.6, aspect=1.2, hue_norm=matplotlib.colors.LogNorm())
     g.set(xscale="log", yscale="log")
     g.set_axis_labels("peak learning rate (log)", "final train loss (nats, log)")
-    g.figure.suptitle("Final loss against LR per model size, without and with warmup", y=1.03)
+    g.figure.suptitle("Final loss against LR per model size, without and with warmup (diverged runs: no point)", y=1.03)
     return g.figure
 
 

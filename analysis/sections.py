@@ -135,7 +135,7 @@ def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Secti
     if max_norm is not None:
         clipped = {c: (hist[hist.config == c].value > max_norm).mean() for c in p90}
         text += (f". Clip threshold {max_norm:g}: " + ", ".join(f"{c} above it on {v:.0%} of steps" for c, v in clipped.items())
-                 + ". The usual advice sets max_norm near the 90th percentile of pre-clip norms.")
+                 + ". The usual advice sets max_norm near the 90th percentile of pre-clip norms")
     return Section("Gradient norms: no_tricks vs all_tricks", text + ".",
                    figures={"grad_norm_over_training": figures.grad_norm_over_training(hist, max_norm, p90)})
 
@@ -143,7 +143,7 @@ def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Secti
 def lr_grid(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs at each config's own width, depth, warmup and epochs, at any LR (the sweep's LR grid plus the baseline)."""
     base = baseline_runs(runs)
-    plain = runs[runs.stress.isna()]
+    plain = runs[runs.stress.isna() & ~runs.run_name.fillna("").str.contains("width=|depth=|warmup_epochs=", regex=True)]
     keys = ["config", "width", "depth", "warmup_epochs", "epochs"]
     return plain.merge(base[keys].drop_duplicates(), on=keys)
 
@@ -220,5 +220,5 @@ def warmup_size(runs: pd.DataFrame) -> Section:
               "Within the sizes tried warmup never mattered by that rule (no-warmup LR sensitivity more than 25% and "
               "0.01 nats above warmup's).")
     return Section("Warmup vs model size", answer + "\n\n" + wide.round(4).to_markdown(),
-                   {"lr_sensitivity": sens},
+                   {"lr_sensitivity_values": sens},
                    {"warmup_vs_size": figures.warmup_vs_size(sized), "sensitivity_vs_size": figures.sensitivity_vs_size(sens)})

@@ -75,7 +75,7 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     assert table.loc["no_tricks", "seed claims "] == "~0.15"
     spread = pd.read_csv(out / "layer_spread.csv").set_index("config")
     assert spread.loc["no_tricks", "100"] == 4.0  # classifier 4x features.0; norms and biases left out
-    sens = pd.read_csv(out / "lr_sensitivity.csv")
+    sens = pd.read_csv(out / "lr_sensitivity_values.csv")
     no_warm = sens[(sens.params == 400000) & (sens.warmup == "no warmup")].sensitivity.item()
     assert no_warm == pytest.approx((0.1 + 1.5 + math.log(10)) / 3 - 0.1)
     for png in ("loss_curves", "layer_grad_norms", "grad_norm_over_training", "lr_stress", "warmup_vs_size", "sensitivity_vs_size"):
