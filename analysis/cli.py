@@ -7,6 +7,7 @@ MLflow run named "analysis" in the experiment "analysis".
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,8 +65,6 @@ def analyse(experiment: str, output: Path, log_to_mlflow: bool = True) -> Path:
 
 def log_report(experiment: str, output: Path, built: list[sections.Section]) -> None:
     """Log the folder to an MLflow run (the `mlflow run` one if inside it) so the figures show in the UI."""
-    import os
-
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(ANALYSIS_EXPERIMENT)
     with mlflow.start_run(run_name=f"analysis-{experiment}"):
