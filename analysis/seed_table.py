@@ -10,14 +10,9 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from analysis.sections import SEED_CLAIMS
+
 CONFIGS = ["no_tricks", "batchnorm", "layernorm", "all_tricks"]
-# The seed document's claims, reported beside the measurements (not used in any computation).
-SEED_CLAIMS = {
-    "no_tricks": ("~0.8", "~0.15", "Highly variable"),
-    "batchnorm": ("~0.3", "~0.05", "Moderate"),
-    "layernorm": ("~0.4", "~0.08", "Stable"),
-    "all_tricks": ("~0.25", "~0.04", "Very stable"),
-}
 
 
 def run_rows(experiment: str) -> pd.DataFrame:
@@ -57,7 +52,7 @@ def table(df: pd.DataFrame) -> str:
         g = df[df.config == config]
         if g.empty:
             continue
-        e1, fin, norm = SEED_CLAIMS[config]
+        e1, fin, norm = SEED_CLAIMS[config].values()
         lines.append(f"| {config} | {len(g)} | {fmt(g.epoch1_loss)} ({e1}) | {fmt(g.final_loss)} ({fin}) | "
                      f"{fmt(g.test_acc, 4)} | {fmt(g.grad_norm_mean, 2)} (CV {g.grad_norm_cv.mean():.2f}) ({norm}) |")
     return "\n".join(lines)
