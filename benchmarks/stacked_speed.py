@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                                                      "data": {"data_dir": args.data_dir, "train_subset": args.train_subset,
                                                               "test_subset": args.test_subset}})
         ks = [int(k) for k in args.ks.split(",")]
-    except (ConfigError, ValueError) as e:
+        if min(ks) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: ks={args.ks!r} must be a comma list of integers >= 1", file=sys.stderr)
+        return 2
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data = load_mnist(args.data_dir, args.train_subset, args.test_subset)

@@ -18,9 +18,8 @@ from .config import Config
 from .data import MNIST, batches
 from .hooks import Hook, Hooks
 from .model import StableNet, build_model, parameter_count
-from .monitor import Monitor, member_norms
-from .schedule import WarmupCosineLR
-from .train import DivergenceCheck, TrainResult, autocast, build_optimizer, epoch_summary, resolve_device
+from .monitor import member_norms
+from .train import DivergenceCheck, TrainResult, build_parts, epoch_summary, resolve_device
 
 
 class StackedLinear(nn.Module):
@@ -102,8 +101,9 @@ def evaluate_members(model: StackedStableNet, x: torch.Tensor, y: torch.Tensor, 
     return (loss_sum / len(y)).tolist(), (correct / len(y)).tolist()
 
 
-def train_stacked_epoch(model, optimizer, scheduler, monitor, precision, cfg, data, order, first_step, fans, checks, results):
+def train_stacked_epoch(parts, cfg, data, order, first_step, fans, checks, results):
     """One epoch for every member; returns per-member [loss sum, grad-norm sum, clipped steps]; marks divergence."""
+    model, optimizer, scheduler, monitor = parts.model, parts.optimizer, parts.scheduler, parts.monitor
     model.train()
     k, max_norm = model.members, cfg.optim.max_norm
     sums = torch.zeros(3, k, device=data.train_x.device)
@@ -114,7 +114,7 @@ def train_stacked_epoch(model, optimizer, scheduler, monitor, precision, cfg, da
         if cfg.compute.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with precision:
+        with parts.precision:
             logits = model(x)
         losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(0)  # [K]: each member's mean
         losses.sum().backward()  # member k's parameters get exactly d(loss_k)
@@ -149,16 +149,9 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     for c in cfgs:
         torch.manual_seed(c.seed)  # as build_parts seeds a separate run
         members.append(build_model(c.model))
-    model = StackedStableNet(members).to(device)
-    if cfg.compute.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model)
-    n_train = len(data.train_y)
-    steps_per_epoch = -(-n_train // cfg.data.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    scheduler = WarmupCosineLR(optimizer, lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind, total_steps=total,
-                               warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch))
-    monitor, precision = Monitor(model, cfg.monitor, device, members=k), autocast(cfg, device)
+    parts = build_parts(cfg, len(data.train_y), device, StackedStableNet(members))
+    n_train, steps_per_epoch, total = len(data.train_y), parts.steps_per_epoch, parts.total_steps
+    monitor = parts.monitor
     shuffles = [torch.Generator().manual_seed(c.seed) for c in cfgs]
     checks = [DivergenceCheck(cfg.monitor.diverge_factor) for _ in cfgs]
     fans = [Hooks(list(h)) for h in hooks]
@@ -174,10 +167,9 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
             fans[i].on_epoch_start(epoch)
         started = time.perf_counter()
         order = [batches(n_train, cfg.data.batch_size, g) for g in shuffles]  # each member's own shuffle
-        sums = train_stacked_epoch(model, optimizer, scheduler, monitor, precision, cfg, data, order,
-                                   (epoch - 1) * steps_per_epoch, fans, checks, results)
+        sums = train_stacked_epoch(parts, cfg, data, order, (epoch - 1) * steps_per_epoch, fans, checks, results)
         seconds = time.perf_counter() - started
-        test_loss, test_acc = evaluate_members(model, data.test_x, data.test_y, precision)
+        test_loss, test_acc = evaluate_members(parts.model, data.test_x, data.test_y, parts.precision)
         for i in alive:
             if results[i].diverged:
                 continue

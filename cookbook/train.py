@@ -99,10 +99,12 @@ class Parts:
     total_steps: int
 
 
-def build_parts(cfg: Config, n_train: int, device: torch.device) -> Parts:
-    """Seeded model, optimizer, LR scheduler and monitor for n_train training images."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+def build_parts(cfg: Config, n_train: int, device: torch.device, model: nn.Module | None = None) -> Parts:
+    """Model (cfg's, seeded with cfg.seed, unless one is given), optimizer, LR scheduler and monitor for n_train images."""
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model)
+    model = model.to(device)
     if cfg.compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
@@ -110,7 +112,8 @@ def build_parts(cfg: Config, n_train: int, device: torch.device) -> Parts:
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = WarmupCosineLR(optimizer, lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind, total_steps=total_steps,
                                warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch))
-    return Parts(model, autocast(cfg, device), optimizer, scheduler, Monitor(model, cfg.monitor, device), steps_per_epoch, total_steps)
+    monitor = Monitor(model, cfg.monitor, device, members=getattr(model, "members", 1))
+    return Parts(model, autocast(cfg, device), optimizer, scheduler, monitor, steps_per_epoch, total_steps)
 
 
 def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor, step: int, max_norm: float | None):
