@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_summary(label, train(cfg, data, [Progress(label)]), time.time() - started)
         return 0
     with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
-                       system_metrics=not args.no_system_metrics) as tracker:
+                       system_metrics=not args.no_system_metrics, base=load_config(args.config, args.configs_dir)) as tracker:
         result = train(cfg, data, [Progress(label), tracker])
     print_summary(label, result, time.time() - started)
     print_where(tracker.run_id)

@@ -190,6 +190,12 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def overridden_keys(cfg: Config, base: Config) -> list[str]:
+    """Dotted keys whose value in cfg differs from base (its config file as written): what a run changed."""
+    ours, theirs = flatten(cfg), flatten(base)
+    return sorted(k for k in ours if ours[k] != theirs[k])
+
+
 def unflatten(flat: dict[str, Any]) -> dict:
     """Inverse of flatten: {'optim.lr': x} -> {'optim': {'lr': x}}."""
     nested: dict = {}

@@ -13,11 +13,17 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from .config import Config, to_params, to_yaml
+from .config import Config, overridden_keys, to_params, to_yaml
 from .hooks import Hook, Rows
 
 DEFAULT_EXPERIMENT = "stability-cookbook"
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
+SNAPSHOT_COLUMNS = ["step", "param", "numel", "grad_norm", "weight_norm"]
+CONFIG_ARTIFACT = "config.yaml"
+# Tags analysis reads (it imports these names; nobody retypes them).
+CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diverged", "diverged_step"
+PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
+OVERRIDES_TAG = "overrides"  # comma list of the config keys the run sets differently from its config file; "" = none
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -42,8 +48,10 @@ class MlflowTracker(Hook):
 
     def __init__(self, cfg: Config, data_md5: dict[str, str], experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, system_metrics: bool = True, extra_tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, base: Config | None = None):
+        """base: the config file as written (default: cfg itself, i.e. no overrides)."""
         self.cfg, self.data_md5, self.experiment = cfg, data_md5, experiment
+        self.overrides = overridden_keys(cfg, base or cfg)
         self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
         self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id
         self.client = MlflowClient()
@@ -54,7 +62,7 @@ class MlflowTracker(Hook):
         self.run_id = self._start_run()
         commit, dirty = git_state()
         tags = {
-            "config": self.cfg.name, "seed": str(self.cfg.seed), "git_commit": commit, "git_dirty": str(dirty).lower(),
+            CONFIG_TAG: self.cfg.name, SEED_TAG: str(self.cfg.seed), OVERRIDES_TAG: ",".join(self.overrides), "git_commit": commit, "git_dirty": str(dirty).lower(),
             "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads()),
             "mlflow.runName": self.run_name, **{f"data_md5.{k}": v for k, v in self.data_md5.items()}, **self.extra_tags,
         }
@@ -62,7 +70,7 @@ class MlflowTracker(Hook):
             tags["mlflow.note.content"] = self.cfg.description
         params = [Param(k, v) for k, v in to_params(self.cfg).items()]
         self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
-        self.client.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
+        self.client.log_text(self.run_id, to_yaml(self.cfg), CONFIG_ARTIFACT)
         return self
 
     def _start_run(self) -> str:
@@ -95,7 +103,7 @@ class MlflowTracker(Hook):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
     def on_start(self, info):
-        self.set_tags({"param_count": info["param_count"], "device": info["device"], "total_steps": info["total_steps"]})
+        self.set_tags({PARAM_COUNT_TAG: info["param_count"], "device": info["device"], TOTAL_STEPS_TAG: info["total_steps"]})
 
     def on_metrics(self, rows):
         metrics = _metrics(rows)
@@ -106,8 +114,8 @@ class MlflowTracker(Hook):
         self.on_metrics([(epoch, metrics)])
 
     def on_end(self, result):
-        self.set_tags({"diverged": str(result.diverged).lower(), "steps_run": result.steps_run,
-                       **({"diverged_step": result.diverged_step} if result.diverged else {})})
+        self.set_tags({DIVERGED_TAG: str(result.diverged).lower(), STEPS_RUN_TAG: result.steps_run,
+                       **({DIVERGED_STEP_TAG: result.diverged_step} if result.diverged else {})})
         buf = io.StringIO()
-        pd.DataFrame(result.snapshots, columns=["step", "param", "numel", "grad_norm", "weight_norm"]).to_csv(buf, index=False)
+        pd.DataFrame(result.snapshots, columns=SNAPSHOT_COLUMNS).to_csv(buf, index=False)
         self.client.log_text(self.run_id, buf.getvalue(), SNAPSHOT_ARTIFACT)

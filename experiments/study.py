@@ -1,8 +1,9 @@
-"""The whole study the report needs, at a chosen scale, then the analysis: `python -m experiments.study --scale quick`.
+"""The whole study the report needs, at a chosen scale, then the analysis: `python -m experiments.study --scale full`.
 
-Phases (each an ordinary, resumable sweep or stress study, all into one MLflow experiment):
-seed table (every config at its own settings over seeds), LR grid, LR stress, warmup vs model size,
-then `python -m analysis`. Rerunning the same command skips every finished cell.
+Phases (each an ordinary, resumable sweep or stress study, all into one MLflow experiment): seed table
+(every config at its own settings over seeds), LR x100 probe, the rest of the LR grid, warmup vs model
+size, LR stress; then `python -m analysis`. Rerunning the same command skips every finished cell, so a
+long study survives being stopped; `--phases` runs a subset (e.g. the seed table first, the rest later).
 """
 from __future__ import annotations
 
@@ -11,80 +12,151 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
+from experiments.storage import DEFAULT_STORAGE
 from experiments.sweep import worker_env
 
 CONFIGS = "no_tricks,batchnorm,layernorm,all_tricks"
-# scale -> training settings shared by every phase, the grids, and the stress budget
-SCALES = {
-    "smoke": {"train": ["--epochs", "1", "--train-subset", "512", "--test-subset", "200", "--batch-size", "64"],
-              "seeds": "0,1", "grid_seeds": "0,1", "lrs": "1e-2", "widths": "0.5,1", "size_lrs": "1e-3,1e-2",
-              "stress_trials": "2", "stress_train": ["--epochs", "1", "--train-subset", "256", "--test-subset", "100"]},
-    "quick": {"train": ["--epochs", "2", "--train-subset", "12800", "--test-subset", "2000"], "seeds": "0,1", "grid_seeds": "0,1",
-              "lrs": "1e-4,1e-2,1e-1", "widths": "0.5,1,2", "size_lrs": "1e-3,1e-2,1e-1", "stress_trials": "6",
-              "stress_train": ["--epochs", "1", "--train-subset", "6400", "--test-subset", "1000"]},
-    "default": {"train": ["--epochs", "5", "--train-subset", "30000", "--test-subset", "5000"], "seeds": "0,1,2", "grid_seeds": "0,1",
-                "lrs": "1e-4,1e-2,1e-1", "widths": "0.25,0.5,1,2", "size_lrs": "1e-3,3e-3,1e-2,3e-2,1e-1",
-                "stress_trials": "10", "stress_train": ["--epochs", "2", "--train-subset", "10000", "--test-subset", "2000"]},
-    "full": {"train": ["--epochs", "5"], "seeds": "0,1,2,3,4", "grid_seeds": "0,1,2", "lrs": "1e-4,3e-4,3e-3,1e-2,3e-2,1e-1",
-             "widths": "0.25,0.5,1,2,4", "size_lrs": "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", "stress_trials": "16",
-             "stress_train": ["--epochs", "5"]},
-}
 SIZE_CONFIG = "no_tricks"  # warmup vs size on the config without normalization or clipping: warmup acts alone
+X100_LR = "1e-1"  # 100 x every config's own LR (1e-3): the seed's stress test
 
 
-def phases(scale: str, experiment: str, workers: int, storage: str) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every phase at the scale."""
-    s = SCALES[scale]
-    common = ["--experiment", experiment, "--workers", str(workers), "--storage", storage]
-    sweep = [sys.executable, "-m", "experiments.sweep", "run", *common, *s["train"]]
-    return [
-        ("seed table", [*sweep, "--configs", CONFIGS, "--seeds", s["seeds"]]),
-        ("LR grid", [*sweep, "--configs", CONFIGS, "--seeds", s["grid_seeds"], "--lrs", s["lrs"]]),
-        ("warmup vs size", [*sweep, "--configs", SIZE_CONFIG, "--seeds", "0", "--lrs", s["size_lrs"],
-                            "--widths", s["widths"], "--warmup-epochs", "0,1"]),
-        ("LR stress", [sys.executable, "-m", "experiments.stress", "run", *common, "--configs", CONFIGS,
-                       "--seeds", "0", "--n-trials", s["stress_trials"], "--converge-ratio", "0.7", *s["stress_train"]]),
-    ]
+@dataclass(frozen=True)
+class Scale:
+    """Training length and grids of one scale; every phase trains with `train` unless it says otherwise."""
+
+    train: tuple[str, ...]  # training flags shared by every sweep cell
+    seeds: str  # seed table
+    grid_seeds: str  # LR grid and the x100 probe
+    grid_lrs: str  # the LR grid beyond each config's own LR (1e-3, from the seed table) and x100 (its own phase)
+    widths: str  # warmup vs size: model widths (channel multipliers)
+    size_lrs: str
+    size_seeds: str
+    stress_trials: int  # per config, the base and x100 probes of every stress seed included
+    stress_seeds: str
+    converge_ratio: float  # converged = not diverged and final loss < ratio x loss at step 0
+    stress_train: tuple[str, ...] | None = None  # None = the same training as every other phase
+
+
+SCALES = {
+    "smoke": Scale(("--epochs", "1", "--train-subset", "512", "--test-subset", "200", "--batch-size", "64"), "0,1", "0,1",
+                   "1e-2", "0.5,1", "1e-3,1e-2", "0", 2, "0", 0.7,
+                   ("--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64")),
+    "quick": Scale(("--epochs", "2", "--train-subset", "12800", "--test-subset", "2000"), "0,1", "0,1", "1e-4,1e-2",
+                   "0.5,1,2", "1e-3,1e-2,1e-1", "0", 6, "0", 0.7, ("--epochs", "1", "--train-subset", "6400", "--test-subset", "1000")),
+    "default": Scale(("--epochs", "5", "--train-subset", "30000", "--test-subset", "5000"), "0,1,2", "0,1", "1e-4,1e-2",
+                     "0.25,0.5,1,2", "1e-3,3e-3,1e-2,3e-2,1e-1", "0", 10, "0", 0.5,
+                     ("--epochs", "2", "--train-subset", "10000", "--test-subset", "2000")),
+    # the issue-9 scale: every run 5 epochs on all 60k images, tested on all 10k
+    "full": Scale(("--epochs", "5"), "0,1,2,3,4", "0,1,2", "1e-4,3e-4,3e-3,1e-2,3e-2", "0.25,0.5,1,2,4",
+                  "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", "0,1", 16, "0,1,2", 0.5),
+}
+PHASES = ("seeds", "x100", "grid", "size", "stress")  # in the order they run
+PHASE_TITLES = {"seeds": "seed table", "x100": "LR x100 probe", "grid": "LR grid", "size": "warmup vs size",
+                "stress": "LR stress"}
+
+
+def phase_commands(scale: Scale, experiment: str, run_flags: list[str], stack: int) -> dict[str, list[str]]:
+    """argv of every phase at the scale; run_flags (workers, storage, device, precision) go to every phase."""
+    common = ["--experiment", experiment, *run_flags]
+    sweep = [sys.executable, "-m", "experiments.sweep", "run", *common, "--stack", str(stack), *scale.train]
+    return {
+        "seeds": [*sweep, "--configs", CONFIGS, "--seeds", scale.seeds],
+        "x100": [*sweep, "--configs", CONFIGS, "--seeds", scale.grid_seeds, "--lrs", X100_LR],
+        "grid": [*sweep, "--configs", CONFIGS, "--seeds", scale.grid_seeds, "--lrs", scale.grid_lrs],
+        "size": [*sweep, "--configs", SIZE_CONFIG, "--seeds", scale.size_seeds, "--lrs", scale.size_lrs,
+                 "--widths", scale.widths, "--warmup-epochs", "0,1"],
+        "stress": [sys.executable, "-m", "experiments.stress", "run", *common, "--configs", CONFIGS,
+                   "--seeds", scale.stress_seeds, "--n-trials", str(scale.stress_trials),
+                   "--converge-ratio", str(scale.converge_ratio), *(scale.stress_train or scale.train)],
+    }
+
+
+def parse_phases(text: str) -> list[str]:
+    """'seeds,x100' -> ['seeds', 'x100'] in run order; unknown names are one-line errors."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PHASES]
+    if bad or not names:
+        raise ValueError(f"phases={text!r}; choose from {', '.join(PHASES)}")
+    return [p for p in PHASES if p in names]
+
+
+def default_stack(device: str, seeds: str) -> int:
+    """On CUDA the seeds of a cell train as one stacked model (GPU throughput); on CPU one run at a time."""
+    import torch
+
+    cuda = device.startswith("cuda") or (device in ("", "auto") and torch.cuda.is_available())
+    return len(seeds.split(",")) if cuda else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="default", help=f"one of {', '.join(SCALES)}")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list from {', '.join(PHASES)}")
     parser.add_argument("--experiment", default="study")
     parser.add_argument("--output", default="", help="report folder (default reports/<experiment>)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--storage", default="optuna/journal.log")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE)
+    parser.add_argument("--device", default="", help="cpu, cuda, cuda:N (default: each config's, i.e. cuda if available)")
+    parser.add_argument("--precision", default="", help="fp32 or bf16 (default: each config's, fp32)")
+    parser.add_argument("--stack", type=int, default=0, help="seeds per stacked model (default: all seeds on CUDA, 1 on CPU)")
+    parser.add_argument("--no-analysis", action="store_true", help="run the phases only")
     return parser
+
+
+def run_phases(commands: dict[str, list[str]], phases: list[str]) -> dict[str, float] | None:
+    """Run the phases in order; their wall times in seconds, or None when one failed."""
+    env, timings = worker_env(), {}  # the phases make their own runs in the experiment, not inside this one
+    for phase in phases:
+        print(f"[study] {PHASE_TITLES[phase]}: {' '.join(commands[phase][1:])}", file=sys.stderr, flush=True)
+        started = time.time()
+        if subprocess.run(commands[phase], env=env).returncode != 0:
+            print(f"error: phase '{phase}' failed; rerun the same command to resume", file=sys.stderr)
+            return None
+        timings[PHASE_TITLES[phase]] = time.time() - started
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.scale not in SCALES:
-        print(f"error: scale={args.scale!r}; choose one of {', '.join(SCALES)}", file=sys.stderr)
+    try:
+        if args.scale not in SCALES:
+            raise ValueError(f"scale={args.scale!r}; choose one of {', '.join(SCALES)}")
+        phases = parse_phases(args.phases)
+        if args.workers < 1 or args.stack < 0:
+            raise ValueError(f"workers={args.workers} must be >= 1 and stack={args.stack} >= 0")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    env = worker_env()  # the phases make their own runs in the experiment, not inside this one
-    started, timings = time.time(), {}
-    for name, cmd in phases(args.scale, args.experiment, args.workers, args.storage):
-        print(f"[study] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        t = time.time()
-        if subprocess.run(cmd, env=env).returncode != 0:
-            print(f"error: phase '{name}' failed; rerun the same command to resume", file=sys.stderr)
-            return 1
-        timings[name] = time.time() - t
+    scale = SCALES[args.scale]
+    run_flags = ["--workers", str(args.workers), "--storage", args.storage]
+    run_flags += [x for flag in ("device", "precision") if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))]
+    commands = phase_commands(scale, args.experiment, run_flags, args.stack or default_stack(args.device, scale.seeds))
+    started = time.time()
+    timings = run_phases(commands, phases)
+    if timings is None:
+        return 1
     output = Path(args.output or f"reports/{args.experiment}")
-    analysis = subprocess.run([sys.executable, "-m", "analysis", "--experiment", args.experiment, "--output", str(output)], env=env)
+    code = 0
+    if not args.no_analysis:
+        t = time.time()
+        code = subprocess.run([sys.executable, "-m", "analysis", "--experiment", args.experiment, "--output", str(output)],
+                              env=worker_env()).returncode
+        timings["analysis"] = time.time() - t
     wall = time.time() - started
     if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run . -e study`: the project run keeps the report and timings
         with mlflow.start_run():
             mlflow.log_metrics({f"study/{k.replace(' ', '_')}_seconds": v for k, v in timings.items()} | {"study/wall_seconds": wall})
-            mlflow.log_artifacts(str(output), "report")
+            if not args.no_analysis:
+                mlflow.log_artifacts(str(output), "report")
     print("\n".join(f"[study] {k}: {v / 60:.1f} min" for k, v in timings.items()) + f"\n[study] total {wall / 60:.1f} min")
-    print(f"report: {(output / 'report.html').resolve()}")
-    return analysis.returncode
+    if not args.no_analysis:
+        print(f"report: {output / 'report.html'}")
+    return code
 
 
 if __name__ == "__main__":

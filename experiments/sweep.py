@@ -187,7 +187,7 @@ def cell_tracker(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id
     key = cell_key(cell)
     tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
     return cfg, data, MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False,
-                                    extra_tags=tags, parent_run_id=parent_run_id)
+                                    extra_tags=tags, parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR))
 
 
 def record_result(trial: optuna.Trial, result) -> float:
