@@ -14,29 +14,32 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import mlflow
 
-from analysis import load, report, sections
+from analysis import layers, load, lr, report, sections
 from analysis.load import AnalysisError
+from analysis.select import with_scale
 
 ANALYSIS_EXPERIMENT = "analysis"
 
 
 def build_sections(experiment: str) -> tuple[list[sections.Section], dict[str, str]]:
     """Every section the runs allow, and a one-line reason for each one they do not."""
-    runs = load.training_runs(experiment)
+    runs = with_scale(load.training_runs(experiment))
     reports = load.stress_reports(experiment)
     steps = [("Results table", lambda: sections.results_table(runs)),
              ("Loss curves", lambda: sections.loss_curves(runs)),
-             ("Gradient norms across layers", lambda: sections.layer_norms(runs)),
+             ("Gradient norms across layers", lambda: layers.layer_norms(runs)),
              ("Gradient norms: no_tricks vs all_tricks", lambda: sections.grad_norms(runs)),
-             ("LR stress", lambda: sections.lr_stress(runs, reports)),
-             ("Tuned comparison (best LR per config)", lambda: sections.isolation(runs)),
-             ("Warmup vs model size", lambda: sections.warmup_size(runs))]
+             ("LR stress", lambda: lr.lr_stress(runs, reports)),
+             ("Tuned comparison (best LR per config)", lambda: lr.isolation(runs)),
+             ("Warmup vs model size", lambda: lr.warmup_size(runs))]
     done, skipped = [], {}
     for name, build in steps:
         try:
             done.append(build())
         except sections.Skip as why:
             skipped[name] = str(why)
+        except Exception as e:  # noqa: BLE001  (a section that breaks must not take the others with it)
+            skipped[name] = f"could not be drawn: {type(e).__name__}: {e}"
     diverged = runs[runs.diverged]
     if len(diverged):
         names = ", ".join(diverged.run_name.fillna(diverged.run_id))
@@ -44,10 +47,20 @@ def build_sections(experiment: str) -> tuple[list[sections.Section], dict[str, s
     return done, skipped
 
 
+def store_name() -> str:
+    """The tracking store as the user gave it; a SQLite file below the working folder by its relative path."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_absolute() and path.resolve().is_relative_to(Path.cwd().resolve()):
+            return "sqlite:///" + path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    return uri
+
+
 def analyse(experiment: str, output: Path, log_to_mlflow: bool = True) -> Path:
     """Write the report folder for experiment; return the HTML report's path."""
     built, skipped = build_sections(experiment)
-    source = f"Experiment `{experiment}` in `{mlflow.get_tracking_uri()}`; every number below is read from its tracked runs."
+    source = f"Experiment `{experiment}` in `{store_name()}`; every number below is read from its tracked runs."
     report.save(built, output)
     md = report.markdown(f"Stability cookbook: {experiment}", built, skipped, source)
     (output / "report.md").write_text(md)

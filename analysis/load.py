@@ -8,10 +8,14 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-PARAMS = {"lr": "config.optim.lr", "width": "config.model.width", "depth": "config.model.depth",
-          "warmup_epochs": "config.schedule.warmup_epochs", "max_norm": "config.optim.max_norm",
-          "norm": "config.model.norm", "epochs": "config.epochs", "precision": "config.compute.precision"}
-NUMERIC = ("lr", "width", "depth", "warmup_epochs", "epochs")
+from cookbook import tracking as t
+from cookbook.config import PARAM_PREFIX
+from experiments.stress import STRESS_REPORT, STRESS_RUN
+
+KEYS = {"lr": "optim.lr", "width": "model.width", "depth": "model.depth", "warmup_epochs": "schedule.warmup_epochs",
+        "max_norm": "optim.max_norm", "norm": "model.norm", "epochs": "epochs", "precision": "compute.precision",
+        "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset"}
+NUMERIC = ("lr", "width", "depth", "warmup_epochs", "epochs", "batch_size", "train_subset", "test_subset")
 
 
 class AnalysisError(RuntimeError):
@@ -25,22 +29,24 @@ def training_runs(experiment: str) -> pd.DataFrame:
         names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
         raise AnalysisError(f"no experiment '{experiment}' in {mlflow.get_tracking_uri()}; experiments: {names}")
     runs = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
-    if runs.empty or "tags.config" not in runs or runs["tags.config"].isna().all():
+    config_col = f"tags.{t.CONFIG_TAG}"
+    if runs.empty or config_col not in runs or runs[config_col].isna().all():
         raise AnalysisError(f"experiment '{experiment}' has no finished training runs")
-    runs = runs[runs["tags.config"].notna()]
+    runs = runs[runs[config_col].notna()]
     col = lambda name: runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)  # noqa: E731
     table = pd.DataFrame({
-        "run_id": runs["run_id"], "run_name": col("tags.mlflow.runName"), "config": runs["tags.config"],
-        "seed": col("tags.seed").astype(int), "param_count": pd.to_numeric(col("tags.param_count")),
-        "diverged": col("tags.diverged") == "true", "diverged_step": pd.to_numeric(col("tags.diverged_step")),
-        "steps_run": pd.to_numeric(col("tags.steps_run")), "total_steps": pd.to_numeric(col("tags.total_steps")),
+        "run_id": runs["run_id"], "run_name": col("tags.mlflow.runName"), "config": runs[config_col],
+        "start_time": runs["start_time"], "overrides": col(f"tags.{t.OVERRIDES_TAG}"),
+        "seed": col(f"tags.{t.SEED_TAG}").astype(int), "param_count": pd.to_numeric(col(f"tags.{t.PARAM_COUNT_TAG}")),
+        "diverged": col(f"tags.{t.DIVERGED_TAG}") == "true", "diverged_step": pd.to_numeric(col(f"tags.{t.DIVERGED_STEP_TAG}")),
+        "steps_run": pd.to_numeric(col(f"tags.{t.STEPS_RUN_TAG}")), "total_steps": pd.to_numeric(col(f"tags.{t.TOTAL_STEPS_TAG}")),
         "sweep": col("tags.sweep"), "stress": col("tags.stress"),
-        **{k: col(f"params.{v}") for k, v in PARAMS.items()},
+        **{k: col(f"params.{PARAM_PREFIX}{v}") for k, v in KEYS.items()},
         "final_loss": col("metrics.epoch/train_loss"), "test_loss": col("metrics.test/loss"),
         "test_acc": col("metrics.test/acc"),
     })
     for name in NUMERIC:
-        table[name] = pd.to_numeric(table[name], errors="coerce")
+        table[name] = pd.to_numeric(table[name].replace({"null": None}), errors="coerce")
     table["max_norm"] = pd.to_numeric(table["max_norm"].replace({"null": None}), errors="coerce")
     table.loc[table.diverged, ["final_loss", "test_loss", "test_acc"]] = float("nan")  # last values are pre-divergence
     return table.reset_index(drop=True)
@@ -61,9 +67,9 @@ def histories(run_ids: list[str], key: str) -> pd.DataFrame:
 def snapshots(run_id: str) -> pd.DataFrame:
     """The run's grad_norms/snapshots.csv (step, param, numel, grad_norm, weight_norm); empty if absent."""
     try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/grad_norms/snapshots.csv")
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{t.SNAPSHOT_ARTIFACT}")
     except Exception:  # noqa: BLE001  (a run without the artifact: nothing to draw from it)
-        return pd.DataFrame(columns=["step", "param", "numel", "grad_norm", "weight_norm"])
+        return pd.DataFrame(columns=t.SNAPSHOT_COLUMNS)
     return pd.read_csv(io.StringIO(text))
 
 
@@ -72,11 +78,11 @@ def stress_reports(experiment: str) -> list[dict]:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    parents = mlflow.search_runs([exp.experiment_id], "attributes.run_name = 'stress' and attributes.status = 'FINISHED'")
+    parents = mlflow.search_runs([exp.experiment_id], f"attributes.run_name = '{STRESS_RUN}' and attributes.status = 'FINISHED'")
     reports = []
     for run_id in parents.get("run_id", []):
         try:
-            reports += json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/stress_report.json"))
+            reports += json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{STRESS_REPORT}"))
         except Exception:  # noqa: BLE001  (a stress run still in progress has no report yet)
             continue
     return reports

@@ -25,13 +25,12 @@ import psutil
 import torch
 
 from benchmarks.reference import train_seed_loop
-from cookbook.config import ConfigError, load_config
+from cookbook.config import CONFIGS_DIR, ConfigError, load_config
 from cookbook.data import load_mnist
 from cookbook.hooks import Hook
 from cookbook.tracking import MlflowTracker
 from cookbook.train import resolve_device, train
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 MODES = ("reference", "ours", "ours+mlflow", "ours-bf16")
 
 

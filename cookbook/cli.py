@@ -8,14 +8,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, from_params, load_config, to_yaml, unflatten
+from .config import CONFIGS_DIR, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
 from .progress import Progress
 from .tracking import DEFAULT_EXPERIMENT
 from .train import train
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 # CLI flag -> config key. An empty value ("" from MLproject) means "as the config file says".
 OVERRIDES = {
     "seed": "seed", "epochs": "epochs", "device": "device", "lr": "optim.lr", "optimizer": "optim.name",

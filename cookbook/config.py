@@ -12,6 +12,9 @@ from typing import Any, Literal
 import yaml
 
 
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"  # the named configs
+
+
 class ConfigError(ValueError):
     """A configuration value or key is invalid."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
+CONVERGE_RATIO = 0.5  # default: converged = final train loss below half the loss of step 0
 MIN_SLOPE = 1.0  # per decade of LR; below it the fit has found no boundary
 
 

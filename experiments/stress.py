@@ -22,17 +22,17 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from cookbook.cli import CONFIGS_DIR
-from cookbook.config import ConfigError, load_config
+from cookbook.config import CONFIGS_DIR, ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
 from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker
 from cookbook.train import train
-from experiments.boundary import boundary, converged
+from experiments.boundary import CONVERGE_RATIO, boundary, converged
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
 from experiments.sweep import TRAIN_FLAGS, cached_mnist, config_names, overrides, parse_list, train_settings, worker_env
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
 
 
 def lr_range(config: str, settings: dict, factor: float) -> tuple[float, float]:
@@ -114,7 +114,7 @@ def report(study: optuna.Study) -> dict:
     lo, _ = lr_range(spec["config"], spec["settings"], spec["factor"])
     x100 = df[(df.lr / 10**lo - 100).abs() < 1e-6]
     steps_run, steps_full = int(df.steps_run.sum()), int(df.total_steps.sum())
-    return {"config": spec["config"], "base_lr": 10**lo, "trials": len(df),
+    return {"config": spec["config"], "base_lr": 10**lo, "trials": len(df), "converge_ratio": spec["converge_ratio"],
             **boundary([math.log10(v) for v in df.lr], list(~df.converged.astype(bool))),
             "x100": x100[["seed", "converged", "diverged", "diverged_step", "final_loss"]].to_dict("records"),
             "steps_run": steps_run, "steps_without_pruning": steps_full,
@@ -136,7 +136,7 @@ def run_stress(args: argparse.Namespace) -> int:
     reports = []
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(args.experiment)
-    with mlflow.start_run(run_name="stress") as parent:
+    with mlflow.start_run(run_name=STRESS_RUN) as parent:
         for name in configs:
             spec = {"config": name, "seeds": seeds, "settings": settings, "factor": args.factor,
                     "converge_ratio": args.converge_ratio}
@@ -145,7 +145,7 @@ def run_stress(args: argparse.Namespace) -> int:
             run_workers(args, study.study_name)
             reports.append(report(study))
             print(format_report(reports[-1]), file=sys.stderr, flush=True)
-        mlflow.log_text(json.dumps(reports, indent=1, default=str), "stress_report.json")
+        mlflow.log_text(json.dumps(reports, indent=1, default=str), STRESS_REPORT)
     print("\n".join(format_report(r) for r in reports))
     return 0
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", default="0,1")
     run.add_argument("--n-trials", type=int, default=16, help="budget per config, base and x100 probes included")
     run.add_argument("--factor", type=float, default=1000.0, help="probe LRs up to factor x the config's LR")
-    run.add_argument("--converge-ratio", type=float, default=0.5, help="converged: final loss < ratio x loss at step 0")
+    run.add_argument("--converge-ratio", type=float, default=CONVERGE_RATIO, help="converged: final loss < ratio x loss at step 0")
     run.add_argument("--workers", type=int, default=1)
     for flag in TRAIN_FLAGS:
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)

@@ -28,8 +28,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimi
 from optuna.trial import TrialState
 
 import optuna
-from cookbook.cli import CONFIGS_DIR
-from cookbook.config import ConfigError, available_configs, load_config
+from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_config
 from cookbook.data import DataError, load_mnist
 from cookbook.stacked import train_stacked
 from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker

@@ -7,11 +7,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cookbook.config import Config, merge, validate
+from cookbook.config import CONFIGS_DIR, Config, merge, validate  # noqa: F401  (CONFIGS_DIR: tests import it from here)
 from cookbook.data import ensure_mnist, load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS_DIR = ROOT / "experiments" / "configs"
 DATA_DIR = ROOT / "data"
 
 # A few steps on a small slice of MNIST: every monitor path fires, nothing takes more than seconds.

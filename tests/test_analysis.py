@@ -6,32 +6,41 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from analysis.cli import main
+from analysis.cli import build_sections, main
 from analysis.stats import layer_spread, lr_sensitivity, mean_ci95
+from cookbook import tracking as t
+from cookbook.tracking import SNAPSHOT_ARTIFACT
 
+# per-layer pre-clip norms at the three snapshot steps: conv1 = g, fc = 4g (its spread is 4x), biases ignored
 SNAPSHOT = "step,param,numel,grad_norm,weight_norm\n" + "".join(
     f"{s},features.0.weight,288,{g},1\n{s},features.0.bias,32,0.1,1\n{s},classifier.weight,1280,{g * 4},1\n"
     f"{s},classifier.bias,10,0.1,1\n" for s, g in ((100, 0.5), (500, 0.25), (2000, 0.125)))
 
 
 def make_run(client, exp_id, config, seed, final, lr=1e-3, width=1.0, warmup=0.0, diverged=False, steps=2100,
-             name=None, params=100000, snapshot=True):
+             name=None, params=100000, snapshot=True, overrides=None, epochs=2, initial=2.3, snapshot_text=SNAPSHOT):
     """A finished run carrying what the tracker logs, with values chosen by the test."""
     run = client.create_run(exp_id, run_name=name or f"{config} seed={seed}").info.run_id
-    tags = {"config": config, "seed": str(seed), "diverged": str(diverged).lower(), "param_count": str(params),
-            "steps_run": str(steps), "total_steps": str(steps)}
+    if overrides is None:  # what the tracker would write for a config whose own values are lr 1e-3, width 1, no warmup
+        overrides = [k for k, changed in (("optim.lr", lr != 1e-3), ("model.width", width != 1.0),
+                                          ("schedule.warmup_epochs", warmup != 0.0)) if changed]
+    tags = {t.CONFIG_TAG: config, t.SEED_TAG: str(seed), t.DIVERGED_TAG: str(diverged).lower(), t.PARAM_COUNT_TAG: str(params),
+            t.STEPS_RUN_TAG: str(steps), t.TOTAL_STEPS_TAG: str(steps), t.OVERRIDES_TAG: ",".join(["seed", *overrides])}
+    if diverged:
+        tags[t.DIVERGED_STEP_TAG] = "7"
     params_ = {"config.optim.lr": str(lr), "config.model.width": str(width), "config.model.depth": "3",
                "config.schedule.warmup_epochs": str(warmup), "config.optim.max_norm": "1.0" if config == "all_tricks" else "null",
-               "config.model.norm": "none", "config.epochs": "2", "config.compute.precision": "fp32"}
+               "config.model.norm": "none", "config.epochs": str(epochs), "config.compute.precision": "fp32",
+               "config.data.batch_size": "128", "config.data.train_subset": "null", "config.data.test_subset": "null"}
     metrics = [Metric("epoch/train_loss", 2 * final, 0, 1), Metric("epoch/train_loss", final, 0, 2),
                Metric("test/loss", final + 0.01, 0, 2), Metric("test/acc", 0.9 + seed / 100, 0, 2),
                Metric("epoch/clip_fraction", 0.5, 0, 1), Metric("epoch/clip_fraction", 0.25, 0, 2)]
-    metrics += [Metric("train/loss", 2.3 - s / 1000, 0, s) for s in range(0, steps, 50)]
+    metrics += [Metric("train/loss", initial - s / 1000, 0, s) for s in range(0, steps, 50)]
     metrics += [Metric("opt/grad_norm_preclip", 1.0 + (s % 100) / 100, 0, s) for s in range(0, steps, 50)]
     client.log_batch(run, metrics=metrics, params=[Param(k, v) for k, v in params_.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     if snapshot:
-        client.log_text(run, SNAPSHOT, "grad_norms/snapshots.csv")
+        client.log_text(run, snapshot_text, SNAPSHOT_ARTIFACT)
     client.set_terminated(run)
     return run
 
@@ -73,8 +82,9 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     assert table.loc["all_tricks", "final train loss"] == "0.050 ± 0.127"
     assert table.loc["all_tricks", "clipped steps"] == "0.375 ± 0.000"
     assert table.loc["no_tricks", "seed claims "] == "~0.15"
-    spread = pd.read_csv(out / "layer_spread.csv").set_index("config")
-    assert spread.loc["no_tricks", "100"] == 4.0  # classifier 4x features.0; norms and biases left out
+    spread = pd.read_csv(out / "layer_spread_values.csv").set_index(["config", "step"])
+    assert spread.loc[("no_tricks", 100), "max/min"] == 4.0  # fc 4x conv1; norms and biases left out
+    assert spread.loc[("no_tricks", 100), "largest"] == "fc" and spread.loc[("no_tricks", 100), "smallest"] == "conv1"
     sens = pd.read_csv(out / "lr_sensitivity_values.csv")
     no_warm = sens[(sens.params == 400000) & (sens.warmup == "no warmup")].sensitivity.item()
     assert no_warm == pytest.approx((0.1 + 1.5 + math.log(10)) / 3 - 0.1)
@@ -85,9 +95,93 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     isolation = pd.read_csv(out / "isolation.csv").set_index("config")
     assert isolation.loc["no_tricks", "best LR"] == 1e-3
-    assert "diverged" in report  # the diverged runs are named
+    diverged_line = next(line for line in report.splitlines() if line.startswith("- **Diverged runs**"))
+    assert "no_tricks seed=0 lr=0.1" in diverged_line and "all_tricks seed=1 lr=0.1" in diverged_line
+    assert "## Not drawn" in report and "could not be drawn" not in report
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("analysis").experiment_id])
     assert {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id)} >= {"report.html", "loss_curves.png"}
+
+
+def test_per_layer_table_at_three_steps_and_size_table(known, tmp_path):
+    out = tmp_path / "report"
+    assert main(["--experiment", known, "--output", str(out), "--no-mlflow-log"]) == 0
+    norms = pd.read_csv(out / "layer_grad_norms.csv").set_index(["config", "layer"])
+    assert list(norms.columns) == ["step 100", "step 500", "step 2000"]
+    assert norms.loc[("no_tricks", "conv1")].tolist() == ["0.5000 ± 0.0000", "0.2500 ± 0.0000", "0.1250 ± 0.0000"]
+    assert norms.loc[("no_tricks", "fc")].tolist() == ["2.0000 ± 0.0000", "1.0000 ± 0.0000", "0.5000 ± 0.0000"]
+    report = (out / "report.md").read_text()
+    line = next(x for x in report.splitlines() if x.startswith("- **no_tricks**"))
+    assert line.startswith("- **no_tricks**: not uniform at any step (step 100: 4.0 ± 0.0x (fc largest, conv1 smallest)")
+    sizes = pd.read_csv(out / "size_table.csv").set_index(["params", "warmup"])
+    assert sizes.loc[(400000, "no warmup"), "diverged runs"] == "1/3" and sizes.loc[(400000, "warmup"), "diverged runs"] == "0/3"
+    assert sizes.loc[(400000, "no warmup"), "best LR"] == 1e-3 and sizes.loc[(25000, "warmup"), "best final loss"] == 0.1
+    assert "Scale: 2 epochs on 60,000 training images (all), tested on 10,000, batch 128, fp32; seeds 0." in report
+
+
+def test_x100_survivors_follow_one_rule(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("x100")
+    outcomes = {"batchnorm": (0.2, 0.3), "layernorm": (0.2, 1.5), "no_tricks": (None, None)}  # 1.15 = 0.5 x 2.3 is the bar
+    for config, finals in outcomes.items():
+        for seed, final in enumerate(finals):
+            make_run(client, exp, config, seed, 0.05)
+            make_run(client, exp, config, seed, final if final else float("nan"), lr=0.1, diverged=final is None)
+    assert main(["--experiment", "x100", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert ("**Survive LR x100:** batchnorm (2/2 seeds). In some seeds only: layernorm (1/2 seeds). "
+            "Fail in every seed: no_tricks.") in report
+    assert "final train loss < 0.5 x the loss of step 0" in report
+    table = pd.read_csv(tmp_path / "lr_x100.csv").set_index(["config", "seed"])
+    assert table.loc[("layernorm", 1), "outcome"] == "did not converge" and table.loc[("batchnorm", 1), "outcome"] == "converged"
+    assert table.loc[("no_tricks", 0), "outcome"] == "diverged at step 7"
+
+
+def test_runs_are_classified_by_their_overrides_tag(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("tagged")
+    make_run(client, exp, "no_tricks", 0, 0.1)
+    make_run(client, exp, "no_tricks", 1, 0.3, name="no_tricks seed=1 lr=0.001")  # explicit LR equal to the config's own
+    make_run(client, exp, "no_tricks", 0, 0.01, lr=0.1, name="no_tricks-s0")  # a plain command with --lr 0.1: not a baseline
+    assert main(["--experiment", "tagged", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
+    table = pd.read_csv(tmp_path / "results.csv").set_index("config")
+    assert table.loc["no_tricks", "seeds"] == 2 and table.loc["no_tricks", "final train loss"] == "0.200 ± 1.271"
+
+
+def test_sweep_with_explicit_lrs_only_draws_without_traceback(tracking, tmp_path, capsys):
+    client = MlflowClient()
+    exp = client.create_experiment("explicit")
+    for config in ("no_tricks", "batchnorm", "layernorm", "all_tricks"):
+        for seed in (0, 1):
+            make_run(client, exp, config, seed, 0.1 + seed / 10, name=f"{config} seed={seed} lr=0.001")
+    assert main(["--experiment", "explicit", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Results table" in report and "could not be drawn" not in report
+    assert "- **Tuned comparison (best LR per config)**: no config was run at 2 or more learning rates" in report
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_runs", [0, 1])
+def test_every_section_on_empty_and_one_run(tracking, n_runs, monkeypatch):
+    from analysis import cli, load
+
+    client = MlflowClient()
+    exp = client.create_experiment("one")
+    make_run(client, exp, "no_tricks", 0, 0.1)
+    runs = load.training_runs("one")
+    monkeypatch.setattr(load, "training_runs", lambda _: runs.iloc[:n_runs])
+    built, skipped = cli.build_sections("one")
+    assert not [why for why in skipped.values() if why.startswith("could not be drawn")], skipped
+    assert {s.title for s in built} | set(skipped) >= {"Results table", "LR stress", "Warmup vs model size"}
+
+
+def test_report_names_the_store_as_given(tracking, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # absolute, below the working folder
+    client = MlflowClient()
+    make_run(client, client.create_experiment("where"), "no_tricks", 0, 0.1)
+    assert main(["--experiment", "where", "--output", "out", "--no-mlflow-log"]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Experiment `where` in `sqlite:///mlflow.db`" in report and str(tmp_path) not in report
 
 
 def test_missing_experiment_and_no_finished_runs(tracking, tmp_path, capsys):

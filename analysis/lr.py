@@ -1,0 +1,124 @@
+"""Sections about the learning rate: LR stress (x100 survivors, boundaries), tuned comparison, warmup vs model size."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures, load
+from analysis.sections import Section, Skip, fmt_ci, scale_note
+from analysis.select import LR_KEY, classified, largest_scale, lr_grid, outcome, own_lr, size_sweep
+from analysis.stats import lr_sensitivity, mean_ci95, within_noise
+from experiments.boundary import CONVERGE_RATIO
+
+X100 = 100  # the seed's stress test: each config at 100 x its own LR
+
+
+def converge_ratio(reports: list[dict]) -> float:
+    """The ratio the stress study used (so grid runs and stress trials follow one rule), else the default."""
+    return next((r["converge_ratio"] for r in reports if "converge_ratio" in r), CONVERGE_RATIO)
+
+
+def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows, the runs they came from): every config's runs at x100 its own LR at the largest scale, else the stress probes."""
+    grid = classified(runs, {LR_KEY})
+    hit = grid[[np.isclose(r.lr, X100 * own_lr(runs, r.config)) for r in grid.itertuples()]] if len(grid) else grid
+    hit = largest_scale(hit)
+    if len(hit):
+        hit = hit.assign(initial_loss=[load.history(r, "train/loss").get(0, np.nan) for r in hit.run_id])
+        return pd.DataFrame({"config": hit.config, "LR": hit.lr, "seed": hit.seed, "outcome": [outcome(r, ratio) for r in hit.itertuples()],
+                             "final loss": hit.final_loss, "step-0 loss": hit.initial_loss, "source": "LR grid"}), hit
+    rows = [{"config": r["config"], "LR": X100 * r["base_lr"], "seed": x["seed"],
+             "outcome": "converged" if x["converged"] else f"diverged at step {int(x['diverged_step'])}" if x["diverged"]
+             else "did not converge", "final loss": x["final_loss"], "step-0 loss": np.nan, "source": "stress study"}
+            for r in reports for x in r["x100"]]
+    return pd.DataFrame(rows, columns=["config", "LR", "seed", "outcome", "final loss", "step-0 loss", "source"]), hit
+
+
+def survivors(x100: pd.DataFrame) -> str:
+    """The survivor line, computed from the x100 table itself: converged seeds out of seeds, per config."""
+    if x100.empty:
+        return "**Survive LR x100:** not run."
+    counts = x100.assign(ok=x100.outcome == "converged").groupby("config").ok.agg(["sum", "count"])
+    all_ok = [f"{c} ({s}/{n} seeds)" for c, (s, n) in counts.iterrows() if s == n]
+    some = [f"{c} ({s}/{n} seeds)" for c, (s, n) in counts.iterrows() if 0 < s < n]
+    none = [c for c, (s, n) in counts.iterrows() if s == 0]
+    return (f"**Survive LR x100:** {', '.join(all_ok) or 'none'}." + (f" In some seeds only: {', '.join(some)}." if some else "")
+            + (f" Fail in every seed: {', '.join(none)}." if none else ""))
+
+
+def lr_stress(runs: pd.DataFrame, reports: list[dict]) -> Section:
+    """5. The LR x100 table and survivors under one stated rule, stress boundaries, final loss against LR."""
+    ratio = converge_ratio(reports)
+    x100, hit = x100_table(runs, reports, ratio)
+    grid = lr_grid(runs)
+    if x100.empty and not reports and (grid.empty or grid.lr.nunique() < 2):
+        raise Skip("no run at 100x a config's own LR, no LR grid (a config at 2+ LRs) and no stress study here")
+    rule = (f"Rule, for grid runs and stress trials alike: **converged** = not diverged and final train loss < {ratio:g} x "
+            "the loss of step 0; **diverged** = a non-finite loss or one above the divergence factor x the loss of step 0.")
+    bounds = " ".join(f"{r['config']}: converged up to {r['largest_converged_lr']:.3g}, boundary {r['boundary_lr']:.3g}"
+                      + (f" [90% CI {r['boundary_lr_90ci'][0]:.3g}, {r['boundary_lr_90ci'][1]:.3g}]" if r.get("boundary_lr_90ci") else "")
+                      + "." for r in reports if r.get("boundary_lr") and r.get("largest_converged_lr"))
+    scale = scale_note(hit) if len(hit) else "*Scale: the stress study's (below).*\n\n"
+    figs = {"lr_stress": figures.lr_stress(grid, {r["config"]: r["boundary_lr"] for r in reports if r.get("boundary_lr")})} \
+        if grid.lr.nunique() >= 2 else {}
+    grid_note = f"\n\nFigure: final loss against LR. *Grid scale: {'; '.join(sorted(grid.scale.unique()))}.*" if figs else ""
+    return Section("LR stress", scale + rule + "\n\n" + survivors(x100) + (" " + bounds if bounds else "") + grid_note,
+                   {"lr_x100": x100}, figs)
+
+
+def isolation(runs: pd.DataFrame) -> Section:
+    """7. Each config at its own best LR from the grid (an isolation plot's numbers), seed noise labelled."""
+    grid = lr_grid(runs)
+    grid = grid[~grid.diverged & grid.final_loss.notna()]
+    if grid.empty or grid.groupby("config").lr.nunique().max() < 2:
+        raise Skip("no config was run at 2 or more learning rates without diverging")
+    mean = grid.groupby(["config", "lr"]).final_loss.mean()
+    best = mean.groupby("config").idxmin().map(lambda k: k[1])
+    at_best = {c: grid[(grid.config == c) & np.isclose(grid.lr, lr)] for c, lr in best.items()}
+    table = pd.DataFrame([{"config": c, "best LR": best[c], "LRs tried": grid[grid.config == c].lr.nunique(),
+                           "final loss at best LR": fmt_ci(*mean_ci95(at.final_loss), digits=4),
+                           "test acc at best LR": fmt_ci(*mean_ci95(at.test_acc), digits=4), "seeds": len(at)}
+                          for c, at in at_best.items()])
+    winner = min(at_best, key=lambda c: at_best[c].final_loss.mean())
+    notes = [f"{c} vs {winner}: " + ("within seed noise" if within_noise(at.final_loss, at_best[winner].final_loss)
+                                     else "outside seed noise") for c, at in at_best.items() if c != winner]
+    text = scale_note(grid) + f"Each config at the LR that is best for it on the grid. Best: **{winner}**. " + "; ".join(notes) + "."
+    return Section("Tuned comparison (best LR per config)", text, {"isolation": table})
+
+
+def size_table(sized: pd.DataFrame, init: float) -> pd.DataFrame:
+    """Per model size and warmup: LR sensitivity, the best LR and its loss, diverged runs."""
+    rows = []
+    for (params, warmup), g in sized.groupby(["params", "warmup"]):
+        mean = g.groupby("lr").final_loss.mean()
+        best = mean.idxmin() if mean.notna().any() else np.nan
+        rows.append({"params": int(params), "width": g.width.iloc[0], "depth": int(g.depth.iloc[0]), "warmup": warmup,
+                     "sensitivity": lr_sensitivity(list(mean), init), "best LR": best,
+                     "best final loss": mean.min(), "diverged runs": f"{int(g.diverged.sum())}/{len(g)}",
+                     "LRs": g.lr.nunique(), "seeds": g.seed.nunique()})
+    return pd.DataFrame(rows)
+
+
+def warmup_size(runs: pd.DataFrame) -> Section:
+    """6. Final loss against LR per model size, with and without warmup; LR sensitivity against parameter count."""
+    sized = size_sweep(runs)
+    if sized.empty or sized.param_count.nunique() < 2 or sized.lr.nunique() < 2:
+        raise Skip("no warmup-vs-size sweep here (runs that override model.width or model.depth, at 2+ sizes and 2+ LRs)")
+    sized = sized.assign(warmup=np.where(sized.warmup_epochs > 0, "warmup", "no warmup"), params=sized.param_count)
+    init = float(np.log(10))  # loss of a uniform prediction over 10 classes: the loss at init
+    table = size_table(sized, init)
+    wide = table.pivot(index="params", columns="warmup", values="sensitivity")
+    critical = None
+    if {"warmup", "no warmup"} <= set(wide.columns):
+        gap = wide["no warmup"] - wide["warmup"]
+        matters = gap[(gap > 0.01) & (wide["no warmup"] > 1.25 * wide["warmup"])]
+        critical = int(matters.index.min()) if len(matters) else None
+    answer = (f"Warmup starts to matter at **{critical:,} parameters** (the smallest size where the LR sensitivity "
+              f"without warmup exceeds that with warmup by more than 25% and 0.01 nats)." if critical else
+              "Within the sizes tried warmup never mattered by that rule (no-warmup LR sensitivity more than 25% and "
+              "0.01 nats above warmup's).")
+    sens = table[["params", "warmup", "sensitivity"]]
+    text = (scale_note(sized) + f"Config {', '.join(sorted(sized.config.unique()))}; LR sensitivity = mean over the LR grid "
+            "of min(final loss, ln 10) minus the best final loss (Wortsman et al. 2023). " + answer)
+    return Section("Warmup vs model size", text, {"size_table": table.round(4), "lr_sensitivity_values": sens},
+                   {"warmup_vs_size": figures.warmup_vs_size(sized), "sensitivity_vs_size": figures.sensitivity_vs_size(sens)})

@@ -1,0 +1,99 @@
+"""Which runs each section reads: classified by the config keys a run overrides (its tag), at one scale, one run per cell."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cookbook.config import CONFIGS_DIR, load_config
+from cookbook.data import TEST_SIZE, TRAIN_SIZE
+from experiments.boundary import CONVERGE_RATIO, converged
+
+
+# Overrides in these sections change what is trained (the treatment); any other override (seed, epochs,
+# data subsets, device, precision, monitoring) changes how or how long it is trained, which is the scale.
+TREATMENT_SECTIONS = ("model.", "optim.", "schedule.")
+LR_KEY, SIZE_KEYS, WARMUP_KEY = "optim.lr", ("model.width", "model.depth"), "schedule.warmup_epochs"
+SCALE = ["epochs", "train_images", "test_images", "batch_size", "precision"]
+MIN_GRID_LRS = 3  # an LR curve needs 3 points to show a minimum: prefer the largest scale that has them
+CELL = ["config", "lr", "width", "depth", "warmup_epochs", "seed"]
+
+
+def treatments(overrides: str | None) -> frozenset[str] | None:
+    """The treatment keys in an `overrides` tag value; None when the run has no such tag (made before it existed)."""
+    if overrides is None or (isinstance(overrides, float) and np.isnan(overrides)):
+        return None
+    return frozenset(k for k in overrides.split(",") if k.startswith(TREATMENT_SECTIONS))
+
+
+def with_scale(runs: pd.DataFrame) -> pd.DataFrame:
+    """Adds the images each run trained and tested on (a subset or the whole set) and a readable scale label."""
+    runs = runs.assign(train_images=runs.train_subset.fillna(TRAIN_SIZE).clip(upper=TRAIN_SIZE).astype(int),
+                       test_images=runs.test_subset.fillna(TEST_SIZE).clip(upper=TEST_SIZE).astype(int))
+    return runs.assign(scale=[scale_label(r) for r in runs.itertuples()])
+
+
+def scale_label(run) -> str:
+    """'5 epochs on 60,000 training images (all), tested on 10,000, batch 128, fp32'."""
+    whole = " (all)" if run.train_images == TRAIN_SIZE else ""
+    return (f"{int(run.epochs)} epochs on {run.train_images:,} training images{whole}, tested on {run.test_images:,}, "
+            f"batch {int(run.batch_size)}, {run.precision}")
+
+
+def largest_scale(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs made at the largest scale present (most images seen in training), one run per cell (the latest)."""
+    if runs.empty:
+        return runs
+    size = runs.epochs * runs.train_images
+    top = runs[size == size.max()]
+    top = top[top.scale == top.sort_values("start_time").scale.iloc[-1]]
+    return top.sort_values("start_time").drop_duplicates(CELL, keep="last")
+
+
+def classified(runs: pd.DataFrame, allowed: set[str], required: set[str] = frozenset()) -> pd.DataFrame:
+    """Runs outside a stress study whose treatment keys are all in allowed and include one of required (if any)."""
+    keys = runs.overrides.map(treatments)
+    ok = keys.map(lambda k: k is not None and k <= allowed and (not required or bool(k & required))).astype(bool)
+    return runs[ok & runs.stress.isna()]
+
+
+def baseline_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every config at its own settings (whatever the seed or scale), at the largest scale."""
+    return largest_scale(classified(runs, set()))
+
+
+def lr_grid(runs: pd.DataFrame, min_lrs: int = MIN_GRID_LRS) -> pd.DataFrame:
+    """Runs that change at most the LR, at the largest scale where a config has min_lrs LRs (else 2, else the largest)."""
+    grid = classified(runs, {LR_KEY})
+    scales = sorted(grid.groupby("scale"), key=lambda g: -(g[1].epochs * g[1].train_images).max())
+    for need in (min_lrs, 2):
+        for _, at in scales:
+            at = largest_scale(at)
+            if at.groupby("config").lr.nunique().max() >= need:
+                return at
+    return largest_scale(grid)
+
+
+def size_sweep(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that change the model size (and maybe LR and warmup), with the same-config runs at its own size, one scale."""
+    allowed = {LR_KEY, WARMUP_KEY, *SIZE_KEYS}
+    sized = classified(runs, allowed, set(SIZE_KEYS))
+    if sized.empty:
+        return sized
+    at = largest_scale(sized)
+    same = classified(runs, allowed)
+    same = same[same.config.isin(at.config) & same.scale.isin(at.scale) & same.seed.isin(at.seed)]
+    return largest_scale(same)
+
+
+def own_lr(runs: pd.DataFrame, config: str) -> float:
+    """The config's own LR: from its baseline runs, else from its config file."""
+    base = classified(runs, set())
+    at = base[base.config == config].lr.dropna()
+    return float(at.iloc[0]) if len(at) else load_config(config, CONFIGS_DIR).optim.lr
+
+
+def outcome(run, ratio: float = CONVERGE_RATIO) -> str:
+    """One rule for grid runs and stress trials: diverged, converged (final < ratio x step-0 loss) or did not converge."""
+    if run.diverged:
+        return f"diverged at step {int(run.diverged_step)}" if pd.notna(run.diverged_step) else "diverged"
+    return "converged" if converged(run.final_loss, run.initial_loss, ratio) else "did not converge"
