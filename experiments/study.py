@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_phases(commands: dict[str, list[str]], phases: list[str]) -> dict[str, float] | None:
     """Run the phases in order; their wall times in seconds, or None when one failed."""
     env, timings = worker_env(), {}  # the phases make their own runs in the experiment, not inside this one
-    for phase in phases:
-        print(f"[study] {PHASE_TITLES[phase]}: {' '.join(commands[phase][1:])}", file=sys.stderr, flush=True)
+    for i, phase in enumerate(phases):
+        print(f"[study] phase {i + 1}/{len(phases)}, {PHASE_TITLES[phase]}: {' '.join(commands[phase][1:])}",
+              file=sys.stderr, flush=True)
         started = time.time()
         if subprocess.run(commands[phase], env=env).returncode != 0:
             print(f"error: phase '{phase}' failed; rerun the same command to resume", file=sys.stderr)

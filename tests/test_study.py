@@ -7,12 +7,42 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT
-from experiments.study import SCALES, main
+from cookbook.config import CONFIGS_DIR, load_config
+from cookbook.model import build_model, parameter_count
+from experiments.study import PHASES, SCALES, X100_LR, default_stack, main, phase_commands
 
 
-def test_unknown_scale_is_one_line(capsys):
+def test_unknown_scale_and_phase_are_one_line(capsys):
     assert main(["--scale", "huge"]) == 2
     assert capsys.readouterr().err.strip() == f"error: scale='huge'; choose one of {', '.join(SCALES)}"
+    assert main(["--phases", "seeds,warmup"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: phases='seeds,warmup'; choose from {', '.join(PHASES)}"
+
+
+def test_run_flags_reach_every_phase():
+    flags = ["--workers", "3", "--storage", "s.log", "--device", "cuda:1", "--precision", "bf16"]
+    commands = phase_commands(SCALES["full"], "exp", flags, stack=5)
+    assert list(commands) == list(PHASES)
+    for phase, argv in commands.items():
+        assert " ".join(flags) in " ".join(argv) and "--experiment exp" in " ".join(argv)
+        assert ("--stack 5" in " ".join(argv)) == (phase != "stress")  # stress trials are one (LR, seed) each
+        assert "--train-subset" not in argv and argv[argv.index("--epochs") + 1] == "5"  # full MNIST, 5 epochs
+
+
+def test_full_scale_is_the_issue_grid():
+    full = SCALES["full"]
+    assert full.seeds == "0,1,2,3,4" and full.grid_seeds == "0,1,2" and full.stress_seeds == "0,1,2"
+    lrs = {float(x) for x in full.grid_lrs.split(",")} | {1e-3, float(X100_LR)}  # the seed table and x100 phases add two
+    assert lrs == {1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1} and full.stress_trials >= 16
+    size_lrs = [float(x) for x in full.size_lrs.split(",")]
+    assert len(size_lrs) >= 6 and min(size_lrs) == 3e-4 and max(size_lrs) == 1e-1
+    counts = [parameter_count(build_model(load_config("no_tricks", CONFIGS_DIR, {"model": {"width": float(w)}}).model))
+              for w in full.widths.split(",")]
+    assert len(counts) >= 5 and max(counts) / min(counts) >= 20
+
+
+def test_seeds_are_stacked_on_cuda_only():
+    assert default_stack("cpu", "0,1,2,3,4") == 1 and default_stack("cuda", "0,1,2,3,4") == 5
 
 
 @pytest.mark.slow
