@@ -43,6 +43,16 @@ def layer_grad_norms(snap: pd.DataFrame) -> plt.Figure:
     return grid.figure
 
 
+def layer_spread_over_steps(per_seed: pd.DataFrame) -> plt.Figure:
+    """per_seed: config, step, seed, spread. Largest/smallest layer norm at each snapshot step, one line per config."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(per_seed, x="step", y="spread", hue="config", palette=palette(per_seed.config), marker="o", errorbar="sd", ax=ax)
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="update step (log)", ylabel="largest / smallest layer grad norm (log)",
+           title="Spread of gradient norms across layers (mean ± 1 sd over seeds; 1 = uniform)")
+    return fig
+
+
 def grad_norm_over_training(hist: pd.DataFrame, max_norm: float | None, p90: dict[str, float]) -> plt.Figure:
     """hist: config, seed, step, value (opt/grad_norm_preclip). Clip threshold and each config's 90th percentile drawn in."""
     hist = hist.sort_values("step").assign(

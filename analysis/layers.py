@@ -24,9 +24,14 @@ def layer_weights(snap: pd.DataFrame) -> pd.DataFrame:
     return snap.assign(layer=snap.layer.map(names), layer_index=snap.layer.map(order.index))
 
 
+def spread_per_seed(snap: pd.DataFrame) -> pd.DataFrame:
+    """config, step, seed, spread (largest over smallest layer norm of that run at that step)."""
+    return snap.groupby(["config", "step", "seed"]).grad_norm.apply(layer_spread).rename("spread").reset_index()
+
+
 def spread_rows(snap: pd.DataFrame) -> pd.DataFrame:
     """Per config and step: largest/smallest layer norm (mean and 95% CI over seeds) and which layers they are."""
-    per_seed = snap.groupby(["config", "step", "seed"]).grad_norm.apply(layer_spread).rename("spread").reset_index()
+    per_seed = spread_per_seed(snap)
     mean = snap.groupby(["config", "step", "layer"]).grad_norm.mean().reset_index()
     rows = []
     for (config, step), g in per_seed.groupby(["config", "step"]):
@@ -45,7 +50,8 @@ def describe(config: str, rows: pd.DataFrame) -> str:
     verdict = ("uniform at every step" if uniform.all() else "not uniform at any step" if not uniform.any()
                else "uniform at step " + ", ".join(str(s) for s in rows[uniform].step) + " only")
     first, last = rows.sort_values("step").iloc[[0, -1]]["max/min"]
-    trend = "" if len(rows) < 2 else f"; the spread {'narrows' if last < first else 'widens'} from {first:.1f}x to {last:.1f}x"
+    change = "stays at about" if abs(last / first - 1) < 0.1 else "narrows from" if last < first else "widens from"
+    trend = "" if len(rows) < 2 else f"; the spread {change} {first:.1f}x" + ("" if change.startswith("stays") else f" to {last:.1f}x")
     return f"- **{config}**: {verdict} ({'; '.join(parts)}){trend}."
 
 
@@ -71,4 +77,5 @@ def layer_norms(runs: pd.DataFrame) -> Section:
     return Section("Gradient norms across layers", text,
                    {"layer_grad_norms": norms.rename(columns=lambda c: f"step {c}" if isinstance(c, (int, float)) else c),
                     "layer_spread": spread_table, "layer_spread_values": spread},
-                   {"layer_grad_norms": figures.layer_grad_norms(snap.sort_values(["layer_index", "step"]))})
+                   {"layer_grad_norms": figures.layer_grad_norms(snap.sort_values(["layer_index", "step"])),
+                    "layer_spread": figures.layer_spread_over_steps(spread_per_seed(snap))})

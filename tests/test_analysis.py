@@ -88,7 +88,7 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     sens = pd.read_csv(out / "lr_sensitivity_values.csv")
     no_warm = sens[(sens.params == 400000) & (sens.warmup == "no warmup")].sensitivity.item()
     assert no_warm == pytest.approx((0.1 + 1.5 + math.log(10)) / 3 - 0.1)
-    for png in ("loss_curves", "layer_grad_norms", "grad_norm_over_training", "lr_stress", "warmup_vs_size", "sensitivity_vs_size"):
+    for png in ("loss_curves", "layer_grad_norms", "layer_spread", "grad_norm_over_training", "lr_stress", "warmup_vs_size", "sensitivity_vs_size"):
         assert (out / f"{png}.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
     assert "**Lowest final loss:** all_tricks" in report and "Warmup starts to matter at **25,000 parameters**" in report

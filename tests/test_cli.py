@@ -33,6 +33,9 @@ def test_tracked_run_has_config_tags_metrics_and_artifacts(mnist_dir, tracking, 
     assert int(tags["param_count"]) == 94410
     assert {tags[f"data_md5.{k}"] for k in MD5} == set(MD5.values())
     assert tags["mlflow.note.content"].startswith("BatchNorm + 1 epoch")
+    assert tags["overrides"].split(",") == ["data.batch_size", "data.data_dir", "data.test_subset", "data.train_subset",
+                                            "epochs", "monitor.flush_every", "monitor.layer_every", "monitor.snapshot_steps",
+                                            "seed"]  # what TINY_FLAGS and --seed set; no treatment key
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 16
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == [1, 2]
     local = client.download_artifacts(run.info.run_id, "", str(tmp_path))
@@ -47,6 +50,7 @@ def test_diverged_run_is_finished_tagged_and_finite(mnist_dir, tracking):
     assert main(["train", "--config", "no_tricks", "--optimizer", "sgd", "--lr", "50", *TINY_FLAGS]) == 0
     run = only_run()
     assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "true"
+    assert {"optim.lr", "optim.name"} <= set(run.data.tags["overrides"].split(","))
     step = int(run.data.tags["diverged_step"])
     history = MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == step and all(math.isfinite(m.value) for m in history)

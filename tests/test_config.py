@@ -1,7 +1,8 @@
 import pytest
 
 from conftest import CONFIGS_DIR
-from cookbook.config import Config, ConfigError, available_configs, from_params, load_config, merge, to_params, validate
+from cookbook.config import (Config, ConfigError, available_configs, from_params, load_config, merge, overridden_keys,
+                             to_params, validate)
 
 
 def test_seed_configs_exist_with_their_semantics():
@@ -63,3 +64,11 @@ def test_params_round_trip_to_the_same_config():
     params = to_params(cfg)
     assert from_params({**params, "seed": "", "lr": ""}) == cfg  # `mlflow run`'s raw params are ignored
     assert params["config.optim.max_norm"] == "1.0" and params["config.data.test_subset"] == "null"
+
+
+def test_overridden_keys_are_the_values_that_differ_from_the_file():
+    base = load_config("all_tricks", CONFIGS_DIR)
+    same_lr = load_config("all_tricks", CONFIGS_DIR, {"optim": {"lr": 0.001}, "seed": 0})  # given, but equal to the file
+    assert overridden_keys(same_lr, base) == []
+    changed = load_config("all_tricks", CONFIGS_DIR, {"optim": {"lr": 0.1, "max_norm": None}, "model": {"width": 2}})
+    assert overridden_keys(changed, base) == ["model.width", "optim.lr", "optim.max_norm"]
