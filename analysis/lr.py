@@ -26,7 +26,8 @@ def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[p
     if len(hit):
         hit = hit.assign(initial_loss=[load.history(r, "train/loss").get(0, np.nan) for r in hit.run_id])
         return pd.DataFrame({"config": hit.config, "LR": hit.lr, "seed": hit.seed, "outcome": [outcome(r, ratio) for r in hit.itertuples()],
-                             "final loss": hit.final_loss, "step-0 loss": hit.initial_loss, "source": "LR grid"}), hit
+                             "final loss": hit.final_loss.round(4), "step-0 loss": hit.initial_loss.round(4),
+                             "source": "LR grid"}), hit
     rows = [{"config": r["config"], "LR": X100 * r["base_lr"], "seed": x["seed"],
              "outcome": "converged" if x["converged"] else f"diverged at step {int(x['diverged_step'])}" if x["diverged"]
              else "did not converge", "final loss": x["final_loss"], "step-0 loss": np.nan, "source": "stress study"}
