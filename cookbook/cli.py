@@ -102,6 +102,27 @@ def compare(tracked: dict[str, list[tuple[int, float]]], rerun: dict[str, list[t
     return report
 
 
+def match_recorded(cfg, tags: dict[str, str]):
+    """The config set up to run as the tracked run did (its torch threads and device); print what still differs."""
+    import dataclasses
+
+    import torch
+
+    threads = tags.get("torch_threads", "")
+    if threads.isdigit():
+        torch.set_num_threads(int(threads))  # results are bitwise reproducible only at the same thread count
+    device = tags.get("device", "")
+    if device and not (device.startswith("cuda") and not torch.cuda.is_available()):
+        cfg = dataclasses.replace(cfg, device=device)
+    here = {"torch_threads": str(torch.get_num_threads()), "torch_version": torch.__version__, "device": cfg.device}
+    print(f"reproducing with {here['torch_threads']} torch thread(s), device {cfg.device}, torch {torch.__version__}, "
+          f"precision {cfg.compute.precision}")
+    differ = [f"{k} (tracked {tags[k]}, here {v})" for k, v in here.items() if tags.get(k) not in (None, v)]
+    if differ:
+        print(f"differs from the tracked run, so an exact match is not expected: {', '.join(differ)}")
+    return cfg
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow import MlflowClient
@@ -112,7 +133,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         run = client.get_run(args.run_id)
     except MlflowException:
         raise ConfigError(f"no run '{args.run_id}' in {mlflow.get_tracking_uri()}") from None
-    cfg = from_params(run.data.params)
+    cfg = match_recorded(from_params(run.data.params), run.data.tags)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     recorder = Recorder()
     result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder])

@@ -124,3 +124,19 @@ def test_no_track_trains_without_mlflow(mnist_dir, tracking, capsys):
     assert main(["train", "--config", "no_tricks", *TINY_FLAGS, "--epochs", "1", "--no-track"]) == 0
     assert "no_tricks s0: finished after 8/8 steps" in capsys.readouterr().out
     assert mlflow.get_experiment_by_name("stability-cookbook") is None
+
+
+def test_reproduce_runs_at_the_recorded_thread_count(mnist_dir, tracking, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as a sweep worker with --workers 2 on 2 cores trains
+        main(["train", "--config", "layernorm", *TINY_FLAGS])
+        torch.set_num_threads(2)  # 1 vs 2 threads change 21 of 24 metric histories of this run
+        capsys.readouterr()
+        assert main(["reproduce", only_run().info.run_id]) == 0
+        out = capsys.readouterr().out
+        assert "reproducing with 1 torch thread(s), device cpu" in out and "MISMATCH" not in out
+    finally:
+        torch.set_num_threads(before)
