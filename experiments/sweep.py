@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 import optuna
 from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_config
+from cookbook import resources
 from cookbook.data import DataError, load_mnist
 from cookbook.stacked import train_stacked
 from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker
@@ -91,6 +92,12 @@ def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str
     for cell in cells:
         load_config(cell["config"], CONFIGS_DIR, overrides(cell, {}))
     return cells
+
+
+def check_cells(cells: list[dict], settings: dict) -> None:
+    """Every cell's config with the shared settings is valid and fits this machine's device (one line otherwise)."""
+    for cell in cells:
+        resources.check(load_config(cell["config"], CONFIGS_DIR, overrides(cell, settings)))
 
 
 def cell_key(cell: dict) -> str:
@@ -327,7 +334,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     """Validate, create or resume the study, enqueue missing cells, run workers, summarise."""
     cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs)
     settings = train_settings(args)
-    load_config(cells[0]["config"], CONFIGS_DIR, overrides(cells[0], settings))  # the shared settings are valid too
+    check_cells(cells, settings)
     name = args.study or study_name(cells, settings)
     study = open_study(args.storage, name, cells, settings)
     recover_dead_workers(study)

@@ -5,6 +5,7 @@ import shutil
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from conftest import CONFIGS_DIR, TINY_FLAGS
@@ -90,12 +91,28 @@ def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
     (["--optimizer", "lion"], "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
     (["--width", "-1"], "model.width=-1.0 must be > 0"),
     (["--set", "optim.lr"], "must look like KEY=VALUE"),
+    (["--width", "1000"], "model.width=1000 model.depth=3 needs about"),  # 295 GB of Adam state and activations
+    (["--width", ".inf"], "model.width=inf must be a finite number"),
+    (["--warmup-epochs", ".inf"], "schedule.warmup_epochs=inf must be a finite number"),
+    (["--lr", ".nan"], "optim.lr=nan must be a finite number"),
+    (["--train-subset", "100000"], "data.train_subset=100000 must be in 2..60000 (MNIST's training images) or none"),
+    (["--test-subset", "10001"], "data.test_subset=10001 must be in 1..10000 (MNIST's test images) or none"),
+    (["--device", "cuda:x"], "device='cuda:x': the index after ':' must be a number"),
+    pytest.param(["--device", "cuda"], "device='cuda' is not available here (0 CUDA devices); choose cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
 ])
 def test_bad_input_is_one_line_and_creates_no_run(tracking, capsys, argv, message):
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {message}" or (message in err and err.count("\n") == 0)
     assert mlflow.get_experiment_by_name("stability-cookbook") is None
+
+
+def test_config_file_that_is_not_utf8_is_one_line(tracking, capsys, tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("description: \xe9t\xe9\n".encode("latin-1"))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}: not UTF-8 text (byte 0xe9 at offset 13)"
 
 
 def test_unwritable_data_dir_is_one_line_error(tracking, capsys):

@@ -46,7 +46,7 @@ def test_yaml_exponent_strings_are_numbers():
 @pytest.mark.parametrize("updates,message", [
     ({"optim": {"lr": 0}}, "optim.lr=0.0 must be a positive number"),
     ({"optim": {"lr": -1}}, "optim.lr=-1.0 must be a positive number"),
-    ({"optim": {"lr": "nan"}}, "optim.lr=nan must be a positive number"),
+    ({"optim": {"lr": "nan"}}, "optim.lr='nan' must be a finite number"),
     ({"epochs": 0}, "epochs=0 must be >= 1"),
     ({"model": {"width": -0.5}}, "model.width=-0.5 must be > 0"),
     ({"model": {"depth": 9}}, "model.depth=9 must be in 1..5"),

@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from cookbook.config import ModelConfig
 from cookbook.model import build_model, parameter_count
+from cookbook.resources import parameter_estimate
 
 
 def test_seed_architecture_parameter_counts():
@@ -39,3 +41,9 @@ def test_he_and_xavier_init_statistics():
     torch.manual_seed(0)
     default = build_model(ModelConfig(width=4, init="default"))
     assert not torch.all(default.classifier.bias == 0)
+
+
+@pytest.mark.parametrize("norm,width,depth", [("none", 1.0, 3), ("batch", 0.25, 3), ("layer", 1.25, 5), ("batch", 4.0, 1)])
+def test_parameter_estimate_is_the_built_models_count(norm, width, depth):
+    cfg = ModelConfig(norm=norm, width=width, depth=depth)
+    assert parameter_estimate(cfg) == parameter_count(build_model(cfg))

@@ -57,8 +57,9 @@ def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
     assert main(["run", "--configs", "no_tricks,nope", "--storage", str(storage), *TINY]) == 2
     assert main(["run", "--configs", "no_tricks", "--storage", "redis://x", *TINY]) == 2
     assert main(["run", "--configs", "no_tricks", "--epochs", "0", "--storage", str(storage)]) == 2
+    assert main(["run", "--configs", "no_tricks", "--widths", "1,1000", "--storage", str(storage), *TINY]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert [e.split(":")[0] for e in errors] == ["error"] * 3
+    assert [e.split(":")[0] for e in errors] == ["error"] * 4 and "model.width=1000 model.depth=3 needs about" in errors[3]
     assert not storage.exists() and mlflow.get_experiment_by_name("stability-cookbook") is None
 
 

@@ -1,0 +1,59 @@
+"""Will a config run here at all? The device exists and the model fits in memory: checked before any run is created."""
+from __future__ import annotations
+
+import psutil
+import torch
+
+from .config import Config, ConfigError, ModelConfig
+from .model import block_channels
+
+IMAGE_SIDE, CLASSES = 28, 10
+OPTIMIZER_COPIES = 4  # weights, gradients and Adam's two moments, each one float per parameter
+ACTIVATION_COPIES = 4  # per block output kept for backward: conv, norm, pool and ReLU outputs (an upper bound)
+
+
+def parameter_estimate(cfg: ModelConfig) -> int:
+    """Parameters of build_model(cfg) in closed form, without building it (a width of 1000 would not fit)."""
+    total, channels_in = 0, 1
+    for out in block_channels(cfg.width, cfg.depth):
+        total += channels_in * out * 9 + out + (2 * out if cfg.norm != "none" else 0)
+        channels_in = out
+    return total + channels_in * CLASSES + CLASSES
+
+
+def memory_estimate(cfg: Config) -> int:
+    """Bytes one training needs at most: float32 parameters, gradients and Adam state, plus a batch's activations."""
+    side, activations = IMAGE_SIDE, 0
+    for out in block_channels(cfg.model.width, cfg.model.depth):
+        activations += out * side * side
+        side //= 2
+    return 4 * (OPTIMIZER_COPIES * parameter_estimate(cfg.model) + ACTIVATION_COPIES * cfg.data.batch_size * activations)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on the device (RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def check(cfg: Config) -> torch.device:
+    """The device cfg asks for, if it exists here and the training fits in its free memory; else a one-line ConfigError."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if index and not index.isdigit():
+        raise ConfigError(f"device={cfg.device!r}: the index after ':' must be a number, e.g. cuda:0")
+    if kind == "cuda" and (not torch.cuda.is_available() or (index and int(index) >= torch.cuda.device_count())):
+        raise ConfigError(f"device={cfg.device!r} is not available here ({torch.cuda.device_count()} CUDA devices); "
+                          f"choose cpu{' or cuda:0' if torch.cuda.is_available() else ''}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={cfg.device!r} is not available here; choose cpu")
+    device = torch.device(name)
+    need, free = memory_estimate(cfg), available_bytes(device)
+    if need > free:
+        raise ConfigError(f"model.width={cfg.model.width:g} model.depth={cfg.model.depth} needs about {need / 1e9:.1f} GB "
+                          f"({parameter_estimate(cfg.model):,} parameters, batch {cfg.data.batch_size}) but {name} has "
+                          f"{free / 1e9:.1f} GB free")
+    return device
