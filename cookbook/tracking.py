@@ -1,9 +1,12 @@
 """MLflow tracking as a training hook: params, tags, batched async metrics, artifacts."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +41,19 @@ def git_state(repo: Path = REPO) -> tuple[str, bool]:
         return "unknown", False
 
 
+def ready_store(uri: str | None = None) -> None:
+    """Create a SQLite store's tables once, under a lock: processes starting together on a fresh store would
+    otherwise race in MLflow's schema migrations ("duplicate column name: step"; 7 of 8 crashed here)."""
+    uri = uri or mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return  # server and database stores are set up by whoever runs them
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]  # one lock per store file, outside the project folder
+    with open(Path(tempfile.gettempdir()) / f"stability-cookbook-store-{digest}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)
+
+
 def _metrics(rows: Rows) -> list[Metric]:
     now = int(time.time() * 1000)
     return [Metric(key, float(value), now, step) for step, values in rows for key, value in values.items()]
@@ -52,6 +68,7 @@ class MlflowTracker(Hook):
         """base: the config file as written (default: cfg itself, i.e. no overrides)."""
         self.cfg, self.data_md5, self.experiment = cfg, data_md5, experiment
         self.overrides = overridden_keys(cfg, base or cfg)
+        ready_store()  # before the client: building it opens the store
         self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
         self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id
         self.client = MlflowClient()

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from cookbook.config import CONFIGS_DIR, ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
-from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker
+from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
@@ -133,6 +133,7 @@ def run_stress(args: argparse.Namespace) -> int:
                          f"n_trials={args.n_trials}, factor={args.factor}, converge_ratio={args.converge_ratio}")
     check_cells([{"config": name, "lr": 1.0} for name in configs], settings)
     open_storage(args.storage)
+    ready_store()
     reports = []
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(args.experiment)

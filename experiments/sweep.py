@@ -32,7 +32,7 @@ from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_co
 from cookbook import resources
 from cookbook.data import DataError, load_mnist
 from cookbook.stacked import train_stacked
-from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker
+from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
 
@@ -265,6 +265,7 @@ def work(storage_spec: str, name: str, experiment: str, threads: int | None = No
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ready_store()
     study = open_study(storage_spec, name)
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:  # cells live beside their parent, e.g. in the experiment `mlflow run --experiment-name` chose
@@ -336,6 +337,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     settings = train_settings(args)
     check_cells(cells, settings)
     name = args.study or study_name(cells, settings)
+    ready_store()  # before anything touches MLflow: coordinators may start together on a fresh store
     study = open_study(args.storage, name, cells, settings)
     recover_dead_workers(study)
     queued = enqueue_missing(study)
