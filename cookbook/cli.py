@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -172,10 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, schedulers, Kubernetes), raised in the main thread like Ctrl-C so runs end KILLED."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the tracker has already stored what was trained and ended the run KILLED
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+        print(f"stopped by {name}; a run it had started ended KILLED, with every step trained before it", file=sys.stderr)
+        return code

@@ -73,6 +73,7 @@ class MlflowTracker(Hook):
         self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id
         self.client = MlflowClient()
         self.run_id: str | None = None
+        self.steps_logged = 0  # training steps whose metrics were handed to MLflow (what an interrupted run kept)
         self.pending = []  # async RunOperations to wait for
 
     def __enter__(self) -> MlflowTracker:
@@ -105,6 +106,8 @@ class MlflowTracker(Hook):
     def __exit__(self, exc_type, exc, tb) -> None:
         self.flush()
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        if status == "KILLED":
+            self.set_tags({STEPS_RUN_TAG: self.steps_logged})
         if self.fluent:
             mlflow.end_run(status=status)
         else:
@@ -123,6 +126,7 @@ class MlflowTracker(Hook):
         self.set_tags({PARAM_COUNT_TAG: info["param_count"], "device": info["device"], TOTAL_STEPS_TAG: info["total_steps"]})
 
     def on_metrics(self, rows):
+        self.steps_logged = max([self.steps_logged] + [step + 1 for step, m in rows if "train/loss" in m])
         metrics = _metrics(rows)
         for i in range(0, len(metrics), 1000):  # log_batch accepts at most 1000 metrics per call
             self.pending.append(self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=False))

@@ -136,18 +136,22 @@ def train_epoch(parts: Parts, cfg: Config, data: MNIST, order: list[torch.Tensor
     parts.model.train()
     max_norm = cfg.optim.max_norm
     sums = torch.zeros(3, device=data.train_x.device)
-    for i, idx in enumerate(order):
-        step = first_step + i
-        idx = idx.to(data.train_x.device)
-        loss, grad_norm, lr = train_step(parts, data.train_x[idx], data.train_y[idx], step, max_norm)
-        clipped = grad_norm > max_norm if max_norm is not None else torch.zeros_like(grad_norm, dtype=torch.bool)
-        sums += torch.stack([loss, grad_norm, clipped.to(sums.dtype)])
-        if parts.monitor.record(step, loss, grad_norm, lr) or i == len(order) - 1:
-            rows = parts.monitor.flush()[0]
-            bad = check.first_bad_step(rows)
-            hook.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
-            if bad is not None:
-                return [], bad
+    try:
+        for i, idx in enumerate(order):
+            step = first_step + i
+            idx = idx.to(data.train_x.device)
+            loss, grad_norm, lr = train_step(parts, data.train_x[idx], data.train_y[idx], step, max_norm)
+            clipped = grad_norm > max_norm if max_norm is not None else torch.zeros_like(grad_norm, dtype=torch.bool)
+            sums += torch.stack([loss, grad_norm, clipped.to(sums.dtype)])
+            if parts.monitor.record(step, loss, grad_norm, lr) or i == len(order) - 1:
+                rows = parts.monitor.flush()[0]
+                bad = check.first_bad_step(rows)
+                hook.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
+                if bad is not None:
+                    return [], bad
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: hand over every step that finished, then stop
+        hook.on_metrics([(s, m) for s, m in parts.monitor.flush()[0] if "train/loss" in m])
+        raise
     return sums.tolist(), None
 
 

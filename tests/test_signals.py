@@ -1,0 +1,68 @@
+"""Real signals to a real training process: the run ends KILLED with every step it trained, the exit code says which."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import DATA_DIR, ROOT
+
+LONG = ["--config", "no_tricks", "--epochs", "300", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32",
+        "--data-dir", str(DATA_DIR), "--no-system-metrics", "--experiment", "signals"]  # 2,400 steps: never done in time
+
+
+def stored_steps(client: MlflowClient) -> tuple[str | None, int]:
+    exp = client.get_experiment_by_name("signals")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    if not runs:
+        return None, 0
+    return runs[0].info.run_id, len(client.get_metric_history(runs[0].info.run_id, "train/loss"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_signal_ends_the_run_killed_with_every_trained_step(mnist_dir, tmp_path, sig, code, name):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cookbook", "train", *LONG], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client, deadline = MlflowClient(uri), time.time() + 300
+    while stored_steps(client)[1] < 60 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"stopped by {name}; a run it had started ended KILLED")
+    run_id, steps = stored_steps(client)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    history = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert history == list(range(steps)) and int(run.data.tags["steps_run"]) == steps >= 60  # no hole, nothing lost
+
+
+def test_interrupt_mid_flush_window_keeps_the_buffered_steps(mnist_dir, tracking, tiny_cfg, tiny_data, monkeypatch):
+    """Ctrl-C at step 11 (8 steps per epoch, flush every 5): steps 8-10 were only buffered, yet 0-10 are all stored."""
+    import dataclasses
+
+    from cookbook import train as train_module
+    from cookbook.tracking import MlflowTracker
+
+    real_step = train_module.train_step
+
+    def step_or_interrupt(parts, x, y, step, max_norm):
+        if step == 11:
+            raise KeyboardInterrupt
+        return real_step(parts, x, y, step, max_norm)
+
+    monkeypatch.setattr(train_module, "train_step", step_or_interrupt)
+    cfg = dataclasses.replace(tiny_cfg, monitor=dataclasses.replace(tiny_cfg.monitor, flush_every=5))
+    with pytest.raises(KeyboardInterrupt):
+        with MlflowTracker(cfg, tiny_data.md5, experiment="interrupt", system_metrics=False) as tracker:
+            train_module.train(cfg, tiny_data, [tracker])
+    client = MlflowClient()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["steps_run"] == "11"
+    assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "train/loss")) == list(range(11))
