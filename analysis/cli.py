@@ -31,7 +31,8 @@ def build_sections(experiment: str) -> tuple[list[sections.Section], dict[str, s
              ("Gradient norms: no_tricks vs all_tricks", lambda: sections.grad_norms(runs)),
              ("LR stress", lambda: lr.lr_stress(runs, reports)),
              ("Tuned comparison (best LR per config)", lambda: lr.isolation(runs)),
-             ("Warmup vs model size", lambda: lr.warmup_size(runs))]
+             ("Warmup vs model size", lambda: lr.warmup_size(runs)),
+             ("Diverged runs", lambda: sections.diverged(runs))]
     done, skipped = [], {}
     for name, build in steps:
         try:
@@ -40,10 +41,6 @@ def build_sections(experiment: str) -> tuple[list[sections.Section], dict[str, s
             skipped[name] = str(why)
         except Exception as e:  # noqa: BLE001  (a section that breaks must not take the others with it)
             skipped[name] = f"could not be drawn: {type(e).__name__}: {e}"
-    diverged = runs[runs.diverged]
-    if len(diverged):
-        names = ", ".join(diverged.run_name.fillna(diverged.run_id))
-        skipped["Diverged runs"] = f"{len(diverged)} of {len(runs)} runs diverged ({names}); marked in the LR figures, left out of means"
     return done, skipped
 
 

@@ -94,6 +94,21 @@ def loss_curves(runs: pd.DataFrame) -> Section:
     return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.", figures={"loss_curves": figures.loss_curves(hist)})
 
 
+def diverged(runs: pd.DataFrame) -> Section:
+    """8. Every diverged run, a result in itself: where and when it blew up."""
+    bad = runs[runs.diverged].sort_values(["config", "lr", "width", "seed"])
+    if bad.empty:
+        raise Skip("no run diverged")
+    counts = bad.groupby("config").size()
+    table = pd.DataFrame({"run": bad.run_name.fillna(bad.run_id), "config": bad.config, "LR": bad.lr, "width": bad.width,
+                          "warmup epochs": bad.warmup_epochs, "seed": bad.seed, "diverged at step": bad.diverged_step,
+                          "of steps": bad.total_steps, "stress study": bad.stress.notna(), "scale": bad.scale})
+    text = (f"{len(bad)} of {len(runs)} runs diverged ({', '.join(f'{c}: {n}' for c, n in counts.items())}): "
+            "a non-finite loss or one above the divergence factor x the loss of step 0. They are marked in the LR "
+            "figures and left out of means.")
+    return Section("Diverged runs", text, {"diverged_runs": table})
+
+
 def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Section:
     """4. Pre-clip grad norm over training, the clip threshold against the 90th percentile."""
     base = baseline_runs(runs)

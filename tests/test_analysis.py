@@ -95,9 +95,11 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     isolation = pd.read_csv(out / "isolation.csv").set_index("config")
     assert isolation.loc["no_tricks", "best LR"] == 1e-3
-    diverged_line = next(line for line in report.splitlines() if line.startswith("- **Diverged runs**"))
-    assert "no_tricks seed=0 lr=0.1" in diverged_line and "all_tricks seed=1 lr=0.1" in diverged_line
-    assert "## Not drawn" in report and "could not be drawn" not in report
+    assert "## Diverged runs\n\n6 of 24 runs diverged (all_tricks: 4, no_tricks: 2)" in report
+    assert set(pd.read_csv(out / "diverged_runs.csv").run) == {
+        "no_tricks seed=0 lr=0.1", "no_tricks seed=1 lr=0.1", "all_tricks seed=0 lr=0.1", "all_tricks seed=1 lr=0.1",
+        "all_tricks seed=0 lr=0.1 width=0.5 warmup_epochs=0", "all_tricks seed=0 lr=0.1 width=2 warmup_epochs=0"}
+    assert "## Not drawn" not in report and "could not be drawn" not in report
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("analysis").experiment_id])
     assert {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id)} >= {"report.html", "loss_curves.png"}
 
