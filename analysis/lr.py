@@ -109,15 +109,18 @@ def warmup_size(runs: pd.DataFrame) -> Section:
     init = float(np.log(10))  # loss of a uniform prediction over 10 classes: the loss at init
     table = size_table(sized, init)
     wide = table.pivot(index="params", columns="warmup", values="sensitivity")
-    critical = None
+    rule = "no-warmup LR sensitivity more than 25% and 0.01 nats above warmup's"
+    answer = f"Within the sizes tried warmup never mattered by the rule ({rule})."
     if {"warmup", "no warmup"} <= set(wide.columns):
-        gap = wide["no warmup"] - wide["warmup"]
-        matters = gap[(gap > 0.01) & (wide["no warmup"] > 1.25 * wide["warmup"])]
-        critical = int(matters.index.min()) if len(matters) else None
-    answer = (f"Warmup starts to matter at **{critical:,} parameters** (the smallest size where the LR sensitivity "
-              f"without warmup exceeds that with warmup by more than 25% and 0.01 nats)." if critical else
-              "Within the sizes tried warmup never mattered by that rule (no-warmup LR sensitivity more than 25% and "
-              "0.01 nats above warmup's).")
+        both = wide.dropna()
+        gap = both["no warmup"] - both["warmup"]
+        matters = list(gap[(gap > 0.01) & (both["no warmup"] > 1.25 * both["warmup"])].index)
+        if matters and matters == list(both.index):
+            answer = (f"Warmup matters at **every size tried**, {min(matters):,} to {max(matters):,} parameters "
+                      f"({rule}); the table says by how much.")
+        elif matters:
+            answer = (f"Warmup starts to matter at **{min(matters):,} parameters** (the smallest size where the {rule}; "
+                      f"it holds at {', '.join(f'{m:,}' for m in matters)}).")
     sens = table[["params", "warmup", "sensitivity"]]
     text = (scale_note(sized) + f"Config {', '.join(sorted(sized.config.unique()))}; LR sensitivity = mean over the LR grid "
             "of min(final loss, ln 10) minus the best final loss (Wortsman et al. 2023). " + answer)

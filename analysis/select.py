@@ -79,7 +79,8 @@ def size_sweep(runs: pd.DataFrame) -> pd.DataFrame:
         return sized
     at = largest_scale(sized)
     same = classified(runs, allowed)
-    same = same[same.config.isin(at.config) & same.scale.isin(at.scale) & same.seed.isin(at.seed)]
+    same = same[same.config.isin(at.config) & same.scale.isin(at.scale) & same.seed.isin(at.seed) & same.lr.isin(at.lr)
+                & same.warmup_epochs.isin(at.warmup_epochs)]  # the sweep's own grid at the config's own size
     return largest_scale(same)
 
 

@@ -91,7 +91,7 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     for png in ("loss_curves", "layer_grad_norms", "layer_spread", "grad_norm_over_training", "lr_stress", "warmup_vs_size", "sensitivity_vs_size"):
         assert (out / f"{png}.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
-    assert "**Lowest final loss:** all_tricks" in report and "Warmup starts to matter at **25,000 parameters**" in report
+    assert "**Lowest final loss:** all_tricks" in report and "Warmup matters at **every size tried**, 25,000 to 400,000 parameters" in report
     assert "data:image/png;base64," in (out / "report.html").read_text()
     isolation = pd.read_csv(out / "isolation.csv").set_index("config")
     assert isolation.loc["no_tricks", "best LR"] == 1e-3
@@ -206,3 +206,19 @@ def test_short_runs_draw_what_they_can(tracking, tmp_path, capsys):
     assert "not drawn: Gradient norms across layers: no run reached any of the snapshot steps" in err
     assert (tmp_path / "loss_curves.png").exists() and (tmp_path / "results.csv").exists()
     assert "## Not drawn" in (tmp_path / "report.md").read_text()
+
+
+def test_warmup_starts_to_matter_at_the_first_size_where_the_rule_holds():
+    from analysis.lr import warmup_size
+    from analysis.select import with_scale
+
+    rows = []
+    for width, params, no_warm in ((0.5, 10_000, (0.2, 0.21)), (2.0, 100_000, (0.2, 2.0))):  # small: LR-robust anyway
+        for warmup in (0.0, 1.0):
+            for lr, loss in zip((1e-3, 1e-2), no_warm if not warmup else (0.2, 0.21)):
+                rows.append({"config": "no_tricks", "seed": 0, "lr": lr, "width": width, "depth": 3, "warmup_epochs": warmup,
+                             "param_count": params, "final_loss": loss, "diverged": False, "stress": None,
+                             "overrides": "model.width,optim.lr,schedule.warmup_epochs", "start_time": 0, "epochs": 2,
+                             "train_subset": None, "test_subset": None, "batch_size": 128, "precision": "fp32"})
+    section = warmup_size(with_scale(pd.DataFrame(rows)))
+    assert "Warmup starts to matter at **100,000 parameters**" in section.text and "it holds at 100,000)" in section.text
