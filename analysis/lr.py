@@ -47,6 +47,23 @@ def survivors(x100: pd.DataFrame) -> str:
             + (f" Fail in every seed: {', '.join(none)}." if none else ""))
 
 
+def boundaries(runs: pd.DataFrame, reports: list[dict]) -> str:
+    """The stress studies' boundaries in words, with the scale their trials ran at (read off the trial runs)."""
+    trials = runs[runs.stress.notna()]
+    lines = []
+    for r in reports:
+        at = ", ".join(sorted(trials[trials.config == r["config"]].scale.unique())) or "not found"
+        found = (f"boundary {r['boundary_lr']:.3g}" + (f" [90% CI {r['boundary_lr_90ci'][0]:.3g}, {r['boundary_lr_90ci'][1]:.3g}]"
+                                                       if r.get("boundary_lr_90ci") else "")
+                 if r.get("boundary_lr") else "no boundary inside the range")
+        largest = r.get("largest_converged_lr")
+        lines.append(f"- {r['config']}: {r['trials']} trials, converged up to {largest:.3g}, {found}; pruning saved "
+                     f"{r['pruning_saved']:.0%} of the steps. *Scale: {at}.*" if largest else
+                     f"- {r['config']}: {r['trials']} trials, none converged. *Scale: {at}.*")
+    return ("\n\n**Divergence boundaries** (stress study: P(fail) = 0.5 of a logistic fit against log10 LR, 90% "
+            "bootstrap interval):\n\n" + "\n".join(lines)) if lines else ""
+
+
 def lr_stress(runs: pd.DataFrame, reports: list[dict]) -> Section:
     """5. The LR x100 table and survivors under one stated rule, stress boundaries, final loss against LR."""
     ratio = converge_ratio(reports)
@@ -56,14 +73,12 @@ def lr_stress(runs: pd.DataFrame, reports: list[dict]) -> Section:
         raise Skip("no run at 100x a config's own LR, no LR grid (a config at 2+ LRs) and no stress study here")
     rule = (f"Rule, for grid runs and stress trials alike: **converged** = not diverged and final train loss < {ratio:g} x "
             "the loss of step 0; **diverged** = a non-finite loss or one above the divergence factor x the loss of step 0.")
-    bounds = " ".join(f"{r['config']}: converged up to {r['largest_converged_lr']:.3g}, boundary {r['boundary_lr']:.3g}"
-                      + (f" [90% CI {r['boundary_lr_90ci'][0]:.3g}, {r['boundary_lr_90ci'][1]:.3g}]" if r.get("boundary_lr_90ci") else "")
-                      + "." for r in reports if r.get("boundary_lr") and r.get("largest_converged_lr"))
+    bounds = boundaries(runs, reports)
     scale = scale_note(hit) if len(hit) else "*Scale: the stress study's (below).*\n\n"
     figs = {"lr_stress": figures.lr_stress(grid, {r["config"]: r["boundary_lr"] for r in reports if r.get("boundary_lr")})} \
         if grid.lr.nunique() >= 2 else {}
     grid_note = f"\n\nFigure: final loss against LR. *Grid scale: {'; '.join(sorted(grid.scale.unique()))}.*" if figs else ""
-    return Section("LR stress", scale + rule + "\n\n" + survivors(x100) + (" " + bounds if bounds else "") + grid_note,
+    return Section("LR stress", scale + rule + "\n\n" + survivors(x100) + bounds + grid_note,
                    {"lr_x100": x100}, figs)
 
 

@@ -222,3 +222,15 @@ def test_warmup_starts_to_matter_at_the_first_size_where_the_rule_holds():
                              "train_subset": None, "test_subset": None, "batch_size": 128, "precision": "fp32"})
     section = warmup_size(with_scale(pd.DataFrame(rows)))
     assert "Warmup starts to matter at **100,000 parameters**" in section.text and "it holds at 100,000)" in section.text
+
+
+def test_stress_boundaries_carry_the_scale_of_their_trials():
+    from analysis.lr import boundaries
+    from analysis.select import with_scale
+
+    trials = with_scale(pd.DataFrame([{"config": "batchnorm", "stress": "stress-batchnorm-1", "epochs": 2, "train_subset": 12800.0,
+                                       "test_subset": 2000.0, "batch_size": 128, "precision": "fp32"}]))
+    report = {"config": "batchnorm", "trials": 17, "largest_converged_lr": 0.285, "boundary_lr": 0.431,
+              "boundary_lr_90ci": [0.335, 0.574], "pruning_saved": 0.18}
+    assert ("- batchnorm: 17 trials, converged up to 0.285, boundary 0.431 [90% CI 0.335, 0.574]; pruning saved 18% of the "
+            "steps. *Scale: 2 epochs on 12,800 training images, tested on 2,000, batch 128, fp32.*") in boundaries(trials, [report])
