@@ -184,6 +184,7 @@ def raise_terminated(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a background shell started us with SIGINT ignored
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -337,8 +337,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     settings = train_settings(args)
     check_cells(cells, settings)
     name = args.study or study_name(cells, settings)
+    study = open_study(args.storage, name, cells, settings)  # a bad storage fails here, before the MLflow store is made
     ready_store()  # before anything touches MLflow: coordinators may start together on a fresh store
-    study = open_study(args.storage, name, cells, settings)
     recover_dead_workers(study)
     queued = enqueue_missing(study)
     before = state_counts(study)

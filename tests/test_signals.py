@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 
 from conftest import DATA_DIR, ROOT
 
-LONG = ["--config", "no_tricks", "--epochs", "300", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32",
-        "--data-dir", str(DATA_DIR), "--no-system-metrics", "--experiment", "signals"]  # 2,400 steps: never done in time
+LONG = ["--config", "no_tricks", "--epochs", "3000", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32",
+        "--data-dir", str(DATA_DIR), "--no-system-metrics", "--experiment", "signals"]  # 24,000 steps: never done before the signal
 
 
 def stored_steps(client: MlflowClient) -> tuple[str | None, int]:
