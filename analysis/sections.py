@@ -91,7 +91,8 @@ def loss_curves(runs: pd.DataFrame) -> Section:
     if base.empty:
         raise Skip("no run at a config's own settings")
     hist = load.histories(list(base.run_id), "train/loss").merge(base[["run_id", "config", "seed"]], on="run_id")
-    return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.", figures={"loss_curves": figures.loss_curves(hist)})
+    return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.",
+                   figures={"loss_curves": figures.loss_curves(hist)})
 
 
 def diverged(runs: pd.DataFrame) -> Section:

@@ -21,7 +21,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from analysis.load import training_runs
 from cookbook.config import CONFIGS_DIR, TRAIN_SIZE, load_config
-
 from cookbook.model import build_model
 from experiments.study import CONFIGS, PHASES, SCALES, SIZE_CONFIG, X100_LR, Scale
 

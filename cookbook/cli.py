@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import time
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
+from . import resources
 from .config import CONFIGS_DIR, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
-from . import resources
 from .progress import Progress
 from .tracking import DEFAULT_EXPERIMENT
 from .train import train
@@ -107,8 +108,6 @@ def compare(tracked: dict[str, list[tuple[int, float]]], rerun: dict[str, list[t
 
 def match_recorded(cfg, tags: dict[str, str]):
     """The config set up to run as the tracked run did (its torch threads and device); print what still differs."""
-    import dataclasses
-
     import torch
 
     threads = tags.get("torch_threads", "")

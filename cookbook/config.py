@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import yaml
 
-
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"  # the named configs
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000  # MNIST's published split: the most a subset can take
 

@@ -80,7 +80,8 @@ class MlflowTracker(Hook):
         self.run_id = self._start_run()
         commit, dirty = git_state()
         tags = {
-            CONFIG_TAG: self.cfg.name, SEED_TAG: str(self.cfg.seed), OVERRIDES_TAG: ",".join(self.overrides), "git_commit": commit, "git_dirty": str(dirty).lower(),
+            CONFIG_TAG: self.cfg.name, SEED_TAG: str(self.cfg.seed), OVERRIDES_TAG: ",".join(self.overrides),
+            "git_commit": commit, "git_dirty": str(dirty).lower(),
             "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads()),
             "mlflow.runName": self.run_name, **{f"data_md5.{k}": v for k, v in self.data_md5.items()}, **self.extra_tags,
         }

@@ -29,8 +29,7 @@ from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
-from experiments.sweep import (TRAIN_FLAGS, cached_mnist, check_cells, config_names, overrides, parse_list, train_settings,
-                               worker_env)
+from experiments.sweep import TRAIN_FLAGS, cached_mnist, check_cells, config_names, overrides, parse_list, train_settings, worker_env
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact

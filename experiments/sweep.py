@@ -22,14 +22,14 @@ import time
 import warnings
 
 import mlflow
+import optuna
 import pandas as pd
 import torch
 from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses; ask/tell has none
 from optuna.trial import TrialState
 
-import optuna
-from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_config
 from cookbook import resources
+from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_config
 from cookbook.data import DataError, load_mnist
 from cookbook.stacked import train_stacked
 from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker, ready_store

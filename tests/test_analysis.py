@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from analysis.cli import build_sections, main
+from analysis.cli import main
 from analysis.stats import layer_spread, lr_sensitivity, mean_ci95
 from cookbook import tracking as t
 from cookbook.tracking import SNAPSHOT_ARTIFACT
@@ -88,10 +88,12 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     sens = pd.read_csv(out / "lr_sensitivity_values.csv")
     no_warm = sens[(sens.params == 400000) & (sens.warmup == "no warmup")].sensitivity.item()
     assert no_warm == pytest.approx((0.1 + 1.5 + math.log(10)) / 3 - 0.1)
-    for png in ("loss_curves", "layer_grad_norms", "layer_spread", "grad_norm_over_training", "lr_stress", "warmup_vs_size", "sensitivity_vs_size"):
+    for png in ("loss_curves", "layer_grad_norms", "layer_spread", "grad_norm_over_training", "lr_stress", "warmup_vs_size",
+                "sensitivity_vs_size"):
         assert (out / f"{png}.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
-    assert "**Lowest final loss:** all_tricks" in report and "Warmup matters at **every size tried**, 25,000 to 400,000 parameters" in report
+    assert "**Lowest final loss:** all_tricks" in report
+    assert "Warmup matters at **every size tried**, 25,000 to 400,000 parameters" in report
     assert "data:image/png;base64," in (out / "report.html").read_text()
     isolation = pd.read_csv(out / "isolation.csv").set_index("config")
     assert isolation.loc["no_tricks", "best LR"] == 1e-3

@@ -1,8 +1,7 @@
 import pytest
 
 from conftest import CONFIGS_DIR
-from cookbook.config import (Config, ConfigError, available_configs, from_params, load_config, merge, overridden_keys,
-                             to_params, validate)
+from cookbook.config import Config, ConfigError, available_configs, from_params, load_config, merge, overridden_keys, to_params, validate
 
 
 def test_seed_configs_exist_with_their_semantics():
