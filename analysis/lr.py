@@ -21,7 +21,8 @@ def converge_ratio(reports: list[dict]) -> float:
 def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows, the runs they came from): every config's runs at x100 its own LR at the largest scale, else the stress probes."""
     grid = classified(runs, {LR_KEY})
-    hit = grid[[np.isclose(r.lr, X100 * own_lr(runs, r.config)) for r in grid.itertuples()]] if len(grid) else grid
+    own = {c: own_lr(runs, c) for c in grid.config.unique()}  # once per config, not once per run
+    hit = grid[[np.isclose(r.lr, X100 * own[r.config]) for r in grid.itertuples()]] if len(grid) else grid
     hit = largest_scale(hit)
     if len(hit):
         hit = hit.assign(initial_loss=[load.history(r, "train/loss").get(0, np.nan) for r in hit.run_id])

@@ -38,17 +38,17 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def phase_cells(scale: Scale) -> dict[str, list[tuple[str, float, float, float]]]:
-    """(config, lr, width, warmup) of every run of each phase; None LR = the config's own."""
-    configs, own = CONFIGS.split(","), None
-    seeds = lambda text: len(text.split(","))  # noqa: E731
+def phase_cells(scale: Scale) -> dict[str, list[tuple[str, float | None, float]]]:
+    """(config, lr, width) of every run of each phase (warmup 0 and 1 both listed); None LR = the config's own."""
+    configs = CONFIGS.split(",")
+    count = lambda text: len(text.split(","))  # noqa: E731  (seeds in a comma list)
+    size = itertools.product(floats(scale.size_lrs), floats(scale.widths), ("no warmup", "warmup"))
     return {
-        "seeds": [(c, own, 1.0, None) for c in configs] * seeds(scale.seeds),
-        "x100": [(c, float(X100_LR), 1.0, None) for c in configs] * seeds(scale.grid_seeds),
-        "grid": [(c, lr, 1.0, None) for c, lr in itertools.product(configs, floats(scale.grid_lrs))] * seeds(scale.grid_seeds),
-        "size": [(SIZE_CONFIG, lr, w, wu) for lr, w, wu in itertools.product(floats(scale.size_lrs), floats(scale.widths), (0.0, 1.0))]
-        * seeds(scale.size_seeds),
-        "stress": [(c, own, 1.0, None) for c in configs] * scale.stress_trials,
+        "seeds": [(c, None, 1.0) for c in configs] * count(scale.seeds),
+        "x100": [(c, float(X100_LR), 1.0) for c in configs] * count(scale.grid_seeds),
+        "grid": [(c, lr, 1.0) for c, lr in itertools.product(configs, floats(scale.grid_lrs))] * count(scale.grid_seeds),
+        "size": [(SIZE_CONFIG, lr, w) for lr, w, _ in size] * count(scale.size_seeds),
+        "stress": [(c, None, 1.0) for c in configs] * scale.stress_trials,
     }
 
 
@@ -62,7 +62,7 @@ def completed_fraction(runs: pd.DataFrame, config: str, lr: float | None, width:
 def work(cells, runs: pd.DataFrame, epochs: int, images: int, batch: int = 128) -> float:
     """Training FLOPs of the phase (forward FLOPs x updates x batch; backward is a fixed multiple)."""
     updates = epochs * -(-images // batch)
-    return sum(flops_per_image(w) * batch * updates * completed_fraction(runs, c, lr, w) for c, lr, w, _ in cells)
+    return sum(flops_per_image(w) * batch * updates * completed_fraction(runs, c, lr, w) for c, lr, w in cells)
 
 
 def main(argv: list[str] | None = None) -> int:

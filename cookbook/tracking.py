@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import io
 import os
@@ -45,8 +46,12 @@ def ready_store(uri: str | None = None) -> None:
     """Create a SQLite store's tables once, under a lock: processes starting together on a fresh store would
     otherwise race in MLflow's schema migrations ("duplicate column name: step"; 7 of 8 crashed here)."""
     uri = uri or mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return  # server and database stores are set up by whoever runs them
+    if uri.startswith("sqlite:///"):  # server and database stores are set up by whoever runs them
+        _create_sqlite_store(uri)
+
+
+@functools.cache  # once per store and process: every tracker and sweep cell calls ready_store
+def _create_sqlite_store(uri: str) -> None:
     path = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]  # one lock per store file, outside the project folder
     with open(Path(tempfile.gettempdir()) / f"stability-cookbook-store-{digest}.lock", "a") as lock:
