@@ -1,10 +1,8 @@
-"""Command line: `python -m cookbook train ...` and `python -m cookbook reproduce RUN_ID`."""
+"""Command line: `python -m cookbook train ...`, `python -m cookbook reproduce RUN_ID`, `python -m cookbook sync`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +11,10 @@ import yaml
 from . import resources
 from .config import CONFIGS_DIR, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
+from .delivery import SPOOL_DIR
 from .hooks import Recorder
 from .progress import Progress
+from .stop import exit_code
 from .tracking import DEFAULT_EXPERIMENT
 from .train import train
 
@@ -151,6 +151,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Replay every spool file (writes a run could not store before it ended); 1 if any is left."""
+    from .delivery import replay
+
+    files = sorted(Path(args.spool_dir).glob("*.jsonl"))
+    left = 0
+    for path in files:
+        stored, remaining, status = replay(path, args.tracking_uri)
+        left += bool(remaining)
+        print(f"run {path.stem}: {stored} writes stored, {remaining} left; run {status}")
+    print(f"{len(files) - left}/{len(files)} spooled runs synced from {args.spool_dir}")
+    return 1 if left else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cookbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,27 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="re-run a tracked run from its params and compare every metric exactly")
     rp.add_argument("run_id")
     rp.set_defaults(func=cmd_reproduce)
+    sy = sub.add_parser("sync", help="store what runs spooled while the tracking store was away, and end them")
+    sy.add_argument("--spool-dir", default=SPOOL_DIR)
+    sy.add_argument("--tracking-uri", default=None, help="default: the store each run was tracked in")
+    sy.set_defaults(func=cmd_sync)
     return parser
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, schedulers, Kubernetes), raised in the main thread like Ctrl-C so runs end KILLED."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a background shell started us with SIGINT ignored
-    try:
-        return args.func(args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # the tracker has already stored what was trained and ended the run KILLED
-        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
-        print(f"stopped by {name}; a run it had started ended KILLED, with every step trained before it", file=sys.stderr)
-        return code
+    return exit_code(lambda: args.func(args), (ConfigError, DataError),
+                     "a run it had started ended KILLED, with every step trained before it")

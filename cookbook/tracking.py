@@ -1,24 +1,27 @@
 """MLflow tracking as a training hook: params, tags, batched async metrics, artifacts."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
 import io
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 
 from .config import Config, overridden_keys, to_params, to_yaml
-from .hooks import Hook, Rows
+from .delivery import FLUSH_TIMEOUT, StoreFailure, StoreUnusable, StoreWriter, metrics_op, spool_path, write_spool
+from .hooks import Hook
 
 DEFAULT_EXPERIMENT = "stability-cookbook"
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
@@ -29,6 +32,7 @@ CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diver
 PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
 OVERRIDES_TAG = "overrides"  # comma list of the config keys the run sets differently from its config file; "" = none
 REPO = Path(__file__).resolve().parent.parent
+MIN_FREE_BYTES = 64 << 10  # less than this and not even the run's params and first batches fit
 
 
 def git_state(repo: Path = REPO) -> tuple[str, bool]:
@@ -50,36 +54,51 @@ def ready_store(uri: str | None = None) -> None:
         _create_sqlite_store(uri)
 
 
+def check_writable(uri: str, path: Path) -> None:
+    """A SQLite store needs its file and folder writable (SQLite writes a journal beside the file) and some free space."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise StoreUnusable(f"tracking store {uri}: folder {folder} does not exist")
+    for target in (folder, path) if path.exists() else (folder,):
+        if not os.access(target, os.W_OK):
+            raise StoreUnusable(f"tracking store {uri} is read-only ({target} cannot be written); "
+                                "point MLFLOW_TRACKING_URI at a writable store")
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise StoreUnusable(f"tracking store {uri} is full ({free // 1024} KiB free in {folder})")
+
+
 @functools.cache  # once per store and process: every tracker and sweep cell calls ready_store
 def _create_sqlite_store(uri: str) -> None:
     path = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+    check_writable(uri, path)
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]  # one lock per store file, outside the project folder
     with open(Path(tempfile.gettempdir()) / f"stability-cookbook-store-{digest}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         MlflowClient(uri).search_experiments(max_results=1)
 
 
-def _metrics(rows: Rows) -> list[Metric]:
-    now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, step) for step, values in rows for key, value in values.items()]
-
-
 class MlflowTracker(Hook):
-    """One MLflow run per training; resumes the run an `mlflow run` created (MLFLOW_RUN_ID)."""
+    """One MLflow run per training; resumes the run an `mlflow run` created (MLFLOW_RUN_ID).
+
+    Every write after the start goes through a StoreWriter: training never waits on the store, an outage
+    loses nothing, and the run's status is set only after everything before it is stored.
+    """
 
     def __init__(self, cfg: Config, data_md5: dict[str, str], experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, system_metrics: bool = True, extra_tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None, base: Config | None = None):
+                 parent_run_id: str | None = None, base: Config | None = None, flush_timeout: float = FLUSH_TIMEOUT):
         """base: the config file as written (default: cfg itself, i.e. no overrides)."""
         self.cfg, self.data_md5, self.experiment = cfg, data_md5, experiment
         self.overrides = overridden_keys(cfg, base or cfg)
         ready_store()  # before the client: building it opens the store
         self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
         self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id
-        self.client = MlflowClient()
+        self.flush_timeout, self.uri = flush_timeout, mlflow.get_tracking_uri()
+        self.client = MlflowClient(self.uri)
         self.run_id: str | None = None
-        self.steps_logged = 0  # training steps whose metrics were handed to MLflow (what an interrupted run kept)
-        self.pending = []  # async RunOperations to wait for
+        self.steps_logged = 0  # training steps whose metrics were handed over (what an interrupted run kept)
+        self.sampler = None
 
     def __enter__(self) -> MlflowTracker:
         self.run_id = self._start_run()
@@ -95,47 +114,70 @@ class MlflowTracker(Hook):
         params = [Param(k, v) for k, v in to_params(self.cfg).items()]
         self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
         self.client.log_text(self.run_id, to_yaml(self.cfg), CONFIG_ARTIFACT)
+        self.writer = StoreWriter(self.client, self.run_id)
+        if self.system_metrics:  # MLflow's own sampler (best effort: it drops samples while the store is away)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.sampler = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+            self.sampler.start()
         return self
 
     def _start_run(self) -> str:
-        """The fluent run where it is needed (resuming `mlflow run`'s run, system metrics), else a client-made run,
-        so that several trackers (the members of a stacked run) can be open at once."""
-        self.fluent = bool(os.environ.get("MLFLOW_RUN_ID")) or self.system_metrics
-        if not os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run` the project run already has its experiment
-            experiment_id = mlflow.set_experiment(self.experiment).experiment_id
-        if self.fluent:
-            return mlflow.start_run(run_name=self.run_name, log_system_metrics=self.system_metrics,
-                                    parent_run_id=self.parent_run_id, nested=self.parent_run_id is not None).info.run_id
+        """The `mlflow run` project run if there is one (and no parent), else a new run made by the client, so that
+        several trackers (the members of a stacked run) can be open at once and MLflow's exit hook never ends ours."""
+        if os.environ.get("MLFLOW_RUN_ID") and not self.parent_run_id:
+            return os.environ["MLFLOW_RUN_ID"]
+        experiment_id = mlflow.set_experiment(self.experiment).experiment_id
         tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
         return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.flush()
+        if self.sampler:
+            self.sampler.finish()
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        if status == "KILLED":
+        if status != "FINISHED":  # on_end did not run: say how far it got
             self.set_tags({STEPS_RUN_TAG: self.steps_logged})
-        if self.fluent:
-            mlflow.end_run(status=status)
-        else:
-            self.client.set_terminated(self.run_id, status)
+        self.writer.end(status)
+        stored = self.writer.drain(0 if self.writer.fatal else self.flush_timeout)
+        left = self.writer.close()
+        if self.writer.fatal:  # a status update may still fit where a batch did not: leave nothing RUNNING if it can
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(self.run_id, "FAILED")
+        if not stored:
+            self._spool(left, exc_type)
 
-    def flush(self) -> None:
-        """Wait until every async metric batch is stored."""
-        for op in self.pending:
-            op.wait()
-        self.pending = []
+    def _spool(self, left: list, exc_type) -> None:
+        """Keep what the store did not take in a spool file and say so in one line (an error unless one is on its way)."""
+        writes = [op for op in left if op["op"] != "end"]
+        values = sum(len(op.get("metrics", ())) for op in writes)
+        path = spool_path(self.run_id)
+        try:
+            write_spool(path, self.uri, self.run_id, left)
+            kept = f"{len(writes)} writes ({values} metric values) and the run's end are spooled in {path}; " \
+                   "`python -m cookbook sync` stores them when the store is back"
+        except OSError as e:
+            kept = f"{values} metric values are lost: the spool {path} could not be written ({e.strerror})"
+        why = f"cannot take writes ({self.writer.fatal})" if self.writer.fatal else f"unreachable ({self.writer.outage})"
+        message = f"tracking store {self.uri} {why}: run {self.run_id} stopped after {self.steps_logged} steps; {kept}"
+        if exc_type is None or issubclass(exc_type, StoreFailure):
+            raise StoreFailure(message)
+        print(f"error: {message}", file=sys.stderr)
+
+    def check_store(self) -> None:
+        """Stop training at the first write the store cannot take for good (disk full, read-only)."""
+        if self.writer.fatal:
+            raise StoreFailure(f"tracking store {self.uri} cannot take writes ({self.writer.fatal})")
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        self.writer.put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def on_start(self, info):
         self.set_tags({PARAM_COUNT_TAG: info["param_count"], "device": info["device"], TOTAL_STEPS_TAG: info["total_steps"]})
 
     def on_metrics(self, rows):
+        self.check_store()
         self.steps_logged = max([self.steps_logged] + [step + 1 for step, m in rows if "train/loss" in m])
-        metrics = _metrics(rows)
-        for i in range(0, len(metrics), 1000):  # log_batch accepts at most 1000 metrics per call
-            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=False))
+        self.writer.put(*metrics_op(rows))
 
     def on_epoch_end(self, epoch, metrics):
         self.on_metrics([(epoch, metrics)])
@@ -145,4 +187,4 @@ class MlflowTracker(Hook):
                        **({DIVERGED_STEP_TAG: result.diverged_step} if result.diverged else {})})
         buf = io.StringIO()
         pd.DataFrame(result.snapshots, columns=SNAPSHOT_COLUMNS).to_csv(buf, index=False)
-        self.client.log_text(self.run_id, buf.getvalue(), SNAPSHOT_ARTIFACT)
+        self.writer.put({"op": "text", "text": buf.getvalue(), "path": SNAPSHOT_ARTIFACT})

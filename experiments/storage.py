@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -88,3 +89,44 @@ def recover_dead_workers(study: optuna.Study) -> int:
             requeue(study, study._storage.get_trial(trial._trial_id))
             recovered += 1
     return recovered
+
+
+UNRECORDED_ATTR = "unrecorded_trials"  # study attr: numbers of COMPLETE trials whose MLflow run is not in the store
+
+
+def recorded_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials that count as done: their MLflow run was FINISHED in the store when last checked."""
+    unrecorded = set(study.user_attrs.get(UNRECORDED_ATTR, []))
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in unrecorded]
+
+
+def run_status(client: MlflowClient, run_id: str | None) -> str | None:
+    """The run's status in this store, None if the store has no such run."""
+    try:
+        return client.get_run(run_id).info.status if run_id else None
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def check_records(study: optuna.Study) -> int:
+    """Mark done cells whose MLflow run is missing or not FINISHED in the current store as not done; return how many.
+
+    The queue (Optuna) and the record (MLflow) are separate stores: a sweep rerun against another or a lost
+    MLflow store would otherwise find every cell done and train nothing.
+    """
+    client = MlflowClient()
+    lost = [t.number for t in recorded_trials(study) if run_status(client, t.user_attrs.get("mlflow_run_id")) != "FINISHED"]
+    if lost:
+        study.set_user_attr(UNRECORDED_ATTR, sorted(set(study.user_attrs.get(UNRECORDED_ATTR, [])) | set(lost)))
+    return len(lost)
+
+
+def give_back(study: optuna.Study) -> int:
+    """Queue again what this worker was running when it was stopped (its trials failed): same params; return how many."""
+    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("worker") == worker_id()]
+    for trial in mine:  # a sweep cell keeps its queue key; a stress trial its (LR, seed) point
+        queued = {"queued_cell": trial.user_attrs["queued_cell"]} if "queued_cell" in trial.user_attrs else None
+        study.enqueue_trial(trial.params, user_attrs=queued)
+    return len(mine)

@@ -25,11 +25,22 @@ from optuna.trial import TrialState
 from cookbook.config import CONFIGS_DIR, ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
+from cookbook.stop import exit_code
 from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
-from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
-from experiments.sweep import TRAIN_FLAGS, cached_mnist, check_cells, config_names, overrides, parse_list, train_settings, worker_env
+from experiments.storage import DEFAULT_STORAGE, SweepError, give_back, open_storage, recover_dead_workers, worker_id
+from experiments.sweep import (
+    TRAIN_FLAGS,
+    cached_mnist,
+    check_cells,
+    config_names,
+    join_workers,
+    overrides,
+    parse_list,
+    train_settings,
+    worker_env,
+)
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
@@ -102,8 +113,12 @@ def work(storage: str, name: str, n_trials: int, experiment: str, threads: int |
     if parent:
         experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
     if len(study.get_trials(deepcopy=False, states=DONE)) < n_trials:
-        study.optimize(lambda t: objective(t, experiment, parent), n_trials=n_trials,
-                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)])
+        try:
+            study.optimize(lambda t: objective(t, experiment, parent), n_trials=n_trials,
+                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)])
+        except KeyboardInterrupt:  # SIGTERM/Ctrl-C: the point it was training is queued for the next run
+            give_back(study)
+            raise
 
 
 def report(study: optuna.Study) -> dict:
@@ -155,8 +170,8 @@ def run_workers(args: argparse.Namespace, name: str) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     cmd = [sys.executable, "-m", "experiments.stress", "work", "--study", name, "--storage", args.storage,
            "--n-trials", str(args.n_trials), "--experiment", args.experiment, "--threads", str(threads)]
-    for proc in [subprocess.Popen(cmd, env=worker_env()) for _ in range(args.workers)]:
-        proc.wait()
+    procs = [subprocess.Popen(cmd, env=worker_env()) for _ in range(args.workers)]
+    join_workers(procs, lambda ps: [p.wait() for p in ps])
 
 
 def format_report(r: dict) -> str:
@@ -201,14 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "work":
-            work(args.storage, args.study, args.n_trials, args.experiment, args.threads)
-            return 0
-        return run_stress(args)
-    except (SweepError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "work":
+        command = lambda: work(args.storage, args.study, args.n_trials, args.experiment, args.threads) or 0  # noqa: E731
+    else:
+        command = lambda: run_stress(args)  # noqa: E731
+    return exit_code(command, (SweepError, ConfigError, DataError),
+                     "running trials ended KILLED and went back to the queue: the same command resumes")
 
 
 if __name__ == "__main__":

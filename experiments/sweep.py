@@ -32,9 +32,19 @@ from cookbook import resources
 from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_config
 from cookbook.data import DataError, load_mnist
 from cookbook.stacked import train_stacked
+from cookbook.stop import exit_code
 from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker, ready_store
 from cookbook.train import train
-from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers, worker_id
+from experiments.storage import (
+    DEFAULT_STORAGE,
+    SweepError,
+    check_records,
+    give_back,
+    open_storage,
+    recorded_trials,
+    recover_dead_workers,
+    worker_id,
+)
 
 GRID = ("config", "seed", "lr", "width", "depth", "warmup_epochs")  # cell fields, in key order
 TRAIN_FLAGS = ("epochs", "batch_size", "train_subset", "test_subset", "device", "data_dir", "precision")  # shared by every cell
@@ -149,7 +159,7 @@ def enqueue_missing(study: optuna.Study) -> int:
     """Enqueue every cell that is neither finished nor queued nor running; return how many."""
     keys = [cell_key(c) for c in study.user_attrs["cells"]]
     taken = {t.user_attrs.get("queued_cell")
-             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))}
+             for t in recorded_trials(study) + study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
     missing = [k for k in keys if k not in taken]
     cells = {cell_key(c): c for c in study.user_attrs["cells"]}
     missing.sort(key=lambda k: (group_key(cells[k]), cells[k]["seed"] or 0))  # seeds of a group side by side, for --stack
@@ -165,7 +175,7 @@ def cached_mnist(data_dir: str, train_subset: int | None, test_subset: int | Non
 
 def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
     """Another trial already finished this cell or is running it (possible only if a cell was enqueued twice)."""
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+    for other in recorded_trials(study) + study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if other.number != trial.number and other.user_attrs.get("queued_cell") == key:
             return True
     return False
@@ -243,7 +253,7 @@ def run_stacked(study: optuna.Study, taken: list, experiment: str, parent_run_id
                     t.set_user_attr("mlflow_run_id", tracker.run_id)
                     t.set_user_attr("stacked", len(trials))
                 results = train_stacked([cfg for cfg, _, _ in parts], parts[0][1], [[tr] for tr in trackers])
-            except Exception:
+            except BaseException:  # SIGTERM/Ctrl-C too: the trials fail and the worker gives their cells back
                 for t in trials:
                     study.tell(t, state=TrialState.FAIL)
                 raise
@@ -254,7 +264,7 @@ def run_stacked(study: optuna.Study, taken: list, experiment: str, parent_run_id
 def state_counts(study: optuna.Study) -> dict[str, int]:
     """Cells done / queued / running (duplicates and strays not counted)."""
     trials = study.get_trials(deepcopy=False)
-    done = {t.params["cell"] for t in trials if t.state == TrialState.COMPLETE}
+    done = {t.params["cell"] for t in recorded_trials(study)}
     return {"done": len(done), "total": len(study.user_attrs["cells"]),
             "waiting": sum(t.state == TrialState.WAITING for t in trials),
             "running": sum(t.state == TrialState.RUNNING for t in trials)}
@@ -270,6 +280,15 @@ def work(storage_spec: str, name: str, experiment: str, threads: int | None = No
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:  # cells live beside their parent, e.g. in the experiment `mlflow run --experiment-name` chose
         experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
+    try:
+        work_queue(study, experiment, parent, stack)
+    except KeyboardInterrupt:
+        give_back(study)
+        raise
+
+
+def work_queue(study: optuna.Study, experiment: str, parent: str | None, stack: int) -> None:
+    """Claim and train queued cells until none is queued or running anywhere."""
     while True:
         recover_dead_workers(study)
         with warnings.catch_warnings():
@@ -294,6 +313,20 @@ def spawn_workers(n: int, storage_spec: str, name: str, experiment: str, stack: 
     return [subprocess.Popen(cmd, env=worker_env()) for _ in range(n)]
 
 
+def join_workers(procs: list[subprocess.Popen], wait) -> None:
+    """wait(procs); on SIGTERM/Ctrl-C stop the workers the same way (they end their runs KILLED and give their cells
+    back), wait for them, and end this process's parent run KILLED."""
+    try:
+        wait(procs)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        mlflow.end_run("KILLED")
+        raise
+
+
 def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], started: float, done_before: int) -> None:
     """Print cells done/total and an ETA until every worker has exited."""
     last = None
@@ -312,7 +345,7 @@ def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], start
 def summary(study: optuna.Study) -> pd.DataFrame:
     """One row per finished cell, from the study's records."""
     rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in recorded_trials(study):
         rows.append({**{k: t.user_attrs.get(k) for k in ("config", "seed", "lr", "width", "depth", "warmup_epochs")},
                      "cell": t.params["cell"], "final_loss": t.user_attrs.get("epoch/train_loss"),
                      "test_acc": t.user_attrs.get("test/acc"), "diverged": t.user_attrs.get("diverged"),
@@ -340,6 +373,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     study = open_study(args.storage, name, cells, settings)  # a bad storage fails here, before the MLflow store is made
     ready_store()  # before anything touches MLflow: coordinators may start together on a fresh store
     recover_dead_workers(study)
+    unrecorded = check_records(study)
+    if unrecorded:
+        print(f"[sweep] {unrecorded} done cells have no FINISHED run in {mlflow.get_tracking_uri()}: queued again",
+              file=sys.stderr)
     queued = enqueue_missing(study)
     before = state_counts(study)
     print(f"[sweep] study '{name}' in {args.storage}: {before['total']} cells, {before['done']} already done, "
@@ -348,19 +385,24 @@ def run_sweep(args: argparse.Namespace) -> int:
         mlflow.set_tags({"sweep": name, "optuna_storage": args.storage, "cells": str(before["total"]), "mlflow.runName": name})
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
         started = time.time()
-        for _ in range(3):  # a round per batch of workers; a worker killed mid-round leaves its cell to the next
-            procs = spawn_workers(args.workers, args.storage, name, args.experiment, args.stack)
-            wait_with_progress(study, procs, started, before["done"])
-            recover_dead_workers(study)
-            enqueue_missing(study)  # cells whose retries ran out get one more chance next round
-            if not state_counts(study)["waiting"]:
-                break
+        run_rounds(study, args, started, before["done"])
         table = summary(study)
         mlflow.log_text(table.to_csv(index=False), "sweep_summary.csv")
         after = state_counts(study)
         mlflow.log_metrics({"sweep/cells_done": after["done"], "sweep/wall_seconds": time.time() - started}, step=0)
     print_summary(table, after, time.time() - started)
     return 0 if after["done"] == after["total"] else 1
+
+
+def run_rounds(study: optuna.Study, args: argparse.Namespace, started: float, done_before: int) -> None:
+    """Worker rounds until no cell is queued; on SIGTERM/Ctrl-C the workers give their cells back, the parent ends KILLED."""
+    for _ in range(3):  # a round per batch of workers; a worker killed mid-round leaves its cell to the next
+        procs = spawn_workers(args.workers, args.storage, study.study_name, args.experiment, args.stack)
+        join_workers(procs, lambda ps: wait_with_progress(study, ps, started, done_before))
+        recover_dead_workers(study)
+        enqueue_missing(study)  # cells whose retries ran out get one more chance next round
+        if not state_counts(study)["waiting"]:
+            return
 
 
 def print_summary(table: pd.DataFrame, counts: dict, seconds: float) -> None:
@@ -402,18 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "work":
-            work(args.storage, args.study, args.experiment, args.threads, args.stack)
-            return 0
-        if args.workers < 1:
-            raise SweepError(f"workers={args.workers} must be >= 1")
-        if args.stack < 1:
-            raise SweepError(f"stack={args.stack} must be >= 1")
-        return run_sweep(args)
-    except (SweepError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run_command(args), (SweepError, ConfigError, DataError),
+                     "running cells ended KILLED and went back to the queue: the same command resumes")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`work` or `run`, after the checks that need no storage."""
+    if args.command == "work":
+        work(args.storage, args.study, args.experiment, args.threads, args.stack)
+        return 0
+    if args.workers < 1:
+        raise SweepError(f"workers={args.workers} must be >= 1")
+    if args.stack < 1:
+        raise SweepError(f"stack={args.stack} must be >= 1")
+    return run_sweep(args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,8 @@
 """The MLflow UI on a sweep's runs: `mlflow server` on loopback, pages rendered by headless Chromium."""
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
 
 import mlflow
 import pytest
@@ -14,14 +10,9 @@ from mlflow import MlflowClient
 
 from conftest import DATA_DIR
 from experiments.sweep import main as sweep
+from mlflow_server import MlflowServer
 
 CHROMIUM = shutil.which("chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rendered_text(url: str) -> str:
@@ -35,24 +26,13 @@ def rendered_text(url: str) -> str:
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/ui.db",
-                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    srv = MlflowServer(tmp_path).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.url)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(url)
-    yield url
+    mlflow.set_tracking_uri(srv.url)
+    yield srv.url
     mlflow.set_tracking_uri(None)
-    proc.terminate()
-    proc.wait(timeout=30)
+    srv.stop()
 
 
 @pytest.mark.slow

@@ -10,11 +10,11 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from postgres import postgres_server
 
 from conftest import DATA_DIR, ROOT
 from experiments.storage import SweepError, open_storage
 from experiments.sweep import cell_key, main, make_cells, overrides, parse_list, study_name
+from postgres import postgres_server
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
 

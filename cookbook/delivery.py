@@ -1,0 +1,200 @@
+"""A run's writes reach the tracking store in order: retried through outages, spooled to disk if the run ends first.
+
+Training never waits on the store: writes are queued and a background thread sends them one by one,
+keeping a failed write at the head of the queue until the store takes it. What is still queued when the
+run ends (after FLUSH_TIMEOUT seconds of trying) goes to a spool file that `python -m cookbook sync`
+replays later. Metric writes are idempotent (MLflow drops exact duplicates), so a write that landed
+just before it was spooled is harmless to send again.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
+
+SPOOL_DIR = os.environ.get("COOKBOOK_SPOOL_DIR", "mlflow-spool")  # relative to where the command runs
+FLUSH_TIMEOUT = float(os.environ.get("COOKBOOK_FLUSH_TIMEOUT", "60"))  # seconds a run's end waits for the store
+NOT_STORED_TAG = "metrics_not_stored"  # on a FAILED run: how many metric values the store refused
+MAX_BATCH = 1000  # log_batch accepts at most 1000 metrics per call
+# Store errors that retrying cannot cure: stop training and say so.
+FATAL = ("database or disk is full", "readonly database", "read-only file system", "no space left on device")
+# MLflow's SQL store logs each failed write with a full traceback; the writer reports store errors in one line itself.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+Op = dict  # one JSON-able write: {"op": "metrics"|"tags"|"text"|"end", ...}
+
+
+class StoreFailure(RuntimeError):
+    """The tracking store cannot take this run's writes (full, read-only) or is out of reach at the end of the run."""
+
+
+class StoreUnusable(StoreFailure):
+    """The store cannot be written at all (read-only, full, missing folder); found before any run is created."""
+
+
+def metrics_op(rows, now_ms: int | None = None) -> list[Op]:
+    """Ops for (step, {name: value}) rows, timestamped now (the timestamp makes a resend a duplicate, not a new point)."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    values = [[key, float(value), now, step] for step, metrics in rows for key, value in metrics.items()]
+    return [{"op": "metrics", "metrics": values[i : i + MAX_BATCH]} for i in range(0, len(values), MAX_BATCH)]
+
+
+def send(client: MlflowClient, run_id: str, op: Op) -> None:
+    """Perform one write against the store (raises what the store raises)."""
+    if op["op"] == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in op["metrics"]], synchronous=True)
+    elif op["op"] == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()], synchronous=True)
+    elif op["op"] == "text":
+        client.log_text(run_id, op["text"], op["path"])
+    elif op["op"] == "end":
+        status, not_stored = op["status"], op.get("not_stored", 0)
+        if not_stored:
+            client.log_batch(run_id, tags=[RunTag(NOT_STORED_TAG, str(not_stored))], synchronous=True)
+            status = "FAILED" if status == "FINISHED" else status
+        client.set_terminated(run_id, status)
+
+
+def verdict(error: Exception) -> str:
+    """'fatal' (store full or read-only), 'rejected' (the store refuses this write for good) or 'retry' (outage)."""
+    text = str(error).lower()
+    if any(s in text for s in FATAL):
+        return "fatal"
+    if isinstance(error, MlflowException) and 400 <= error.get_http_status_code() < 500 and error.get_http_status_code() != 429:
+        return "rejected"
+    return "retry"
+
+
+def first_line(error: Exception) -> str:
+    """The error's first line without SQLAlchemy's '(module.Error) ' prefix."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^\([\w.]+\)\s*", "", line)[:200]
+
+
+class StoreWriter:
+    """Sends ops to one run in order on a daemon thread; a failed op stays queued and is retried with backoff."""
+
+    def __init__(self, client: MlflowClient, run_id: str, max_backoff: float = 5.0):
+        self.client, self.run_id, self.max_backoff = client, run_id, max_backoff
+        self.queue: collections.deque[Op] = collections.deque()
+        self.lock = threading.Condition()
+        self.fatal: str | None = None  # first line of a store error that retrying cannot cure
+        self.not_stored = 0  # metric values the store refused for good
+        self.outage: str | None = None  # the last transient error, while it lasts
+        self.closed = False
+        threading.Thread(target=self._loop, daemon=True, name=f"store-writer-{run_id[:8]}").start()
+
+    def put(self, *ops: Op) -> None:
+        with self.lock:
+            self.queue.extend(ops)
+            self.lock.notify_all()
+
+    def end(self, status: str) -> None:
+        """Queue the run's end: `status`, or FAILED with a count if the store refused metric values."""
+        with self.lock:
+            self.queue.append({"op": "end", "status": status, "not_stored": self.not_stored})
+            self.lock.notify_all()
+
+    def _loop(self) -> None:
+        backoff = 0.25
+        while True:
+            with self.lock:
+                while not self.queue and not self.closed:
+                    self.lock.wait()
+                if self.closed or self.fatal:
+                    return
+                op = self.queue[0]
+            try:
+                send(self.client, self.run_id, op)
+            except Exception as e:  # every store error is sorted below; none may kill the writer silently
+                kind = verdict(e)
+                with self.lock:
+                    if kind == "fatal":
+                        self.fatal = first_line(e)
+                        self.lock.notify_all()
+                        return
+                    if kind == "retry":
+                        self.outage = first_line(e)
+                        self.lock.wait(backoff)
+                        backoff = min(backoff * 2, self.max_backoff)
+                        continue
+                    count_not_stored(self.queue, len(op.get("metrics", ())))
+                    self.not_stored += len(op.get("metrics", ()))
+            backoff = 0.25
+            with self.lock:
+                self.outage = None
+                if self.queue and self.queue[0] is op:
+                    self.queue.popleft()
+                self.lock.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued op is stored (True), the store failed for good, or timeout passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.queue and not self.fatal and time.monotonic() < deadline:
+                self.lock.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            return not self.queue
+
+    def close(self) -> list[Op]:
+        """Stop the thread; return the ops not stored, oldest first."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+            return list(self.queue)
+
+
+def count_not_stored(ops: list[Op], n: int) -> None:
+    """Add n refused metric values to the run's end op, so that it ends FAILED with the count as a tag."""
+    for op in ops:
+        if op["op"] == "end":
+            op["not_stored"] = op.get("not_stored", 0) + n
+
+
+def spool_path(run_id: str, spool_dir: str | Path = SPOOL_DIR) -> Path:
+    return Path(spool_dir) / f"{run_id}.jsonl"
+
+
+def write_spool(path: Path, tracking_uri: str, run_id: str, ops: list[Op]) -> None:
+    """One header line (store and run), then one op per line; written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    lines = [json.dumps({"tracking_uri": tracking_uri, "run_id": run_id})] + [json.dumps(op) for op in ops]
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def replay(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
+    """Send a spool file's ops to its store in order: (ops stored, ops left, status of the run now).
+
+    The file is removed when every op is stored and rewritten with the rest otherwise. A run that
+    something else closed meanwhile (e.g. `mlflow run` after the non-zero exit) is reopened first:
+    MLflow takes metrics only for running runs, and the spooled end op closes it with its true status.
+    """
+    header, *ops = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    client = MlflowClient(tracking_uri or header["tracking_uri"])
+    run_id = header["run_id"]
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    except Exception as e:  # the store is still away: keep the file as it is
+        return 0, len(ops), f"not synced ({first_line(e)})"
+    stored = 0
+    for i, op in enumerate(ops):
+        try:
+            send(client, run_id, op)
+        except Exception as e:
+            if verdict(e) != "rejected":
+                write_spool(path, header["tracking_uri"], run_id, ops[i:])
+                return stored, len(ops) - i, f"not synced ({first_line(e)})"
+            count_not_stored(ops, len(op.get("metrics", ())))
+        stored += 1
+    path.unlink()
+    return stored, 0, client.get_run(run_id).info.status

@@ -1,0 +1,54 @@
+"""Stopping on signals: SIGTERM (timeout, schedulers, Kubernetes) and SIGINT end the work in hand as Ctrl-C does."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that runs end KILLED with every step they trained."""
+
+
+def _raise(signum, frame):
+    # A second signal during the clean-up the first one started would cut it short (a run left RUNNING): ignore it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise in the main thread (even where a background shell started us with SIGINT ignored)."""
+    before = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The signal's name and the exit code a shell expects for it (128 + signal number)."""
+    return ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+
+
+def exit_code(command: Callable[[], int], bad_input: tuple[type[Exception], ...], stopped: str) -> int:
+    """Run a command-line command: bad input or an unusable store is one line and exit 2 (nothing was started), a store
+    that failed mid-run one line and 1, SIGTERM/SIGINT one line ("stopped by X; " + stopped) and 143/130."""
+    from .delivery import StoreFailure, StoreUnusable
+
+    try:
+        with stop_on_signals():
+            return command()
+    except (*bad_input, StoreUnusable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StoreFailure as e:  # the tracker kept what the store did not take; the message says where
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        name, code = stopped_by(e)
+        print(f"stopped by {name}; {stopped}", file=sys.stderr)
+        return code

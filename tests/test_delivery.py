@@ -1,0 +1,78 @@
+"""The run's writer: failed writes are kept and retried in order, refused ones make the run FAILED with a count."""
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
+
+from cookbook.delivery import NOT_STORED_TAG, StoreWriter, metrics_op, replay, verdict, write_spool
+from cookbook.tracking import MlflowTracker
+
+
+class FlakyClient(MlflowClient):
+    """A real client whose first `failures` log_batch calls fail as an unreachable server does."""
+
+    def __init__(self, uri: str, failures: int):
+        super().__init__(uri)
+        self.failures = failures
+
+    def log_batch(self, *args, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise MlflowException("API request to http://127.0.0.1:5000 failed with exception Connection refused")
+        return super().log_batch(*args, **kwargs)
+
+
+def test_an_outage_delays_writes_but_keeps_them_in_order(tracking):
+    client = FlakyClient(tracking, failures=3)
+    run_id = client.create_run(client.create_experiment("flaky")).info.run_id
+    writer = StoreWriter(client, run_id, max_backoff=0.05)
+    writer.put(*metrics_op([(step, {"train/loss": 1.0 / (step + 1)}) for step in range(10)]))
+    writer.put(*metrics_op([(step, {"train/loss": 1.0 / (step + 1)}) for step in range(10, 20)]))
+    writer.end("FINISHED")
+    assert writer.drain(30) and writer.not_stored == 0
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(20)) and client.failures == 0
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_refused_metric_makes_the_run_failed_with_a_count(tracking, tiny_cfg, tiny_data):
+    with MlflowTracker(tiny_cfg, tiny_data.md5, experiment="refused", system_metrics=False) as tracker:
+        tracker.on_metrics([(0, {"train/loss": 2.3, "bad name!": 1.0})])  # MLflow refuses the name: the batch is refused
+        tracker.on_metrics([(1, {"train/loss": 2.2})])
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.tags[NOT_STORED_TAG] == "2"
+    assert [m.step for m in MlflowClient().get_metric_history(tracker.run_id, "train/loss")] == [1]
+
+
+def test_replay_is_idempotent_and_reopens_a_run_closed_meanwhile(tracking, tmp_path):
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("replay")).info.run_id
+    ops = metrics_op([(step, {"train/loss": float(step)}) for step in range(5)], now_ms=1)
+    write_spool(tmp_path / "a.jsonl", tracking, run_id, [*ops, {"op": "end", "status": "FINISHED"}])
+    client.log_batch(run_id, metrics=[Metric("train/loss", 0.0, 1, 0)], synchronous=True)  # landed before the spool
+    client.set_terminated(run_id, "FAILED")  # e.g. `mlflow run` after the non-zero exit
+    assert replay(tmp_path / "a.jsonl") == (2, 0, "FINISHED")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(5))
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_replay_against_an_unreachable_store_keeps_the_file(tracking, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("away")).info.run_id
+    path = tmp_path / "b.jsonl"
+    write_spool(path, "http://127.0.0.1:9", run_id, [{"op": "end", "status": "FINISHED"}])  # port 9: nothing listens
+    stored, left, status = replay(path)
+    assert (stored, left) == (0, 1) and status.startswith("not synced (") and path.exists()
+    assert replay(path, tracking) == (1, 0, "FINISHED")  # the store given explicitly (it moved): synced
+    assert not path.exists()
+
+
+def test_verdicts():
+    assert verdict(MlflowException("(sqlite3.OperationalError) database or disk is full")) == "fatal"
+    assert verdict(MlflowException("attempt to write a readonly database")) == "fatal"
+    assert verdict(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE)) == "rejected"
+    assert verdict(MlflowException("API request failed: Connection refused")) == "retry"
+    assert verdict(MlflowException("slow down", error_code=RESOURCE_EXHAUSTED)) == "retry"
+    assert verdict(ConnectionError("reset")) == "retry"

@@ -1,0 +1,95 @@
+"""The sweep's queue (Optuna) and record (MLflow) agree: a rerun against another store retrains, SIGTERM gives cells back."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import DATA_DIR, ROOT
+from experiments.storage import open_storage
+from experiments.sweep import enqueue_missing, main, make_cells, open_study
+
+TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
+
+
+def finished_cell_runs(uri: str) -> list[str]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("stability-cookbook")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
+    return sorted(r.data.tags["cell"] for r in runs if "cell" in r.data.tags)
+
+
+def test_rerun_against_another_store_trains_the_cells_it_lacks(mnist_dir, tracking, tmp_path, monkeypatch, capsys):
+    storage = str(tmp_path / "journal.log")
+    argv = ["run", "--configs", "no_tricks,batchnorm", "--seeds", "0", "--storage", storage, "--study", "two", *TINY]
+    assert main(argv) == 0
+    first = finished_cell_runs(tracking)
+    assert first == ["batchnorm seed=0", "no_tricks seed=0"]
+    other = f"sqlite:///{tmp_path}/other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    mlflow.set_tracking_uri(other)
+    assert main(argv) == 0
+    assert f"[sweep] 2 done cells have no FINISHED run in {other}: queued again" in capsys.readouterr().err
+    assert finished_cell_runs(other) == first  # the new store holds every cell
+    assert finished_cell_runs(tracking) == first  # and the old one is as it was
+    assert main(argv) == 0  # a third run finds both stores agreeing: nothing trained
+    assert finished_cell_runs(other) == first and len(optuna.load_study(study_name="two", storage=open_storage(storage)).trials) == 4
+
+
+LONG = ["--epochs", "3000", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
+
+
+def wait_for_training(storage: str, name: str, client: MlflowClient) -> str:
+    """The MLflow run of the first running cell, once it has stored 40 steps."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            running = optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the coordinator has not made the study yet
+            continue
+        run_id = running[0].user_attrs.get("mlflow_run_id") if running else None
+        if run_id and len(client.get_metric_history(run_id, "train/loss")) >= 40:
+            return run_id
+    raise AssertionError("no cell trained 40 steps in 300 s")
+
+
+def assert_given_back(storage: str, name: str, client: MlflowClient, run_id: str) -> None:
+    """The cell's trial failed and the same cell is queued again; its run ended KILLED with every step it trained."""
+    trials = optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs["queued_cell"] == trials[0].user_attrs["queued_cell"] == "no_tricks seed=0"
+    run = client.get_run(run_id)
+    stored = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert run.info.status == "KILLED" and stored == list(range(int(run.data.tags["steps_run"]))) and len(stored) >= 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["worker", "coordinator"])
+def test_sigterm_ends_runs_killed_and_gives_the_cell_back(mnist_dir, tracking, tmp_path, role):
+    storage, env = str(tmp_path / "journal.log"), {**os.environ, "PYTHONPATH": str(ROOT)}
+    sweep = [sys.executable, "-m", "experiments.sweep"]
+    if role == "worker":  # a worker alone on a queue made here
+        long = {"epochs": 3000, "train_subset": 256, "test_subset": 100, "batch_size": 32, "data_dir": str(DATA_DIR)}
+        enqueue_missing(open_study(storage, "long", make_cells("no_tricks", "0", ""), long))
+        proc = subprocess.Popen([*sweep, "work", "--study", "long", "--storage", storage], env=env, stderr=subprocess.PIPE, text=True)
+    else:  # `timeout` or a scheduler stopping the whole sweep: the coordinator stops its worker
+        proc = subprocess.Popen([*sweep, "run", "--configs", "no_tricks", "--study", "long", "--storage", storage, *LONG],
+                                env=env, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    run_id = wait_for_training(storage, "long", client)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("stopped by SIGTERM; running cells ended KILLED and went back to the queue: "
+                                            "the same command resumes")
+    assert_given_back(storage, "long", client, run_id)
+    if role == "coordinator":
+        parent = client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
+        assert parent.info.status == "KILLED"
