@@ -11,7 +11,6 @@ import yaml
 from . import resources
 from .config import CONFIGS_DIR, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
-from .delivery import SPOOL_DIR
 from .hooks import Recorder
 from .progress import Progress
 from .stop import exit_code
@@ -152,16 +151,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Replay every spool file (writes a run could not store before it ended); 1 if any is left."""
-    from .delivery import replay
+    """Replay every spool file, then end KILLED the runs whose process died without a word; 1 if a spool is left."""
+    from mlflow import MlflowClient
 
-    files = sorted(Path(args.spool_dir).glob("*.jsonl"))
-    left = 0
+    from .delivery import SPOOL_DIR, replay
+    from .tracking import close_orphans
+
+    spool_dir = args.spool_dir or SPOOL_DIR
+    files = sorted(Path(spool_dir).glob("*.jsonl"))
+    left = set()
     for path in files:
         stored, remaining, status = replay(path, args.tracking_uri)
-        left += bool(remaining)
+        if remaining:
+            left.add(path.stem)
         print(f"run {path.stem}: {stored} writes stored, {remaining} left; run {status}")
-    print(f"{len(files) - left}/{len(files)} spooled runs synced from {args.spool_dir}")
+    print(f"{len(files) - len(left)}/{len(files)} spooled runs synced from {spool_dir}")
+    for run_id, steps in close_orphans(MlflowClient(args.tracking_uri), skip=left):
+        print(f"run {run_id}: its process is gone; ended KILLED with the {steps} steps it stored")
     return 1 if left else 0
 
 
@@ -183,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="re-run a tracked run from its params and compare every metric exactly")
     rp.add_argument("run_id")
     rp.set_defaults(func=cmd_reproduce)
-    sy = sub.add_parser("sync", help="store what runs spooled while the tracking store was away, and end them")
-    sy.add_argument("--spool-dir", default=SPOOL_DIR)
+    sy = sub.add_parser("sync", help="store what runs spooled while the store was away; end runs whose process died")
+    sy.add_argument("--spool-dir", default=None, help="default: $COOKBOOK_SPOOL_DIR or ./mlflow-spool")
     sy.add_argument("--tracking-uri", default=None, help="default: the store each run was tracked in")
     sy.set_defaults(func=cmd_sync)
     return parser

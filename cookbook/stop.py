@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class Terminated(KeyboardInterrupt):
@@ -27,6 +30,31 @@ def stop_on_signals():
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def process_id() -> str:
+    """host:pid of this process, stored on each run and trial it owns."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie (killed but not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): trust kill(0)
+        return True
+
+
+def gone(process: str) -> bool:
+    """True if `process` (host:pid) ran on this host and exists no more."""
+    host, _, pid = process.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:

@@ -22,6 +22,7 @@ from mlflow.entities import Param, RunTag
 from .config import Config, overridden_keys, to_params, to_yaml
 from .delivery import FLUSH_TIMEOUT, StoreFailure, StoreUnusable, StoreWriter, metrics_op, spool_path, write_spool
 from .hooks import Hook
+from .stop import gone, process_id
 
 DEFAULT_EXPERIMENT = "stability-cookbook"
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
@@ -30,6 +31,7 @@ CONFIG_ARTIFACT = "config.yaml"
 # Tags analysis reads (it imports these names; nobody retypes them).
 CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diverged", "diverged_step"
 PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
+PROCESS_TAG = "process"  # host:pid of the training process: `sync` closes RUNNING runs whose process is gone
 OVERRIDES_TAG = "overrides"  # comma list of the config keys the run sets differently from its config file; "" = none
 REPO = Path(__file__).resolve().parent.parent
 MIN_FREE_BYTES = 64 << 10  # less than this and not even the run's params and first batches fit
@@ -105,7 +107,7 @@ class MlflowTracker(Hook):
         commit, dirty = git_state()
         tags = {
             CONFIG_TAG: self.cfg.name, SEED_TAG: str(self.cfg.seed), OVERRIDES_TAG: ",".join(self.overrides),
-            "git_commit": commit, "git_dirty": str(dirty).lower(),
+            "git_commit": commit, "git_dirty": str(dirty).lower(), PROCESS_TAG: process_id(),
             "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads()),
             "mlflow.runName": self.run_name, **{f"data_md5.{k}": v for k, v in self.data_md5.items()}, **self.extra_tags,
         }
@@ -188,3 +190,19 @@ class MlflowTracker(Hook):
         buf = io.StringIO()
         pd.DataFrame(result.snapshots, columns=SNAPSHOT_COLUMNS).to_csv(buf, index=False)
         self.writer.put({"op": "text", "text": buf.getvalue(), "path": SNAPSHOT_ARTIFACT})
+
+
+def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tuple[str, int]]:
+    """End KILLED every RUNNING run whose training process on this host is gone (SIGKILL, power loss), with
+    steps_run = the steps it stored; return (run id, steps) for each. Runs in `skip` (spooled) are left alone."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=10_000) if ids else []
+    closed = []
+    for run in running:
+        if run.info.run_id in skip or not gone(run.data.tags.get(PROCESS_TAG, "")):
+            continue
+        steps = len(client.get_metric_history(run.info.run_id, "train/loss"))
+        client.set_tag(run.info.run_id, STEPS_RUN_TAG, str(steps))
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append((run.info.run_id, steps))
+    return closed

@@ -1,8 +1,6 @@
 """Optuna storages for sweeps: a journal file by default (many processes, one machine), any RDB URL for many machines."""
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -13,6 +11,8 @@ from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from cookbook.stop import gone, process_id
+
 DEFAULT_STORAGE = "optuna/journal.log"  # the embedded default, in the project folder
 RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
 HEARTBEAT_SECONDS, GRACE_SECONDS = 5, 20  # RDB: a worker silent for GRACE_SECONDS is dead
@@ -21,11 +21,6 @@ RETRIES = 3
 
 class SweepError(ValueError):
     """Bad sweep input (grid, storage); raised before any work starts."""
-
-
-def worker_id() -> str:
-    """host:pid of this process, stored on each trial it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -55,31 +50,15 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
         raise SweepError(f"storage '{spec}' is unreachable or invalid: {str(e).splitlines()[0]}") from None
 
 
-def pid_alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie (killed but not yet reaped by its parent)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # no /proc (macOS): trust kill(0)
-        return True
-
-
 def recover_dead_workers(study: optuna.Study) -> int:
     """Fail and requeue RUNNING trials whose worker process on this host is gone; return how many.
 
     The journal storage has no heartbeat, but all its workers share one machine, so a dead
     worker is exactly a pid that no longer exists.
     """
-    host = socket.gethostname()
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if owner_host != host or not pid.isdigit() or pid_alive(int(pid)):
+        if not gone(str(trial.user_attrs.get("worker", ""))):
             continue
         try:
             won = study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -125,7 +104,7 @@ def check_records(study: optuna.Study) -> int:
 
 def give_back(study: optuna.Study) -> int:
     """Queue again what this worker was running when it was stopped (its trials failed): same params; return how many."""
-    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("worker") == worker_id()]
+    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("worker") == process_id()]
     for trial in mine:  # a sweep cell keeps its queue key; a stress trial its (LR, seed) point
         queued = {"queued_cell": trial.user_attrs["queued_cell"]} if "queued_cell" in trial.user_attrs else None
         study.enqueue_trial(trial.params, user_attrs=queued)

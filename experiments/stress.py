@@ -25,11 +25,11 @@ from optuna.trial import TrialState
 from cookbook.config import CONFIGS_DIR, ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
-from cookbook.stop import exit_code
+from cookbook.stop import exit_code, process_id
 from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
-from experiments.storage import DEFAULT_STORAGE, SweepError, give_back, open_storage, recover_dead_workers, worker_id
+from experiments.storage import DEFAULT_STORAGE, SweepError, give_back, open_storage, recover_dead_workers
 from experiments.sweep import (
     TRAIN_FLAGS,
     cached_mnist,
@@ -54,7 +54,7 @@ def lr_range(config: str, settings: dict, factor: float) -> tuple[float, float]:
 
 def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float:
     """Train one (LR, seed); prune if it diverges; value = log10 LR if it converged, else below the range."""
-    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("worker", process_id())
     spec = trial.study.user_attrs
     lo, hi = lr_range(spec["config"], spec["settings"], spec["factor"])
     log_lr = trial.suggest_float("log10_lr", lo, hi)

@@ -32,7 +32,7 @@ from cookbook import resources
 from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_config
 from cookbook.data import DataError, load_mnist
 from cookbook.stacked import train_stacked
-from cookbook.stop import exit_code
+from cookbook.stop import exit_code, process_id
 from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.storage import (
@@ -43,7 +43,6 @@ from experiments.storage import (
     open_storage,
     recorded_trials,
     recover_dead_workers,
-    worker_id,
 )
 
 GRID = ("config", "seed", "lr", "width", "depth", "warmup_epochs")  # cell fields, in key order
@@ -183,7 +182,7 @@ def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
 
 def take_cell(trial: optuna.Trial) -> dict:
     """Mark the trial as this worker's, name its cell as the trial's param; prune strays and duplicates."""
-    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("worker", process_id())
     if "queued_cell" not in trial.user_attrs:  # the queue was empty when this trial started: nothing to do
         raise optuna.TrialPruned("not a queued cell")
     cells = {cell_key(c): c for c in trial.study.user_attrs["cells"]}

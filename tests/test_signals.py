@@ -1,6 +1,7 @@
 """Real signals to a real training process: the run ends KILLED with every step it trained, the exit code says which."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,3 +67,25 @@ def test_interrupt_mid_flush_window_keeps_the_buffered_steps(mnist_dir, tracking
     run = client.get_run(tracker.run_id)
     assert run.info.status == "KILLED" and run.data.tags["steps_run"] == "11"
     assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "train/loss")) == list(range(11))
+
+
+@pytest.mark.slow
+def test_sigkilled_training_is_ended_killed_by_sync_with_the_steps_it_stored(mnist_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "cookbook", "train", *LONG], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = MlflowClient(uri), time.time() + 300
+    while stored_steps(client)[1] < 60 and time.time() < deadline:
+        time.sleep(0.5)
+    alive = client.create_run(client.get_experiment_by_name("signals").experiment_id).info.run_id  # another process's
+    client.set_tag(alive, "process", f"{socket.gethostname()}:{os.getpid()}")  # run, still alive: left alone
+    proc.kill()
+    proc.wait()
+    sync = subprocess.run([sys.executable, "-m", "cookbook", "sync"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert sync.returncode == 0, sync.stderr[-2000:]
+    killed = next(r for r in client.search_runs([client.get_experiment_by_name("signals").experiment_id]) if r.info.run_id != alive)
+    steps = len(client.get_metric_history(killed.info.run_id, "train/loss"))
+    assert f"run {killed.info.run_id}: its process is gone; ended KILLED with the {steps} steps it stored" in sync.stdout
+    assert killed.info.status == "KILLED" and killed.data.tags["steps_run"] == str(steps) and steps >= 60
+    assert client.get_run(alive).info.status == "RUNNING"
