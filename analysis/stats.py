@@ -32,9 +32,15 @@ def layer_spread(norms) -> float:
     return float(v.max() / v.min())
 
 
-def within_noise(a, b) -> bool:
-    """Two samples' means differ by less than 2 standard errors of the difference (Welch)."""
+def mean_difference(a, b) -> tuple[float, float]:
+    """mean(b) - mean(a) and the standard error of that difference (Welch); nan SE for fewer than 2 values a side."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
-        return False
-    return abs(a.mean() - b.mean()) < 2 * math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+        return float(b.mean() - a.mean()) if len(a) and len(b) else float("nan"), float("nan")
+    return float(b.mean() - a.mean()), math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+
+
+def within_noise(a, b) -> bool:
+    """Two samples' means differ by less than 2 standard errors of the difference (Welch)."""
+    diff, se = mean_difference(a, b)
+    return bool(abs(diff) < 2 * se)  # False when either side has fewer than 2 values (nan SE)

@@ -109,7 +109,7 @@ def run_ours(cfg, data, tracked: bool) -> tuple[list[float], list[float], float]
         timed = TimedHook(tracker)
         train(cfg, data, [times, timed])
         started = time.perf_counter()
-        tracker.flush()  # waiting for the async batches is part of the tracking cost
+        tracker.flush()  # waiting for the queued writes is part of the tracking cost
         timed.seconds += time.perf_counter() - started
     return times.seconds, times.losses, timed.seconds
 

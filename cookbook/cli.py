@@ -9,22 +9,13 @@ from pathlib import Path
 import yaml
 
 from . import resources
-from .config import CONFIGS_DIR, ConfigError, from_params, load_config, to_yaml, unflatten
+from .config import CONFIGS_DIR, DEFAULT_EXPERIMENT, FLAG_KEYS, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
 from .progress import Progress
 from .stop import exit_code
-from .tracking import DEFAULT_EXPERIMENT
 from .train import train
 
-# CLI flag -> config key. An empty value ("" from MLproject) means "as the config file says".
-OVERRIDES = {
-    "seed": "seed", "epochs": "epochs", "device": "device", "lr": "optim.lr", "optimizer": "optim.name",
-    "max_norm": "optim.max_norm", "warmup_epochs": "schedule.warmup_epochs", "schedule": "schedule.kind",
-    "norm": "model.norm", "init": "model.init", "width": "model.width", "depth": "model.depth",
-    "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset",
-    "data_dir": "data.data_dir", "precision": "compute.precision",
-}
 NOT_REPRODUCIBLE = ("time/", "system/")  # wall-clock metrics differ run to run by nature
 
 
@@ -38,7 +29,7 @@ def parse_value(text: str):
 
 def overrides_from(args: argparse.Namespace) -> dict:
     """Nested override dict from the flags that were given (non-empty) and --set KEY=VALUE pairs."""
-    flat = {key: parse_value(getattr(args, flag)) for flag, key in OVERRIDES.items() if getattr(args, flag) not in (None, "")}
+    flat = {FLAG_KEYS[flag]: parse_value(getattr(args, flag)) for flag in FLAG_KEYS if getattr(args, flag) not in (None, "")}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -48,8 +39,6 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .tracking import MlflowTracker
-
     cfg = load_config(args.config, args.configs_dir, overrides_from(args))
     if args.dry_run:
         print(to_yaml(cfg), end="")
@@ -61,6 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_track:
         print_summary(label, train(cfg, data, [Progress(label)]), time.time() - started)
         return 0
+    from .tracking import MlflowTracker  # here: the library trains without MLflow installed
+
     with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
                        system_metrics=not args.no_system_metrics, base=load_config(args.config, args.configs_dir)) as tracker:
         result = train(cfg, data, [Progress(label), tracker])
@@ -177,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train one config and track it in MLflow")
     tr.add_argument("--config", default="all_tricks", help="config name in experiments/configs/ or a path to a YAML file")
     tr.add_argument("--configs-dir", type=Path, default=CONFIGS_DIR)
-    for flag in OVERRIDES:
-        tr.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {OVERRIDES[flag]}")
+    for flag, key in FLAG_KEYS.items():
+        tr.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {key}")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. monitor.layer_every=10")
     tr.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (ignored inside `mlflow run`)")
     tr.add_argument("--run-name", default=None)

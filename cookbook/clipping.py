@@ -8,11 +8,13 @@ import torch
 EPS = 1e-6  # the epsilon torch.nn.utils.clip_grad_norm_ adds to the norm
 
 
-def clip_factor(total_norm: float, max_norm: float | None) -> float:
-    """Scale applied to every gradient: min(1, max_norm / (||g|| + eps)); 1 when clipping is off."""
+def clip_factor(total_norm, max_norm: float | None):
+    """Scale applied to every gradient: min(1, max_norm / (||g|| + eps)); 1 when clipping is off.
+    total_norm: a float, or a tensor of norms (one per stacked member) for a tensor of factors."""
     if max_norm is None:
         return 1.0
-    return min(1.0, max_norm / (total_norm + EPS))
+    factor = max_norm / (total_norm + EPS)
+    return factor.clamp(max=1.0) if isinstance(factor, torch.Tensor) else min(1.0, factor)
 
 
 def clip_gradients(params, max_norm: float | None) -> torch.Tensor:

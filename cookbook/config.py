@@ -13,6 +13,15 @@ import yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"  # the named configs
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000  # MNIST's published split: the most a subset can take
+DEFAULT_EXPERIMENT = "stability-cookbook"  # the MLflow experiment every command tracks into unless told otherwise
+# Command-line flag (CLI, sweep, stress, MLproject parameter) -> the config key it sets.
+FLAG_KEYS = {
+    "seed": "seed", "epochs": "epochs", "device": "device", "lr": "optim.lr", "optimizer": "optim.name",
+    "max_norm": "optim.max_norm", "warmup_epochs": "schedule.warmup_epochs", "schedule": "schedule.kind",
+    "norm": "model.norm", "init": "model.init", "width": "model.width", "depth": "model.depth",
+    "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset",
+    "data_dir": "data.data_dir", "precision": "compute.precision",
+}
 
 
 class ConfigError(ValueError):
@@ -216,6 +225,11 @@ def unflatten(flat: dict[str, Any]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return nested
+
+
+def flag_overrides(values: dict[str, Any]) -> dict:
+    """Nested config overrides from {flag: value}; None and "" mean "as the config file says"."""
+    return unflatten({FLAG_KEYS[flag]: v for flag, v in values.items() if v not in (None, "")})
 
 
 def to_yaml(cfg: Config) -> str:

@@ -32,14 +32,6 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 Op = dict  # one JSON-able write: {"op": "metrics"|"tags"|"text"|"end", ...}
 
 
-class StoreFailure(RuntimeError):
-    """The tracking store cannot take this run's writes (full, read-only) or is out of reach at the end of the run."""
-
-
-class StoreUnusable(StoreFailure):
-    """The store cannot be written at all (read-only, full, missing folder); found before any run is created."""
-
-
 def metrics_op(rows, now_ms: int | None = None) -> list[Op]:
     """Ops for (step, {name: value}) rows, timestamped now (the timestamp makes a resend a duplicate, not a new point)."""
     now = int(time.time() * 1000) if now_ms is None else now_ms

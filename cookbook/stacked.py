@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clipping import EPS
+from .clipping import clip_factor
 from .config import Config
 from .data import MNIST, batches
 from .hooks import Hook, Hooks
@@ -80,7 +80,7 @@ def clip_members(params: list[nn.Parameter], members: int, max_norm: float | Non
     """Per-member total grad norm before clipping ([K]); clip each member as clip_grad_norm_ would clip it alone."""
     norms = member_norms([p.grad for p in params], members).norm(dim=0)
     if max_norm is not None:
-        factor = (max_norm / (norms + EPS)).clamp(max=1.0)
+        factor = clip_factor(norms, max_norm)
         for p in params:  # dim 0 holds the members' blocks in order, whatever the memory format
             p.grad.mul_(factor.repeat_interleave(p.shape[0] // members).view(-1, *[1] * (p.dim() - 1)))
     return norms

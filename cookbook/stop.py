@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import StoreFailure, StoreUnusable
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C, so that runs end KILLED with every step they trained."""
@@ -65,8 +67,6 @@ def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:
 def exit_code(command: Callable[[], int], bad_input: tuple[type[Exception], ...], stopped: str) -> int:
     """Run a command-line command: bad input or an unusable store is one line and exit 2 (nothing was started), a store
     that failed mid-run one line and 1, SIGTERM/SIGINT one line ("stopped by X; " + stopped) and 143/130."""
-    from .delivery import StoreFailure, StoreUnusable
-
     try:
         with stop_on_signals():
             return command()

@@ -19,12 +19,12 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 
-from .config import Config, overridden_keys, to_params, to_yaml
-from .delivery import FLUSH_TIMEOUT, StoreFailure, StoreUnusable, StoreWriter, metrics_op, spool_path, write_spool
+from .config import DEFAULT_EXPERIMENT, Config, overridden_keys, to_params, to_yaml
+from .delivery import FLUSH_TIMEOUT, StoreWriter, metrics_op, spool_path, write_spool
+from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
 from .stop import gone, process_id
 
-DEFAULT_EXPERIMENT = "stability-cookbook"
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
 SNAPSHOT_COLUMNS = ["step", "param", "numel", "grad_norm", "weight_norm"]
 CONFIG_ARTIFACT = "config.yaml"
@@ -140,7 +140,7 @@ class MlflowTracker(Hook):
         if status != "FINISHED":  # on_end did not run: say how far it got
             self.set_tags({STEPS_RUN_TAG: self.steps_logged})
         self.writer.end(status)
-        stored = self.writer.drain(0 if self.writer.fatal else self.flush_timeout)
+        stored = self.flush(0 if self.writer.fatal else None)
         left = self.writer.close()
         if self.writer.fatal:  # a status update may still fit where a batch did not: leave nothing RUNNING if it can
             with contextlib.suppress(Exception):
@@ -164,6 +164,10 @@ class MlflowTracker(Hook):
         if exc_type is None or issubclass(exc_type, StoreFailure):
             raise StoreFailure(message)
         print(f"error: {message}", file=sys.stderr)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every write queued so far is stored (True) or `timeout` (default flush_timeout) passes (False)."""
+        return self.writer.drain(self.flush_timeout if timeout is None else timeout)
 
     def check_store(self) -> None:
         """Stop training at the first write the store cannot take for good (disk full, read-only)."""

@@ -60,14 +60,30 @@ def recover_dead_workers(study: optuna.Study) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not gone(str(trial.user_attrs.get("worker", ""))):
             continue
-        try:
-            won = study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except RuntimeError:  # another worker failed it first (UpdateFinishedTrialError)
-            continue
-        if won:
-            requeue(study, study._storage.get_trial(trial._trial_id))
+        failed = fail_running(study, trial)
+        if failed:
+            requeue(study, failed)
             recovered += 1
     return recovered
+
+
+# Optuna's private API, used only here (written against optuna==5.0.0, pinned in requirements.txt;
+# tests/test_storage.py fails if an upgrade moves or changes any of it).
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """A context that sends the trial's heartbeats on RDB storages (what study.optimize does; ask/tell has none)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
+def fail_running(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
+    """Mark another process's RUNNING trial FAIL (tell() only takes this process's trials); the failed trial, or
+    None if some other process failed or finished it first."""
+    try:
+        won = study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except RuntimeError:  # UpdateFinishedTrialError: it was finished meanwhile
+        return None
+    return study._storage.get_trial(trial._trial_id) if won else None
 
 
 UNRECORDED_ATTR = "unrecorded_trials"  # study attr: numbers of COMPLETE trials whose MLflow run is not in the store

@@ -10,11 +10,9 @@ The LR x100 point and the config's own LR are probed for every seed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 
 import mlflow
@@ -22,25 +20,16 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from cookbook.config import CONFIGS_DIR, ConfigError, load_config
+from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
 from cookbook.stop import exit_code, process_id
-from cookbook.tracking import DEFAULT_EXPERIMENT, MlflowTracker, ready_store
+from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
-from experiments.storage import DEFAULT_STORAGE, SweepError, give_back, open_storage, recover_dead_workers
-from experiments.sweep import (
-    TRAIN_FLAGS,
-    cached_mnist,
-    check_cells,
-    config_names,
-    join_workers,
-    overrides,
-    parse_list,
-    train_settings,
-    worker_env,
-)
+from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
+from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers
+from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
@@ -83,8 +72,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
 def open_stress_study(storage: str, config: str, spec: dict | None = None, name: str | None = None) -> optuna.Study:
     """Create (storing the study's spec and probing base and x100 LRs for every seed) or load a config's study."""
     if spec is not None:
-        digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-        name = f"stress-{config}-{digest}"
+        name = spec_name(f"stress-{config}", spec, 8)
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
     if spec is None:
         return optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler)
@@ -102,23 +90,13 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
 
 def work(storage: str, name: str, n_trials: int, experiment: str, threads: int | None = None) -> None:
     """Run trials until the study holds n_trials finished ones (shared budget across workers)."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    start_worker(threads)
     study = open_stress_study(storage, config="", name=name)
     recover_dead_workers(study)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if parent:
-        experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
+    parent, experiment = parent_and_experiment(study, experiment)
     if len(study.get_trials(deepcopy=False, states=DONE)) < n_trials:
-        try:
-            study.optimize(lambda t: objective(t, experiment, parent), n_trials=n_trials,
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)])
-        except KeyboardInterrupt:  # SIGTERM/Ctrl-C: the point it was training is queued for the next run
-            give_back(study)
-            raise
+        serve(study, lambda: study.optimize(lambda t: objective(t, experiment, parent), n_trials=n_trials,
+                                            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)]))
 
 
 def report(study: optuna.Study) -> dict:
@@ -167,10 +145,8 @@ def run_stress(args: argparse.Namespace) -> int:
 
 def run_workers(args: argparse.Namespace, name: str) -> None:
     """Worker processes sharing the study's trial budget (threads split between them)."""
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    cmd = [sys.executable, "-m", "experiments.stress", "work", "--study", name, "--storage", args.storage,
-           "--n-trials", str(args.n_trials), "--experiment", args.experiment, "--threads", str(threads)]
-    procs = [subprocess.Popen(cmd, env=worker_env()) for _ in range(args.workers)]
+    procs = spawn("experiments.stress", ["--study", name, "--storage", args.storage, "--n-trials", str(args.n_trials),
+                                         "--experiment", args.experiment], args.workers)
     join_workers(procs, lambda ps: [p.wait() for p in ps])
 
 

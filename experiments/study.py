@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 
 from experiments.storage import DEFAULT_STORAGE
-from experiments.sweep import worker_env
+from experiments.workers import worker_env
 
 CONFIGS = "no_tricks,batchnorm,layernorm,all_tricks"
 SIZE_CONFIG = "no_tricks"  # warmup vs size on the config without normalization or clipping: warmup acts alone

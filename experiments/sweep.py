@@ -11,198 +11,56 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import hashlib
-import itertools
-import json
 import os
 import subprocess
 import sys
 import time
 import warnings
+from typing import NamedTuple
 
 import mlflow
 import optuna
 import pandas as pd
-import torch
-from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses; ask/tell has none
 from optuna.trial import TrialState
 
-from cookbook import resources
-from cookbook.config import CONFIGS_DIR, ConfigError, available_configs, load_config
-from cookbook.data import DataError, load_mnist
+from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, Config, ConfigError, load_config
+from cookbook.data import MNIST, DataError
 from cookbook.stacked import train_stacked
-from cookbook.stop import exit_code, process_id
-from cookbook.tracking import DEFAULT_EXPERIMENT, REPO, MlflowTracker, ready_store
+from cookbook.stop import exit_code
+from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import train
-from experiments.storage import (
-    DEFAULT_STORAGE,
-    SweepError,
-    check_records,
-    give_back,
-    open_storage,
-    recorded_trials,
-    recover_dead_workers,
-)
+from experiments.grid import GRID, TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
+from experiments.queue import enqueue_missing, open_study, state_counts, take_cell
+from experiments.storage import DEFAULT_STORAGE, SweepError, check_records, heartbeat, recorded_trials, recover_dead_workers
+from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
-GRID = ("config", "seed", "lr", "width", "depth", "warmup_epochs")  # cell fields, in key order
-TRAIN_FLAGS = ("epochs", "batch_size", "train_subset", "test_subset", "device", "data_dir", "precision")  # shared by every cell
-CONFIG_KEYS = {"seed": "seed", "lr": "optim.lr", "width": "model.width", "depth": "model.depth",
-               "warmup_epochs": "schedule.warmup_epochs", "epochs": "epochs", "batch_size": "data.batch_size",
-               "train_subset": "data.train_subset", "test_subset": "data.test_subset", "device": "device",
-               "data_dir": "data.data_dir", "precision": "compute.precision"}
 POLL_SECONDS = 2.0
 
 
-def parse_list(text: str | None, kind: type, name: str) -> list:
-    """'1e-3,3e-3' -> [0.001, 0.003]; empty -> [None] (= as each config says)."""
-    if text in (None, ""):
-        return [None]
-    try:
-        values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise SweepError(f"{name}={text!r}: every value must be a {kind.__name__}") from None
-    if not values:
-        raise SweepError(f"{name}={text!r} is an empty list")
-    return values
+class Claim(NamedTuple):
+    """A queued cell this worker took: its trial and the cell's fields."""
+
+    trial: optuna.Trial
+    cell: dict
 
 
-def config_names(text: str) -> list[str]:
-    """A comma list of config names, each one a file in experiments/configs/."""
-    names, known = parse_list(text, str, "configs"), available_configs(CONFIGS_DIR)
-    for name in names:
-        if name not in known:
-            raise SweepError(f"unknown config '{name}' in configs; available: {', '.join(known)}")
-    return names
+class CellRun(NamedTuple):
+    """What training one cell needs: its resolved config, its data, its MLflow run (a tracker not yet entered)."""
+
+    cfg: Config
+    data: MNIST
+    tracker: MlflowTracker
 
 
-def train_settings(args: argparse.Namespace) -> dict:
-    """The training flags given on the command line (shared by every cell or trial), typed."""
-    settings = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) not in (None, "")}
-    for field in ("epochs", "batch_size", "train_subset", "test_subset"):
-        if field in settings:
-            settings[field] = parse_list(settings[field], int, field)[0]
-    return settings
-
-
-def worker_env() -> dict[str, str]:
-    """Environment for worker processes: this tracking URI and code, but not the parent's run."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str = "", warmups: str = "") -> list[dict]:
-    """Every combination of the lists, each checked by resolving its config (bad values fail here, before any work)."""
-    lists = [config_names(configs), parse_list(seeds, int, "seeds"), parse_list(lrs, float, "lrs"), parse_list(widths, float, "widths"),
-             parse_list(depths, int, "depths"), parse_list(warmups, float, "warmup_epochs")]
-    cells = [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
-    for cell in cells:
-        load_config(cell["config"], CONFIGS_DIR, overrides(cell, {}))
-    return cells
-
-
-def check_cells(cells: list[dict], settings: dict) -> None:
-    """Every cell's config with the shared settings is valid and fits this machine's device (one line otherwise)."""
-    for cell in cells:
-        resources.check(load_config(cell["config"], CONFIGS_DIR, overrides(cell, settings)))
-
-
-def cell_key(cell: dict) -> str:
-    """Stable readable id, e.g. 'all_tricks seed=0 lr=0.001' (fields left to the config are omitted)."""
-    return " ".join([cell["config"]] + [f"{k}={cell[k]:g}" for k in GRID[1:] if cell.get(k) is not None])
-
-
-def group_key(cell: dict) -> str:
-    """Cells with the same group key differ only in seed and can train as one stacked model."""
-    return cell_key({**cell, "seed": None})
-
-
-def overrides(cell: dict, settings: dict) -> dict:
-    """Nested config overrides for one cell plus the sweep-wide training settings."""
-    nested: dict = {}
-    for field, value in {**settings, **cell}.items():
-        if field == "config" or value in (None, ""):
-            continue
-        *parents, leaf = CONFIG_KEYS[field].split(".")
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
-
-
-def study_name(cells: list[dict], settings: dict) -> str:
-    """Same grid and settings -> same study, which is what makes a rerun resume."""
-    digest = hashlib.sha1(json.dumps([cells, settings], sort_keys=True).encode()).hexdigest()[:10]
-    return f"sweep-{digest}"
-
-
-def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, settings: dict | None = None) -> optuna.Study:
-    """Create (with the grid stored on it) or load the sweep's study."""
-    storage = open_storage(storage_spec)
-    if cells is None:
-        try:
-            return optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            raise SweepError(f"no study '{name}' in storage '{storage_spec}'") from None
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
-    if "cells" not in study.user_attrs:
-        study.set_user_attr("cells", cells)
-        study.set_user_attr("settings", settings)
-    return study
-
-
-def enqueue_missing(study: optuna.Study) -> int:
-    """Enqueue every cell that is neither finished nor queued nor running; return how many."""
-    keys = [cell_key(c) for c in study.user_attrs["cells"]]
-    taken = {t.user_attrs.get("queued_cell")
-             for t in recorded_trials(study) + study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
-    missing = [k for k in keys if k not in taken]
-    cells = {cell_key(c): c for c in study.user_attrs["cells"]}
-    missing.sort(key=lambda k: (group_key(cells[k]), cells[k]["seed"] or 0))  # seeds of a group side by side, for --stack
-    for key in missing:
-        study.enqueue_trial({"cell": key}, user_attrs={"queued_cell": key})
-    return len(missing)
-
-
-@functools.lru_cache(maxsize=2)
-def cached_mnist(data_dir: str, train_subset: int | None, test_subset: int | None):
-    return load_mnist(data_dir, train_subset, test_subset)
-
-
-def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
-    """Another trial already finished this cell or is running it (possible only if a cell was enqueued twice)."""
-    for other in recorded_trials(study) + study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if other.number != trial.number and other.user_attrs.get("queued_cell") == key:
-            return True
-    return False
-
-
-def take_cell(trial: optuna.Trial) -> dict:
-    """Mark the trial as this worker's, name its cell as the trial's param; prune strays and duplicates."""
-    trial.set_user_attr("worker", process_id())
-    if "queued_cell" not in trial.user_attrs:  # the queue was empty when this trial started: nothing to do
-        raise optuna.TrialPruned("not a queued cell")
-    cells = {cell_key(c): c for c in trial.study.user_attrs["cells"]}
-    key = trial.suggest_categorical("cell", list(cells))
-    for field, value in cells[key].items():  # readable columns in optuna-dashboard
-        trial.set_user_attr(field, value)
-    if is_duplicate(trial.study, trial, key):
-        raise optuna.TrialPruned(f"duplicate of a finished or running '{key}'")
-    return cells[key]
-
-
-def cell_tracker(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: str | None):
-    """The cell's resolved config, its data and its nested MLflow run (as a tracker not yet entered)."""
+def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: str | None) -> CellRun:
+    """The cell's resolved config, its data and its nested MLflow run."""
     study = trial.study
     cfg = load_config(cell["config"], CONFIGS_DIR, overrides(cell, study.user_attrs["settings"]))
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     key = cell_key(cell)
     tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
-    return cfg, data, MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False,
-                                    extra_tags=tags, parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR))
+    return CellRun(cfg, data, MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False, extra_tags=tags,
+                                            parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR)))
 
 
 def record_result(trial: optuna.Trial, result) -> float:
@@ -216,42 +74,42 @@ def record_result(trial: optuna.Trial, result) -> float:
 
 def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
     """Train one queued cell, tracked as a nested MLflow run."""
-    cfg, data, tracker = cell_tracker(trial, take_cell(trial), experiment, parent_run_id)
+    cfg, data, tracker = cell_run(trial, take_cell(trial), experiment, parent_run_id)
     with tracker:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         result = train(cfg, data, [tracker])
     return record_result(trial, result)
 
 
-def claim(study: optuna.Study, k: int) -> list[optuna.Trial]:
+def claim(study: optuna.Study, k: int) -> list[Claim]:
     """Take up to k queued cells (ask() pops the oldest queued trial), pruning strays and duplicates."""
     taken = []
     while len(taken) < k and state_counts(study)["waiting"]:
         trial = study.ask()
         try:
-            taken.append((trial, take_cell(trial)))
+            taken.append(Claim(trial, take_cell(trial)))
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
     return taken
 
 
-def run_stacked(study: optuna.Study, taken: list, experiment: str, parent_run_id: str | None) -> None:
+def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent_run_id: str | None) -> None:
     """Train claimed cells, those that differ only in seed as one stacked model; tell every trial its outcome."""
-    groups: dict[str, list] = {}
-    for trial, cell in taken:
-        groups.setdefault(group_key(cell), []).append((trial, cell))
+    groups: dict[str, list[Claim]] = {}
+    for claimed in taken:
+        groups.setdefault(group_key(claimed.cell), []).append(claimed)
     for members in groups.values():
-        trials = [t for t, _ in members]
+        trials = [m.trial for m in members]
         with contextlib.ExitStack() as stack:
             for t in trials:  # RDB storages: heartbeats as study.optimize would send them
-                stack.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
+                stack.enter_context(heartbeat(study, t))
             try:
-                parts = [cell_tracker(t, c, experiment, parent_run_id) for t, c in members]
-                trackers = [stack.enter_context(tracker) for _, _, tracker in parts]
+                runs = [cell_run(m.trial, m.cell, experiment, parent_run_id) for m in members]
+                trackers = [stack.enter_context(run.tracker) for run in runs]
                 for t, tracker in zip(trials, trackers):
                     t.set_user_attr("mlflow_run_id", tracker.run_id)
                     t.set_user_attr("stacked", len(trials))
-                results = train_stacked([cfg for cfg, _, _ in parts], parts[0][1], [[tr] for tr in trackers])
+                results = train_stacked([run.cfg for run in runs], runs[0].data, [[tr] for tr in trackers])
             except BaseException:  # SIGTERM/Ctrl-C too: the trials fail and the worker gives their cells back
                 for t in trials:
                     study.tell(t, state=TrialState.FAIL)
@@ -260,30 +118,12 @@ def run_stacked(study: optuna.Study, taken: list, experiment: str, parent_run_id
             study.tell(t, record_result(t, result))
 
 
-def state_counts(study: optuna.Study) -> dict[str, int]:
-    """Cells done / queued / running (duplicates and strays not counted)."""
-    trials = study.get_trials(deepcopy=False)
-    done = {t.params["cell"] for t in recorded_trials(study)}
-    return {"done": len(done), "total": len(study.user_attrs["cells"]),
-            "waiting": sum(t.state == TrialState.WAITING for t in trials),
-            "running": sum(t.state == TrialState.RUNNING for t in trials)}
-
-
 def work(storage_spec: str, name: str, experiment: str, threads: int | None = None, stack: int = 1) -> None:
     """Worker loop: run queued cells (up to `stack` seeds at once as one model) until none is queued or running anywhere."""
-    if threads:
-        torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ready_store()
+    start_worker(threads)
     study = open_study(storage_spec, name)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if parent:  # cells live beside their parent, e.g. in the experiment `mlflow run --experiment-name` chose
-        experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
-    try:
-        work_queue(study, experiment, parent, stack)
-    except KeyboardInterrupt:
-        give_back(study)
-        raise
+    parent, experiment = parent_and_experiment(study, experiment)
+    serve(study, lambda: work_queue(study, experiment, parent, stack))
 
 
 def work_queue(study: optuna.Study, experiment: str, parent: str | None, stack: int) -> None:
@@ -302,28 +142,6 @@ def work_queue(study: optuna.Study, experiment: str, parent: str | None, stack: 
             time.sleep(POLL_SECONDS)
         else:
             return
-
-
-def spawn_workers(n: int, storage_spec: str, name: str, experiment: str, stack: int = 1) -> list[subprocess.Popen]:
-    """n worker processes sharing this machine's cores; they must not resume the parent run."""
-    threads = max(1, (os.cpu_count() or 1) // n)
-    cmd = [sys.executable, "-m", "experiments.sweep", "work", "--study", name, "--storage", storage_spec,
-           "--experiment", experiment, "--threads", str(threads), "--stack", str(stack)]
-    return [subprocess.Popen(cmd, env=worker_env()) for _ in range(n)]
-
-
-def join_workers(procs: list[subprocess.Popen], wait) -> None:
-    """wait(procs); on SIGTERM/Ctrl-C stop the workers the same way (they end their runs KILLED and give their cells
-    back), wait for them, and end this process's parent run KILLED."""
-    try:
-        wait(procs)
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
-        mlflow.end_run("KILLED")
-        raise
 
 
 def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], started: float, done_before: int) -> None:
@@ -345,7 +163,7 @@ def summary(study: optuna.Study) -> pd.DataFrame:
     """One row per finished cell, from the study's records."""
     rows = []
     for t in recorded_trials(study):
-        rows.append({**{k: t.user_attrs.get(k) for k in ("config", "seed", "lr", "width", "depth", "warmup_epochs")},
+        rows.append({**{k: t.user_attrs.get(k) for k in GRID},
                      "cell": t.params["cell"], "final_loss": t.user_attrs.get("epoch/train_loss"),
                      "test_acc": t.user_attrs.get("test/acc"), "diverged": t.user_attrs.get("diverged"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
@@ -396,7 +214,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run_rounds(study: optuna.Study, args: argparse.Namespace, started: float, done_before: int) -> None:
     """Worker rounds until no cell is queued; on SIGTERM/Ctrl-C the workers give their cells back, the parent ends KILLED."""
     for _ in range(3):  # a round per batch of workers; a worker killed mid-round leaves its cell to the next
-        procs = spawn_workers(args.workers, args.storage, study.study_name, args.experiment, args.stack)
+        procs = spawn("experiments.sweep", ["--study", study.study_name, "--storage", args.storage,
+                                            "--experiment", args.experiment, "--stack", str(args.stack)], args.workers)
         join_workers(procs, lambda ps: wait_with_progress(study, ps, started, done_before))
         recover_dead_workers(study)
         enqueue_missing(study)  # cells whose retries ran out get one more chance next round

@@ -1,5 +1,6 @@
 """The analysis on MLflow runs made here with known values: exact table numbers, every figure, bad inputs."""
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -236,3 +237,21 @@ def test_stress_boundaries_carry_the_scale_of_their_trials():
               "boundary_lr_90ci": [0.335, 0.574], "pruning_saved": 0.18}
     assert ("- batchnorm: 17 trials, converged up to 0.285, boundary 0.431 [90% CI 0.335, 0.574]; pruning saved 18% of the "
             "steps. *Scale: 2 epochs on 12,800 training images, tested on 2,000, batch 128, fp32.*") in boundaries(trials, [report])
+
+
+def test_seed_table_prints_the_reports_results_section(known, capsys):
+    from analysis.seed_table import main as seed_table
+
+    assert seed_table(["--experiment", known]) == 0
+    out = capsys.readouterr().out
+    assert "**Lowest final loss:** all_tricks (0.0500)" in out
+    assert re.search(r"^\| no_tricks +\| +2 \| .*\| 0\.200 ± 1\.271 +\|", out, re.M)  # the same numbers as results.csv
+    assert seed_table(["--experiment", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: no experiment 'nope' in sqlite:///")
+
+
+def test_precision_effect_without_precision_pairs_is_one_line(known, capsys):
+    from analysis.precision_effect import main as precision_effect
+
+    assert precision_effect(["--experiment", known]) == 2  # fp32 runs only
+    assert capsys.readouterr().err.strip() == "error: no config in 'known' has >= 2 seeds in both precisions"

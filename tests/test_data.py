@@ -12,8 +12,22 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from cookbook.data import MD5, DataError, batches, load_mnist, raw_dir, read_idx, verify, write_idx_from_pickle
 
 
-def test_real_mnist_is_verified(mnist_dir):
+def test_real_mnist_is_verified_and_a_corrupt_or_missing_file_is_named(mnist_dir, tmp_path):
     assert verify(mnist_dir) == MD5
+    copy = raw_dir(tmp_path)
+    copy.mkdir(parents=True)
+    for name in MD5:
+        (copy / name).symlink_to(raw_dir(mnist_dir) / name)
+    labels = copy / "t10k-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[100] ^= 1  # one flipped bit
+    labels.unlink()
+    labels.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"MD5 mismatch for {labels}: got [0-9a-f]{{32}}, expected {MD5[labels.name]}"):
+        verify(tmp_path)
+    labels.unlink()
+    with pytest.raises(DataError, match=f"missing MNIST file {labels}"):
+        verify(tmp_path)
 
 
 def test_normalised_tensor_equals_torchvision_pipeline(mnist_dir, tiny_data):

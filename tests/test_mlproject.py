@@ -6,8 +6,8 @@ import yaml
 from mlflow.projects import _project_spec
 
 from conftest import CONFIGS_DIR, ROOT
-from cookbook.cli import OVERRIDES, build_parser, overrides_from
-from cookbook.config import flatten, load_config
+from cookbook.cli import build_parser, overrides_from
+from cookbook.config import FLAG_KEYS, flatten, load_config
 
 # A distinctive, valid value per parameter, and the config key it must set.
 PROBES = {
@@ -64,7 +64,7 @@ def test_max_norm_none_turns_clipping_off():
 
 
 def test_cli_flags_cover_mlproject_parameters():
-    assert set(PROBES) <= set(OVERRIDES)
+    assert set(PROBES) <= set(FLAG_KEYS)
 
 
 NUMERIC = {"workers": "3", "stack": "4", "scale": "quick", "n_trials": "17", "factor": "500.0", "converge_ratio": "0.25"}

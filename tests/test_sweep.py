@@ -12,8 +12,10 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import DATA_DIR, ROOT
+from cookbook.config import ConfigError
+from experiments.grid import cell_key, make_cells, overrides, parse_list, study_name
 from experiments.storage import SweepError, open_storage
-from experiments.sweep import cell_key, main, make_cells, overrides, parse_list, study_name
+from experiments.sweep import main
 from postgres import postgres_server
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
@@ -38,9 +40,21 @@ def test_grid_is_the_product_of_the_lists():
 ])
 def test_bad_grids_fail_before_any_work(kwargs, message):
     args = {"configs": "no_tricks", "seeds": "0", "lrs": "1e-3", **kwargs}
-    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises((SweepError, ConfigError), match=message.replace("(", r"\(").replace(".", r"\.")):
         make_cells(**args)
-    assert parse_list("", float, "lrs") == [None]
+
+
+def test_an_empty_list_means_as_the_config_says():
+    assert parse_list("", float, "lrs") == parse_list(None, float, "lrs") == [None]
+    assert parse_list("1e-3, 3e-3", float, "lrs") == [0.001, 0.003]
+
+
+def test_a_list_for_a_single_setting_is_one_line(tracking, tmp_path, capsys):
+    storage = tmp_path / "journal.log"
+    assert main(["run", "--configs", "no_tricks", "--epochs", "2,3", "--storage", str(storage)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: epochs='2,3' takes one value; the grid's lists are --configs, --seeds, --lrs, "
+                                               "--widths, --depths, --warmup-epochs")
+    assert not storage.exists()
 
 
 @pytest.mark.parametrize("url,message", [

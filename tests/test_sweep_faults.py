@@ -12,8 +12,10 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import DATA_DIR, ROOT
+from experiments.grid import make_cells
+from experiments.queue import enqueue_missing, open_study
 from experiments.storage import open_storage
-from experiments.sweep import enqueue_missing, main, make_cells, open_study
+from experiments.sweep import main
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
 

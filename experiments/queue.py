@@ -1,0 +1,68 @@
+"""A sweep's queue on Optuna: the grid stored on the study, a cell = an enqueued trial, done = a recorded COMPLETE trial."""
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from cookbook.stop import process_id
+from experiments.grid import cell_key, group_key
+from experiments.storage import SweepError, open_storage, recorded_trials
+
+
+def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, settings: dict | None = None) -> optuna.Study:
+    """Create (with the grid stored on it) or load the sweep's study."""
+    storage = open_storage(storage_spec)
+    if cells is None:
+        try:
+            return optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise SweepError(f"no study '{name}' in storage '{storage_spec}'") from None
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
+    if "cells" not in study.user_attrs:
+        study.set_user_attr("cells", cells)
+        study.set_user_attr("settings", settings)
+    return study
+
+
+def enqueue_missing(study: optuna.Study) -> int:
+    """Enqueue every cell that is neither finished nor queued nor running; return how many."""
+    keys = [cell_key(c) for c in study.user_attrs["cells"]]
+    taken = {t.user_attrs.get("queued_cell")
+             for t in recorded_trials(study) + study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
+    missing = [k for k in keys if k not in taken]
+    cells = {cell_key(c): c for c in study.user_attrs["cells"]}
+    missing.sort(key=lambda k: (group_key(cells[k]), cells[k]["seed"] or 0))  # seeds of a group side by side, for --stack
+    for key in missing:
+        study.enqueue_trial({"cell": key}, user_attrs={"queued_cell": key})
+    return len(missing)
+
+
+def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
+    """Another trial already finished this cell or is running it (possible only if a cell was enqueued twice)."""
+    for other in recorded_trials(study) + study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if other.number != trial.number and other.user_attrs.get("queued_cell") == key:
+            return True
+    return False
+
+
+def take_cell(trial: optuna.Trial) -> dict:
+    """Mark the trial as this worker's, name its cell as the trial's param; prune strays and duplicates."""
+    trial.set_user_attr("worker", process_id())
+    if "queued_cell" not in trial.user_attrs:  # the queue was empty when this trial started: nothing to do
+        raise optuna.TrialPruned("not a queued cell")
+    cells = {cell_key(c): c for c in trial.study.user_attrs["cells"]}
+    key = trial.suggest_categorical("cell", list(cells))
+    for field, value in cells[key].items():  # readable columns in optuna-dashboard
+        trial.set_user_attr(field, value)
+    if is_duplicate(trial.study, trial, key):
+        raise optuna.TrialPruned(f"duplicate of a finished or running '{key}'")
+    return cells[key]
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Cells done / queued / running (duplicates and strays not counted)."""
+    trials = study.get_trials(deepcopy=False)
+    done = {t.params["cell"] for t in recorded_trials(study)}
+    return {"done": len(done), "total": len(study.user_attrs["cells"]),
+            "waiting": sum(t.state == TrialState.WAITING for t in trials),
+            "running": sum(t.state == TrialState.RUNNING for t in trials)}

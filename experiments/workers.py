@@ -1,0 +1,76 @@
+"""Worker processes of sweeps and stress studies: how they start, share data and stop together."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import mlflow
+import optuna
+import torch
+
+from cookbook.data import load_mnist
+from cookbook.tracking import REPO, ready_store
+from experiments.storage import give_back
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for worker processes: this tracking URI and code, but not the parent's run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def spawn(module: str, args: list[str], n: int) -> list[subprocess.Popen]:
+    """n `python -m module work ARGS --threads T` processes sharing this machine's cores."""
+    threads = max(1, (os.cpu_count() or 1) // n)
+    cmd = [sys.executable, "-m", module, "work", *args, "--threads", str(threads)]
+    return [subprocess.Popen(cmd, env=worker_env()) for _ in range(n)]
+
+
+def join_workers(procs: list[subprocess.Popen], wait: Callable[[list[subprocess.Popen]], object]) -> None:
+    """wait(procs); on SIGTERM/Ctrl-C stop the workers the same way (they end their runs KILLED and give their cells
+    back), wait for them, and end this process's parent run KILLED."""
+    try:
+        wait(procs)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        mlflow.end_run("KILLED")
+        raise
+
+
+@functools.lru_cache(maxsize=2)
+def cached_mnist(data_dir: str, train_subset: int | None, test_subset: int | None):
+    return load_mnist(data_dir, train_subset, test_subset)
+
+
+def start_worker(threads: int | None) -> None:
+    """A worker's process set-up: its share of the cores, quiet Optuna, the tracking store ready."""
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ready_store()
+
+
+def parent_and_experiment(study: optuna.Study, experiment: str) -> tuple[str | None, str]:
+    """The study's parent MLflow run and the experiment its runs go to: the parent's (e.g. the one `mlflow run
+    --experiment-name` chose), else `experiment`."""
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
+    return parent, experiment
+
+
+def serve(study: optuna.Study, loop: Callable[[], None]) -> None:
+    """Run a worker's loop; if SIGTERM/Ctrl-C stops it, queue what it was training again before exiting."""
+    try:
+        loop()
+    except KeyboardInterrupt:
+        give_back(study)
+        raise
