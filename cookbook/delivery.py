@@ -82,6 +82,7 @@ class StoreWriter:
         self.not_stored = 0  # metric values the store refused for good
         self.outage: str | None = None  # the last transient error, while it lasts
         self.closed = False
+        self.one_by_one = 0  # after a refused merged batch: how many ops to send singly
         threading.Thread(target=self._loop, daemon=True, name=f"store-writer-{run_id[:8]}").start()
 
     def put(self, *ops: Op) -> None:
@@ -95,6 +96,19 @@ class StoreWriter:
             self.queue.append({"op": "end", "status": status, "not_stored": self.not_stored})
             self.lock.notify_all()
 
+    def _next(self) -> tuple[Op, int]:
+        """The write to send next and how many queued ops it stands for: consecutive metric ops go as one batch
+        (up to MAX_BATCH values), so a busy run makes few store transactions."""
+        head = self.queue[0]
+        if head["op"] != "metrics" or self.one_by_one:
+            return head, 1
+        values, n = [], 0
+        for op in self.queue:
+            if op["op"] != "metrics" or len(values) + len(op["metrics"]) > MAX_BATCH:
+                break
+            values, n = values + op["metrics"], n + 1
+        return {"op": "metrics", "metrics": values}, n
+
     def _loop(self) -> None:
         backoff = 0.25
         while True:
@@ -103,7 +117,7 @@ class StoreWriter:
                     self.lock.wait()
                 if self.closed or self.fatal:
                     return
-                op = self.queue[0]
+                op, n = self._next()
             try:
                 send(self.client, self.run_id, op)
             except Exception as e:  # every store error is sorted below; none may kill the writer silently
@@ -118,12 +132,16 @@ class StoreWriter:
                         self.lock.wait(backoff)
                         backoff = min(backoff * 2, self.max_backoff)
                         continue
+                    if n > 1:  # the store refused a merged batch: send its ops one by one, to refuse only the bad one
+                        self.one_by_one = n
+                        continue
                     count_not_stored(self.queue, len(op.get("metrics", ())))
                     self.not_stored += len(op.get("metrics", ()))
             backoff = 0.25
-            with self.lock:
+            with self.lock:  # only this thread removes ops, so the n at the head are the ones just sent
                 self.outage = None
-                if self.queue and self.queue[0] is op:
+                self.one_by_one = max(0, self.one_by_one - n)
+                for _ in range(n):
                     self.queue.popleft()
                 self.lock.notify_all()
 

@@ -6,6 +6,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -17,10 +18,12 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
+from mlflow.exceptions import MlflowException
 
-from .config import DEFAULT_EXPERIMENT, Config, overridden_keys, to_params, to_yaml
-from .delivery import FLUSH_TIMEOUT, StoreWriter, metrics_op, spool_path, write_spool
+from .config import DEFAULT_EXPERIMENT, TEST_SIZE, TRAIN_SIZE, Config, overridden_keys, to_params, to_yaml
+from .data import raw_dir
+from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, spool_path, write_spool
 from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
 from .stop import gone, process_id
@@ -80,6 +83,22 @@ def _create_sqlite_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
 
 
+def dataset_inputs(cfg: Config, md5: dict[str, str]) -> list[DatasetInput]:
+    """The run's train and test sets as MLflow datasets (the run page's Datasets section): named, with the official
+    MD5 sums of their two IDX files as source and digest, and the rows used of the full split as profile."""
+    inputs = []
+    for name, context, size, subset in (("mnist-train", "training", TRAIN_SIZE, cfg.data.train_subset),
+                                        ("mnist-test", "evaluation", TEST_SIZE, cfg.data.test_subset)):
+        prefix = "train" if name == "mnist-train" else "t10k"
+        sums = {f: md5[f] for f in sorted(md5) if f.startswith(prefix)}
+        source = json.dumps({"uri": str(raw_dir(cfg.data.data_dir)), "md5": sums})
+        profile = json.dumps({"num_rows": min(subset or size, size), "full_split_rows": size, "subset": subset})
+        digest = hashlib.md5("".join(sums.values()).encode()).hexdigest()[:8]
+        inputs.append(DatasetInput(Dataset(name, digest, "local", source, profile=profile),
+                                   tags=[InputTag("mlflow.data.context", context)]))
+    return inputs
+
+
 class MlflowTracker(Hook):
     """One MLflow run per training; resumes the run an `mlflow run` created (MLFLOW_RUN_ID).
 
@@ -103,7 +122,24 @@ class MlflowTracker(Hook):
         self.sampler = None
 
     def __enter__(self) -> MlflowTracker:
-        self.run_id = self._start_run()
+        try:
+            self.run_id = self._start_run()
+            self._log_identity()
+        except MlflowException as e:  # the store is away or refuses us before anything was trained: one line
+            if self.run_id:
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(self.run_id, "FAILED")
+            raise StoreUnusable(f"tracking store {self.uri} cannot start the run ({first_line(e)})") from None
+        self.writer = StoreWriter(self.client, self.run_id)
+        if self.system_metrics:  # MLflow's own sampler (best effort: it drops samples while the store is away)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.sampler = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+            self.sampler.start()
+        return self
+
+    def _log_identity(self) -> None:
+        """Params, tags, the resolved config and the datasets: what the run is, written before it trains."""
         commit, dirty = git_state()
         tags = {
             CONFIG_TAG: self.cfg.name, SEED_TAG: str(self.cfg.seed), OVERRIDES_TAG: ",".join(self.overrides),
@@ -116,13 +152,7 @@ class MlflowTracker(Hook):
         params = [Param(k, v) for k, v in to_params(self.cfg).items()]
         self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
         self.client.log_text(self.run_id, to_yaml(self.cfg), CONFIG_ARTIFACT)
-        self.writer = StoreWriter(self.client, self.run_id)
-        if self.system_metrics:  # MLflow's own sampler (best effort: it drops samples while the store is away)
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.sampler = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
-            self.sampler.start()
-        return self
+        self.client.log_inputs(self.run_id, datasets=dataset_inputs(self.cfg, self.data_md5))
 
     def _start_run(self) -> str:
         """The `mlflow run` project run if there is one (and no parent), else a new run made by the client, so that

@@ -29,7 +29,7 @@ from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
 from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
 from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers
-from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
+from experiments.workers import ReportToOptuna, cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
@@ -56,7 +56,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
                        system_metrics=False, extra_tags=tags, parent_run_id=parent,
                        base=load_config(spec["config"], CONFIGS_DIR)) as tracker:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
-        result = train(cfg, data, [tracker, recorder])
+        result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
     initial = recorder.history["train/loss"][0][1] if recorder.history.get("train/loss") else float("nan")
     final = result.final.get("epoch/train_loss", float("nan"))
     ok = not result.diverged and converged(final, initial, spec["converge_ratio"])

@@ -32,7 +32,8 @@ from cookbook.train import train
 from experiments.grid import GRID, TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
 from experiments.queue import enqueue_missing, open_study, state_counts, take_cell
 from experiments.storage import DEFAULT_STORAGE, SweepError, check_records, heartbeat, recorded_trials, recover_dead_workers
-from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
+from experiments.study_figures import log_study_figures
+from experiments.workers import ReportToOptuna, cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
 POLL_SECONDS = 2.0
 
@@ -77,7 +78,7 @@ def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -
     cfg, data, tracker = cell_run(trial, take_cell(trial), experiment, parent_run_id)
     with tracker:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
-        result = train(cfg, data, [tracker])
+        result = train(cfg, data, [tracker, ReportToOptuna(trial)])
     return record_result(trial, result)
 
 
@@ -109,7 +110,8 @@ def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent
                 for t, tracker in zip(trials, trackers):
                     t.set_user_attr("mlflow_run_id", tracker.run_id)
                     t.set_user_attr("stacked", len(trials))
-                results = train_stacked([run.cfg for run in runs], runs[0].data, [[tr] for tr in trackers])
+                results = train_stacked([run.cfg for run in runs], runs[0].data,
+                                        [[tr, ReportToOptuna(t)] for t, tr in zip(trials, trackers)])
             except BaseException:  # SIGTERM/Ctrl-C too: the trials fail and the worker gives their cells back
                 for t in trials:
                     study.tell(t, state=TrialState.FAIL)
@@ -205,6 +207,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         run_rounds(study, args, started, before["done"])
         table = summary(study)
         mlflow.log_text(table.to_csv(index=False), "sweep_summary.csv")
+        log_study_figures(table)
         after = state_counts(study)
         mlflow.log_metrics({"sweep/cells_done": after["done"], "sweep/wall_seconds": time.time() - started}, step=0)
     print_summary(table, after, time.time() - started)

@@ -1,4 +1,5 @@
 """`python -m cookbook train|reproduce` through the real MLflow path on a temporary store."""
+import json
 import math
 import re
 import shutil
@@ -46,6 +47,13 @@ def test_tracked_run_has_config_tags_metrics_and_artifacts(mnist_dir, tracking, 
     snapshots = pd.read_csv(f"{local}/grad_norms/snapshots.csv")
     assert sorted(snapshots.step.unique()) == [0, 5, 9] and (snapshots.grad_norm > 0).all()
     assert "optim:\n  name: adam" in open(f"{local}/config.yaml").read()
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}  # the run page's Datasets section
+    assert sorted(inputs) == ["mnist-test", "mnist-train"]
+    train_set = inputs["mnist-train"]
+    assert [(t.key, t.value) for t in train_set.tags] == [("mlflow.data.context", "training")]
+    assert json.loads(train_set.dataset.source)["md5"] == {k: v for k, v in MD5.items() if k.startswith("train")}
+    assert json.loads(train_set.dataset.profile) == {"num_rows": 256, "full_split_rows": 60000, "subset": 256}
+    assert json.loads(inputs["mnist-test"].dataset.profile)["num_rows"] == 200 and len(train_set.dataset.digest) == 8
     out = capsys.readouterr().out
     assert run.info.run_id in out and "mlflow ui --backend-store-uri" in out
 

@@ -104,6 +104,8 @@ def tmpfs(tmp_path):
     """A 4 MB tmpfs (root only: skipped elsewhere)."""
     mount = tmp_path / "store"
     mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command here")
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
     if made.returncode:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
@@ -157,3 +159,11 @@ def test_read_only_store_is_one_line_before_any_run(tmpfs, tmp_path, mnist_dir):
     assert err.strip().splitlines() == [f"error: tracking store {uri} is read-only ({tmpfs} cannot be written); "
                                         "point MLFLOW_TRACKING_URI at a writable store"]
     assert store_rows(tmpfs / "mlflow.db") == before
+
+
+def test_unreachable_server_at_the_start_is_one_line(tmp_path, mnist_dir):
+    proc = start_training("http://127.0.0.1:9", tmp_path)  # port 9: nothing listens
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: tracking store http://127.0.0.1:9 cannot start the run (") and "Traceback" not in err

@@ -40,6 +40,9 @@ def test_stress_prunes_diverged_trials_and_reports_a_boundary(mnist_dir, trackin
     assert x100 and x100[0].state == TrialState.PRUNED and x100[0].user_attrs["diverged"]  # Adam at 0.1 blows up
     base = [t for t in trials if abs(t.user_attrs["lr"] - 1e-3) < 1e-12][0]
     assert base.state == TrialState.COMPLETE and base.user_attrs["steps_run"] == base.user_attrs["total_steps"]
+    epochs = int(TINY[TINY.index("--epochs") + 1])
+    assert sorted(base.intermediate_values) == list(range(1, epochs + 1))  # optuna-dashboard's intermediate values
+    assert base.intermediate_values[epochs] == base.user_attrs["final_loss"]
     result = report(study)
     assert result["trials"] == 4 and result["steps_run"] < result["steps_without_pruning"]
     assert result["smallest_failed_lr"] <= 0.1 and result["x100"][0]["diverged"]

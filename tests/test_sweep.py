@@ -77,6 +77,12 @@ def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
     assert not storage.exists() and mlflow.get_experiment_by_name("stability-cookbook") is None
 
 
+def assert_intermediate_values(study):
+    """Every finished cell reported its epoch's training loss to Optuna (a cell that diverged in epoch 1: nothing)."""
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert t.intermediate_values == ({} if t.user_attrs["diverged"] else {1: t.user_attrs["epoch/train_loss"]})
+
+
 def finished_cells(storage, name):
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     return study, [t.params["cell"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
@@ -102,6 +108,7 @@ def test_two_workers_run_each_cell_once_and_a_rerun_skips_them(mnist_dir, tracki
     parent = study.user_attrs["mlflow_parent_run_id"]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}
     assert len({t.user_attrs["worker"] for t in study.get_trials(states=(TrialState.COMPLETE,))}) == 2
+    assert_intermediate_values(study)
     assert main(argv) == 0  # resume: nothing left to do
     assert len(study.get_trials()) == 4 and len(cell_runs()) == 4
 
@@ -160,8 +167,11 @@ def test_stacked_sweep_runs_seeds_of_a_cell_as_one_model(mnist_dir, tracking, tm
     assert sorted(done) == sorted(cell_key(c) for c in make_cells("no_tricks,batchnorm", "0,1,2", ""))
     stacked = sorted(t.user_attrs["stacked"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
     assert stacked == [1, 1, 2, 2, 2, 2]  # seeds queued side by side: (0, 1) stacked, 2 alone, per config
+    assert_intermediate_values(study)
     runs = cell_runs()
     assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {study.user_attrs["mlflow_parent_run_id"]}
     assert all("test/acc" in r.data.metrics and r.data.params["config.seed"] == r.data.tags["seed"] for r in runs)
+    figures = {a.path for a in MlflowClient().list_artifacts(study.user_attrs["mlflow_parent_run_id"], "study")}
+    assert figures == {"study/param_importances.png", "study/parallel_coordinates.png"}  # config and seed were swept
     assert main(["run", "--stack", "0", "--storage", storage, *TINY]) == 2
