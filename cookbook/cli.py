@@ -12,6 +12,7 @@ from . import resources
 from .config import CONFIGS_DIR, DEFAULT_EXPERIMENT, FLAG_KEYS, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
+from .lr_find import END_LR, START_LR, STEPS
 from .progress import Progress
 from .stop import exit_code
 from .train import train
@@ -162,21 +163,51 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 1 if left else 0
 
 
+def add_config_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config, one flag per FLAG_KEYS entry, --set, --experiment and --no-track (train and lr-find)."""
+    p.add_argument("--config", default="all_tricks", help="config name in experiments/configs/ or a path to a YAML file")
+    p.add_argument("--configs-dir", type=Path, default=CONFIGS_DIR)
+    for flag, key in FLAG_KEYS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {key}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. monitor.layer_every=10")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (ignored inside `mlflow run`)")
+    p.add_argument("--no-track", action="store_true", help="run without MLflow")
+    return p
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    """Run the range test, print the suggestions, track it as one MLflow run (loss against LR, figure, tags)."""
+    from .lr_find import lr_range_test
+
+    if not 0 < args.start_lr < args.end_lr or args.steps < 3:
+        raise ConfigError(f"need 0 < --start-lr < --end-lr and --steps >= 3; got {args.start_lr}, {args.end_lr}, {args.steps}")
+    cfg = load_config(args.config, args.configs_dir, overrides_from(args))
+    resources.check(cfg)
+    data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    result = lr_range_test(cfg, data, args.start_lr, args.end_lr, args.steps)
+    blowup = f"blew up at LR {result.blowup_lr:.3g}" if result.blowup_lr else "did not blow up"
+    print(f"{cfg.name}: {len(result.lrs)} steps from LR {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}; the loss {blowup}")
+    print(f"  suggested LR: steepest descent {result.steepest_lr:.3g}, minimum/10 {result.min_over_10_lr:.3g}")
+    if not args.no_track:
+        from .tracking import log_range_test
+
+        print_where(log_range_test(cfg, data.md5, result, args.experiment))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cookbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train one config and track it in MLflow")
-    tr.add_argument("--config", default="all_tricks", help="config name in experiments/configs/ or a path to a YAML file")
-    tr.add_argument("--configs-dir", type=Path, default=CONFIGS_DIR)
-    for flag, key in FLAG_KEYS.items():
-        tr.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {key}")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. monitor.layer_every=10")
-    tr.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (ignored inside `mlflow run`)")
+    tr = add_config_flags(sub.add_parser("train", help="train one config and track it in MLflow"))
     tr.add_argument("--run-name", default=None)
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    tr.add_argument("--no-track", action="store_true", help="train without MLflow")
     tr.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
     tr.set_defaults(func=cmd_train)
+    lf = add_config_flags(sub.add_parser("lr-find", help="LR range test: one short run, LR raised exponentially each step"))
+    lf.add_argument("--start-lr", type=float, default=START_LR)
+    lf.add_argument("--end-lr", type=float, default=END_LR)
+    lf.add_argument("--steps", type=int, default=STEPS, help="most updates (it stops at the blow-up)")
+    lf.set_defaults(func=cmd_lr_find)
     rp = sub.add_parser("reproduce", help="re-run a tracked run from its params and compare every metric exactly")
     rp.add_argument("run_id")
     rp.set_defaults(func=cmd_reproduce)

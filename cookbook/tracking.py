@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from .config import DEFAULT_EXPERIMENT, TEST_SIZE, TRAIN_SIZE, Config, overridden_keys, to_params, to_yaml
 from .data import raw_dir
-from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, spool_path, write_spool
+from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, send, spool_path, write_spool
 from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
 from .stop import gone, process_id
@@ -240,3 +240,32 @@ def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tu
         client.set_terminated(run.info.run_id, "KILLED")
         closed.append((run.info.run_id, steps))
     return closed
+
+
+LR_FIND_TAG = "lr_find"  # on a range-test run: its config's name (not CONFIG_TAG: the analysis must not read it as a training)
+
+
+def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: str) -> str:
+    """One FINISHED MLflow run for an LR range test: the config as params, loss and smoothed loss per step (step = update,
+    the LR as `lr_find/lr`), the figure, and the suggestions as tags; returns its id."""
+    from .lr_find import figure
+
+    ready_store()
+    client = MlflowClient()
+    run_id = os.environ.get("MLFLOW_RUN_ID")  # inside `mlflow run . -e lr_find`: the project's run
+    if not run_id:
+        run_id = client.create_run(mlflow.set_experiment(experiment).experiment_id, run_name=f"lr-find {cfg.name}").info.run_id
+    tags = {LR_FIND_TAG: cfg.name, SEED_TAG: cfg.seed, PROCESS_TAG: process_id(), "lr_find.steepest_lr": result.steepest_lr,
+            "lr_find.min_over_10_lr": result.min_over_10_lr, "lr_find.blowup_lr": result.blowup_lr or "none",
+            **{f"data_md5.{k}": v for k, v in data_md5.items()}}
+    client.log_batch(run_id, params=[Param(k, v) for k, v in to_params(cfg).items()],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+    rows = [(i, {"lr_find/lr": lr, "lr_find/loss": loss, "lr_find/smoothed_loss": sm})
+            for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed))]
+    for op in metrics_op(rows):
+        send(client, run_id, op)
+    fig = figure(result)
+    client.log_figure(run_id, fig, "lr_find.png")
+    fig.clf()
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

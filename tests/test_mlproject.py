@@ -93,3 +93,13 @@ def test_analyze_and_study_parameters_reach_their_flags(entry, module):
     assert argv[:3] == ["python", "-m", module.removesuffix(".cli")]
     args = vars(importlib.import_module(module).build_parser().parse_args(argv[3:]))
     assert {name: str(args[name]) for name in spec} == probes
+
+
+def test_lr_find_parameters_reach_their_flags():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["lr_find"]["parameters"]
+    probes = {"config": "layernorm", "steps": "17", "start_lr": "1e-05", "end_lr": "3.0", "train_subset": "500", "data_dir": "d"}
+    assert set(probes) == set(spec)
+    argv = shlex.split(_project_spec.load_project(str(ROOT)).get_entry_point("lr_find").compute_command(probes, "/tmp"))
+    args = build_parser().parse_args(argv[3:])
+    assert (args.config, args.steps, args.start_lr, args.end_lr, args.train_subset, args.data_dir) == \
+        ("layernorm", 17, 1e-05, 3.0, "500", "d")

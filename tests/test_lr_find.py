@@ -1,0 +1,50 @@
+"""The LR range test: its pure parts against closed forms, and one tiny tracked run."""
+import math
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import TINY_FLAGS
+from cookbook.cli import main
+from cookbook.lr_find import exponential_lrs, lr_range_test, smooth, suggest
+
+
+def test_schedule_is_exponential_from_start_to_end():
+    lrs = exponential_lrs(1e-6, 10.0, 8)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(10.0)
+    assert np.allclose(lrs[1:] / lrs[:-1], 10 ** (7 / 7))  # 7 decades in 7 steps: x10 each
+
+
+def test_smoothing_is_bias_corrected():
+    assert smooth([2.0] * 5, 0.98) == pytest.approx([2.0] * 5)  # no pull towards 0 at the start
+    assert smooth([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.5 * 0.5 + 0.5 * 3.0) / (1 - 0.25)])
+
+
+def test_suggestions_on_a_known_curve():
+    lrs = list(exponential_lrs(1e-5, 1.0, 51))  # 0.1 decade apart
+    loss = [1 + (math.log10(lr) + 2) ** 2 for lr in lrs]  # minimum at 1e-2, steepest descent at the start
+    steepest, min_over_10 = suggest(lrs, loss)
+    assert min_over_10 == pytest.approx(1e-3) and steepest == pytest.approx(1e-5)
+
+
+def test_range_test_stops_at_the_blow_up_and_suggests_inside_its_range(tiny_cfg, tiny_data):
+    result = lr_range_test(tiny_cfg, tiny_data, start=1e-5, end=100.0, steps=100)
+    assert result.blowup_lr is not None and len(result.lrs) < 100  # Adam at LR 100 blows up before the end
+    assert result.smoothed[-1] > 4 * min(result.smoothed) and result.blowup_lr == result.lrs[-1]  # Smith's stop rule
+    assert 1e-5 <= result.steepest_lr <= result.blowup_lr and 1e-6 <= result.min_over_10_lr <= result.blowup_lr
+
+
+def test_lr_find_command_tracks_one_run(mnist_dir, tracking, capsys):
+    flags = [f for f in TINY_FLAGS if f != "--no-system-metrics"]
+    assert main(["lr-find", "--config", "no_tricks", *flags, "--steps", "30", "--experiment", "lr"]) == 0
+    out = capsys.readouterr().out
+    assert "suggested LR: steepest descent" in out and "minimum/10" in out
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("lr").experiment_id])
+    steps = len(client.get_metric_history(run.info.run_id, "lr_find/loss"))
+    assert run.info.status == "FINISHED" and 3 <= steps <= 30 and run.data.tags["lr_find"] == "no_tricks"
+    assert "config" not in run.data.tags  # the analysis must not read it as a training run
+    assert 1e-6 <= float(run.data.tags["lr_find.steepest_lr"]) <= 10
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["lr_find.png"]
+    assert main(["lr-find", "--config", "no_tricks", "--start-lr", "1", "--end-lr", "0.1"]) == 2
