@@ -54,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tracking import MlflowTracker  # here: the library trains without MLflow installed
 
     with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
-                       system_metrics=not args.no_system_metrics, base=load_config(args.config, args.configs_dir)) as tracker:
+                       system_metrics=not args.no_system_metrics, base=load_config(args.config, args.configs_dir),
+                       log_model=not args.no_log_model) as tracker:
         result = train(cfg, data, [Progress(label), tracker])
     print_summary(label, result, time.time() - started)
     print_where(tracker.run_id)
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--run-name", default=None)
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     tr.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
+    tr.add_argument("--no-log-model", action="store_true", help="do not log the trained network as an MLflow model")
     tr.set_defaults(func=cmd_train)
     lf = add_config_flags(sub.add_parser("lr-find", help="LR range test: one short run, LR raised exponentially each step"))
     lf.add_argument("--start-lr", type=float, default=START_LR)

@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 SPOOL_DIR = os.environ.get("COOKBOOK_SPOOL_DIR", "mlflow-spool")  # relative to where the command runs
@@ -29,7 +30,7 @@ MAX_BATCH = 1000  # log_batch accepts at most 1000 metrics per call
 FATAL = ("database or disk is full", "readonly database", "read-only file system", "no space left on device")
 # MLflow's SQL store logs each failed write with a full traceback; the writer reports store errors in one line itself.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-Op = dict  # one JSON-able write: {"op": "metrics"|"tags"|"text"|"end", ...}
+Op = dict  # one JSON-able write: {"op": "metrics"|"tags"|"text"|"model"|"end", ...}
 
 
 def metrics_op(rows, now_ms: int | None = None) -> list[Op]:
@@ -47,6 +48,12 @@ def send(client: MlflowClient, run_id: str, op: Op) -> None:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()], synchronous=True)
     elif op["op"] == "text":
         client.log_text(run_id, op["text"], op["path"])
+    elif op["op"] == "model":  # an MLflow 3 LoggedModel from a saved model folder, linked to the run as its output
+        model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model", source_run_id=run_id)
+        client.log_model_artifacts(model.model_id, op["path"])
+        client.finalize_logged_model(model.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, op["step"])])
+        shutil.rmtree(op["path"], ignore_errors=True)
     elif op["op"] == "end":
         status, not_stored = op["status"], op.get("not_stored", 0)
         if not_stored:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import functools
 import hashlib
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow import MlflowClient
@@ -99,6 +101,19 @@ def dataset_inputs(cfg: Config, md5: dict[str, str]) -> list[DatasetInput]:
     return inputs
 
 
+def save_model(model: torch.nn.Module, run_id: str) -> Path:
+    """The trained network as an MLflow pytorch model folder in the spool dir (a CPU copy, with signature and an input
+    example), ready for the writer to upload; pinned requirements, so no slow requirement inference."""
+    import mlflow.pytorch
+
+    path = spool_path(run_id).with_suffix(".model")
+    shutil.rmtree(path, ignore_errors=True)
+    example = np.zeros((1, 1, 28, 28), dtype=np.float32)  # one normalised MNIST image's shape
+    mlflow.pytorch.save_model(copy.deepcopy(model).cpu().eval(), str(path), input_example=example, serialization_format="pickle",
+                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return path
+
+
 class MlflowTracker(Hook):
     """One MLflow run per training; resumes the run an `mlflow run` created (MLFLOW_RUN_ID).
 
@@ -108,14 +123,16 @@ class MlflowTracker(Hook):
 
     def __init__(self, cfg: Config, data_md5: dict[str, str], experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, system_metrics: bool = True, extra_tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None, base: Config | None = None, flush_timeout: float = FLUSH_TIMEOUT):
-        """base: the config file as written (default: cfg itself, i.e. no overrides)."""
+                 parent_run_id: str | None = None, base: Config | None = None, flush_timeout: float = FLUSH_TIMEOUT,
+                 log_model: bool = True):
+        """base: the config file as written (default: cfg itself, i.e. no overrides); log_model: the trained network
+        as an MLflow LoggedModel (off for sweeps that do not need thousands of them)."""
         self.cfg, self.data_md5, self.experiment = cfg, data_md5, experiment
         self.overrides = overridden_keys(cfg, base or cfg)
         ready_store()  # before the client: building it opens the store
         self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
         self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id
-        self.flush_timeout, self.uri = flush_timeout, mlflow.get_tracking_uri()
+        self.flush_timeout, self.uri, self.log_model = flush_timeout, mlflow.get_tracking_uri(), log_model
         self.client = MlflowClient(self.uri)
         self.run_id: str | None = None
         self.steps_logged = 0  # training steps whose metrics were handed over (what an interrupted run kept)
@@ -224,6 +241,8 @@ class MlflowTracker(Hook):
         buf = io.StringIO()
         pd.DataFrame(result.snapshots, columns=SNAPSHOT_COLUMNS).to_csv(buf, index=False)
         self.writer.put({"op": "text", "text": buf.getvalue(), "path": SNAPSHOT_ARTIFACT})
+        if self.log_model and result.model is not None:
+            self.writer.put({"op": "model", "path": str(save_model(result.model, self.run_id)), "step": result.steps_run})
 
 
 def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tuple[str, int]]:

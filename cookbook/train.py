@@ -29,6 +29,7 @@ class TrainResult:
     final: dict[str, float] = field(default_factory=dict)  # last epoch's summary metrics
     snapshots: list[dict] = field(default_factory=list)  # tidy per-parameter grad/weight norms
     param_count: int = 0
+    model: nn.Module | None = field(default=None, repr=False)  # the trained network (a finished single run only)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -195,5 +196,6 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
         result.final = epoch_summary(sums, parts.steps_per_epoch, test_loss, test_acc, seconds, n_train)
         hook.on_epoch_end(epoch, result.final)
     result.snapshots = [r for r in parts.monitor.snapshot_table() if r["step"] < result.steps_run]
+    result.model = None if result.diverged else parts.model
     hook.on_end(result)
     return result

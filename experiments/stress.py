@@ -53,7 +53,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
     recorder = Recorder()
     tags = {"stress": trial.study.study_name, "trial": str(trial.number)}
     with MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
-                       system_metrics=False, extra_tags=tags, parent_run_id=parent,
+                       system_metrics=False, log_model=False, extra_tags=tags, parent_run_id=parent,
                        base=load_config(spec["config"], CONFIGS_DIR)) as tracker:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])

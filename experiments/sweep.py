@@ -60,8 +60,9 @@ def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: st
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     key = cell_key(cell)
     tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
-    return CellRun(cfg, data, MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False, extra_tags=tags,
-                                            parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR)))
+    tracker = MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False, log_model=False,
+                            extra_tags=tags, parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR))
+    return CellRun(cfg, data, tracker)
 
 
 def record_result(trial: optuna.Trial, result) -> float:

@@ -177,3 +177,21 @@ def test_no_track_trains_without_mlflow_installed(mnist_dir):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no_tricks s0: finished after 16/16 steps" in done.stdout
+
+
+def test_logged_model_loads_and_scores_the_logged_test_accuracy(mnist_dir, tracking, tiny_data, tmp_path, monkeypatch):
+    import mlflow.pytorch
+
+    from cookbook.train import evaluate
+
+    monkeypatch.chdir(tmp_path)  # the model folder is staged in ./mlflow-spool and removed once stored
+    assert main(["train", "--config", "batchnorm", *TINY_FLAGS]) == 0
+    run = only_run()
+    [output] = run.outputs.model_outputs
+    model = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    loss, acc = evaluate(model, tiny_data.test_x, tiny_data.test_y)
+    assert acc == run.data.metrics["test/acc"] and loss == pytest.approx(run.data.metrics["test/loss"], rel=1e-6)
+    assert output.step == 16 and MlflowClient().get_logged_model(output.model_id).source_run_id == run.info.run_id
+    assert not list((tmp_path / "mlflow-spool").glob("*"))
+    assert main(["train", "--config", "batchnorm", "--no-log-model", "--experiment", "bare", *TINY_FLAGS]) == 0
+    assert not only_run("bare").outputs.model_outputs
