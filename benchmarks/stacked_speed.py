@@ -1,9 +1,12 @@
 """Runs per hour: K seeds as K separate runs vs one stacked (vectorised) run, for K = 1, 2, 4, 8.
 
     python -m benchmarks.stacked_speed --config batchnorm --ks 1,2,4,8 --train-subset 12800 --device auto
+    python -m benchmarks.stacked_speed --device cuda --ks 1,4,16,64,128 --train-subset 60000 --test-subset 10000 \
+        --epochs 5 --separate-up-to 4 --precision bf16
 
-A "run" here is one epoch over --train-subset images plus the test pass on --test-subset; runs per
-hour scale inversely with that length, the ratio stacked/separate is what to read.
+A "run" is --epochs epochs over --train-subset images, each followed by the test pass on --test-subset,
+everything a run does included (model, optimizer, CUDA graph capture). Separate runs are timed for K up to
+--separate-up-to; above it the separate column is K x the K=1 time (runs one after another add up).
 """
 from __future__ import annotations
 
@@ -29,13 +32,16 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def measure(cfg, data, k: int, repeats: int) -> dict:
-    """Best-of-repeats seconds for K separate runs and for one K-member stacked run."""
+def measure(cfg, data, k: int, repeats: int, one_run_s: float | None) -> dict:
+    """Best-of-repeats seconds for K separate runs (or K x one_run_s) and for one K-member stacked run."""
     cfgs = [dataclasses.replace(cfg, seed=s) for s in range(k)]
-    separate = min(timed(lambda: [train(c, data) for c in cfgs]) for _ in range(repeats))
+    if one_run_s is None:
+        separate = min(timed(lambda: [train(c, data) for c in cfgs]) for _ in range(repeats))
+    else:
+        separate = k * one_run_s
     stacked = min(timed(lambda: train_stacked(cfgs, data, [[] for _ in cfgs])) for _ in range(repeats))
-    return {"K": k, "separate_s": separate, "stacked_s": stacked, "separate_runs_per_h": 3600 * k / separate,
-            "stacked_runs_per_h": 3600 * k / stacked, "speedup": separate / stacked}
+    return {"K": k, "separate_s": separate, "separate_measured": one_run_s is None, "stacked_s": stacked,
+            "separate_runs_per_h": 3600 * k / separate, "stacked_runs_per_h": 3600 * k / stacked, "speedup": separate / stacked}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,35 +53,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
+    parser.add_argument("--separate-up-to", type=int, default=8, help="largest K whose separate runs are timed")
+    parser.add_argument("--nondeterministic", action="store_true", help="compute.deterministic off (CUDA)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, CONFIGS_DIR, {"epochs": 1, "device": args.device, "compute": {"precision": args.precision},
+        compute = {"precision": args.precision, "deterministic": not args.nondeterministic}
+        cfg = load_config(args.config, CONFIGS_DIR, {"epochs": args.epochs, "device": args.device, "compute": compute,
                                                      "data": {"data_dir": args.data_dir, "train_subset": args.train_subset,
                                                               "test_subset": args.test_subset}})
-        ks = [int(k) for k in args.ks.split(",")]
-        if min(ks) < 1:
+        ks = sorted(int(k) for k in args.ks.split(","))
+        if ks[0] < 1 or ks[0] > args.separate_up_to:  # the smallest K's separate time is what larger K extrapolate
             raise ValueError
     except ValueError:
-        print(f"error: ks={args.ks!r} must be a comma list of integers >= 1", file=sys.stderr)
+        print(f"error: ks={args.ks!r} must be a comma list of integers >= 1, the smallest <= --separate-up-to", file=sys.stderr)
         return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data = load_mnist(args.data_dir, args.train_subset, args.test_subset)
-    train(cfg, data)  # warm-up: first-call costs (allocator, kernels, CUDA context) out of the numbers
-    rows = []
-    for k in ks:
-        rows.append(measure(cfg, data, k, args.repeats))
-        print(f"  K={k}: separate {rows[-1]['separate_s']:.1f}s, stacked {rows[-1]['stacked_s']:.1f}s", file=sys.stderr, flush=True)
-    table = pd.DataFrame(rows)
+    train(dataclasses.replace(cfg, epochs=1), data)  # warm-up: first-call costs (CUDA context, kernels) out of the numbers
     device = str(resolve_device(args.device)).split(":")[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"stacked_speed-{device}-{args.precision}"
-    table.to_csv(f"{stem}.csv", index=False)
-    Path(f"{stem}.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=1))
+    stem = out / f"stacked_speed-{device}-{args.precision}{'-nondet' if args.nondeterministic else ''}"
+    rows = []
+    for k in ks:
+        one = None if k <= args.separate_up_to else rows[0]["separate_s"] / rows[0]["K"]
+        rows.append(measure(cfg, data, k, args.repeats, one))
+        print(f"  K={k}: separate {rows[-1]['separate_s']:.1f}s, stacked {rows[-1]['stacked_s']:.1f}s", file=sys.stderr, flush=True)
+        table = pd.DataFrame(rows)  # written after every K: a stopped benchmark keeps what it measured
+        table.to_csv(f"{stem}.csv", index=False)
+        Path(f"{stem}.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=1))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\nmachine: {machine()}\nwritten: {stem}.csv, {stem}.json")
     return 0

@@ -1,4 +1,4 @@
-"""Seconds per epoch: the seed's loop vs ours (untracked, MLflow-tracked, bf16), per config, in one process.
+"""Seconds per epoch: the seed's loop vs ours (untracked, MLflow-tracked, bf16, eager, nondeterministic), per config.
 
     python -m benchmarks.train_speed --configs no_tricks,batchnorm,layernorm,all_tricks --epochs 1 --repeats 3
 
@@ -31,7 +31,10 @@ from cookbook.hooks import Hook
 from cookbook.tracking import MlflowTracker
 from cookbook.train import resolve_device, train
 
-MODES = ("reference", "ours", "ours+mlflow", "ours-bf16")
+# Our loop's modes and the compute settings each changes (eager / nondet: what CUDA graphs and determinism buy or cost).
+MODE_COMPUTE = {"ours": {}, "ours+mlflow": {}, "ours-bf16": {"precision": "bf16"}, "ours-eager": {"cuda_graphs": False},
+                "ours-nondet": {"deterministic": False}}
+MODES = ("reference", *MODE_COMPUTE)
 
 
 class PeakRSS:
@@ -117,8 +120,7 @@ def run_ours(cfg, data, tracked: bool) -> tuple[list[float], list[float], float]
 def measure(config: str, modes: list[str], epochs: int, repeats: int, device: str, data_dir: str) -> list[dict]:
     """Rows of raw timings: one per (mode, repeat, epoch)."""
     base = {"epochs": epochs, "device": device, "data": {"data_dir": data_dir}}
-    cfgs = {m: load_config(config, CONFIGS_DIR, {**base, "compute": {"precision": "bf16" if m == "ours-bf16" else "fp32"}})
-            for m in modes}
+    cfgs = {m: load_config(config, CONFIGS_DIR, {**base, "compute": MODE_COMPUTE.get(m, {})}) for m in modes}
     data = load_mnist(data_dir)
     rows = []
     for repeat in range(repeats):
@@ -144,11 +146,12 @@ def summarise(raw: pd.DataFrame, n_train: int) -> pd.DataFrame:
     ).reset_index()
     table["samples_per_s"] = n_train / table.s_per_epoch_median
     ref = table[table["mode"] == "reference"].set_index("config").s_per_epoch_median
-    table["ratio_to_reference"] = table.s_per_epoch_median / table.config.map(ref)
-    off = table[table["mode"] == "ours"].set_index("config").s_per_epoch_median
+    table["ratio_to_reference"] = table.s_per_epoch_median / table.config.map(ref).astype(float)  # NaN without a reference
+    ours = table.config.map(table[table["mode"] == "ours"].set_index("config").s_per_epoch_median).astype(float)
+    table["vs_ours_pct"] = 100 * (table.s_per_epoch_median / ours - 1)  # eager: what graphs save; nondet: what determinism costs
     tracked = table["mode"] == "ours+mlflow"
     table["tracking_overhead_pct"] = None
-    table.loc[tracked, "tracking_overhead_pct"] = 100 * (table.s_per_epoch_median[tracked] / table.config[tracked].map(off) - 1)
+    table.loc[tracked, "tracking_overhead_pct"] = table.vs_ours_pct[tracked]
     table.loc[tracked, "tracking_in_loop_pct"] = 100 * table.hook_s_per_epoch[tracked] / table.s_per_epoch_median[tracked]
     return table
 
@@ -169,7 +172,7 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="no_tricks,batchnorm,layernorm,all_tricks")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--modes", default="reference,ours,ours+mlflow,ours-bf16", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode (interleaved)")
     parser.add_argument("--device", default="auto")

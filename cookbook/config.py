@@ -72,6 +72,8 @@ class MonitorConfig:
 class ComputeConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast for forward and loss; weights and optimizer stay fp32
     channels_last: bool = True  # NHWC activations: faster convs, norms and pools on CPU (same maths)
+    deterministic: bool = True  # CUDA: deterministic kernels only, so a seed gives bit-identical histories on one card
+    cuda_graphs: bool = True  # CUDA: replay the training step as one CUDA graph (a small CNN is launch-bound)
 
 
 @dataclass

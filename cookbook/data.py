@@ -159,3 +159,12 @@ def load_mnist(data_dir: str | Path, train_subset: int | None = None, test_subse
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """A seeded shuffle of range(n) cut into batches (the last one may be short, as in DataLoader)."""
     return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def on_device(order: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """An epoch's batch indices ([B] or [B, members] each) on the device in one transfer, cut as before.
+    On CUDA the copy is asynchronous (from pinned memory): the loop never waits for it."""
+    flat = torch.cat(order)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(flat.to(device).split([len(b) for b in order]))

@@ -10,7 +10,8 @@ class Hook:
     """Base hook: every callback is optional."""
 
     def on_start(self, info: dict[str, Any]) -> None:
-        """Before the first step; info has total_steps, steps_per_epoch, param_count, param_names."""
+        """Before the first step; info has total_steps, steps_per_epoch, param_count, param_names, device and optionally
+        tags (run tags the loop sets, e.g. determinism settings)."""
 
     def on_epoch_start(self, epoch: int) -> None:
         """Before the first step of epoch (1-based)."""

@@ -10,7 +10,8 @@ import torch
 
 from .config import Config
 from .data import MNIST, batches
-from .train import build_parts, resolve_device, train_step
+from .schedule import set_lr
+from .train import build_parts, resolve_device, single_update
 
 START_LR, END_LR, STEPS, STOP_FACTOR, BETA = 1e-6, 10.0, 100, 4.0, 0.98  # fastai's defaults, Smith's stop rule
 
@@ -56,16 +57,16 @@ def lr_range_test(cfg: Config, data: MNIST, start: float = START_LR, end: float 
     device = resolve_device(cfg.device)
     data = data.to(device)
     parts = build_parts(cfg, len(data.train_y), device)
+    update = single_update(parts, data, cfg.optim.max_norm)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     order: list[torch.Tensor] = []
     result = RangeTest()
-    for step, lr in enumerate(exponential_lrs(start, end, steps)):
+    for lr in exponential_lrs(start, end, steps):
         if not order:  # as many passes over the data as the test needs
             order = batches(len(data.train_y), cfg.data.batch_size, shuffle)
         idx = order.pop(0).to(device)
-        for group in parts.optimizer.param_groups:
-            group["lr"] = float(lr)
-        loss = train_step(parts, data.train_x[idx], data.train_y[idx], step, cfg.optim.max_norm)[0].item()
+        set_lr(parts.optimizer, [float(lr)] * len(parts.optimizer.param_groups))
+        loss = update(idx, False)[0][0, 0].item()
         if not math.isfinite(loss):
             result.blowup_lr = float(lr)
             break

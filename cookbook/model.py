@@ -23,6 +23,13 @@ def block_channels(width: float, depth: int) -> list[int]:
     return [max(1, round(BASE_CHANNELS[min(i, 2)] * width)) for i in range(depth)]
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over height and width: AdaptiveAvgPool2d(1)'s maths, whose CUDA backward has no deterministic kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
 class StableNet(nn.Module):
     """conv-norm-ReLU blocks with max-pool between them, global average pool, linear classifier.
 
@@ -40,7 +47,7 @@ class StableNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             layers.append(nn.ReLU(inplace=True))
             in_channels = out
-        layers.append(nn.AdaptiveAvgPool2d(1))
+        layers.append(GlobalAvgPool())
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_channels, classes)
 

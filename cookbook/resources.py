@@ -1,5 +1,7 @@
-"""Will a config run here at all? The device exists and the model fits in memory: checked before any run is created."""
+"""Will a config run here at all (the device exists, the model fits in memory), and which GPUs are there."""
 from __future__ import annotations
+
+import os
 
 import psutil
 import torch
@@ -57,3 +59,21 @@ def check(cfg: Config) -> torch.device:
                           f"({parameter_estimate(cfg.model):,} parameters, batch {cfg.data.batch_size}) but {name} has "
                           f"{free / 1e9:.1f} GB free")
     return device
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA_VISIBLE_DEVICES id of each GPU this process sees, in CUDA's order: its own list if set, else 0..n-1."""
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [entry.strip() for entry in listed.split(",")][:count]  # CUDA ignores entries past the GPUs it found
+
+
+def gpu_label(device: str) -> str | None:
+    """The physical GPU behind a torch device, e.g. 'NVIDIA H100 80GB HBM3 (CUDA_VISIBLE_DEVICES=3)'; None off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    return f"{torch.cuda.get_device_name(index)} (CUDA_VISIBLE_DEVICES={visible_gpus()[index]})"

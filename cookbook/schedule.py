@@ -22,15 +22,37 @@ def lr_at(step: int, *, lr_max: float, lr_min: float, warmup_steps: int, total_s
 
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
-    """torch scheduler whose every value is lr_at(step); step it after optimizer.step()."""
+    """torch scheduler whose every value is lr_at(step); step it after optimizer.step().
 
-    def __init__(self, optimizer, *, lr_min: float, warmup_steps: int, total_steps: int, kind: str = "cosine", last_epoch: int = -1):
+    lr_max: the peak per param group as Python floats (default: the groups' lr), so that a tensor lr
+    (which a CUDA graph reads on the device) is only ever filled, never read back to the host.
+    """
+
+    def __init__(self, optimizer, *, lr_max: list[float] | None = None, lr_min: float, warmup_steps: int, total_steps: int,
+                 kind: str = "cosine", last_epoch: int = -1):
+        self.lr_max = lr_max or [float(group["lr"]) for group in optimizer.param_groups]
         self.lr_min, self.warmup_steps, self.total_steps, self.kind = lr_min, warmup_steps, total_steps, kind
         super().__init__(optimizer, last_epoch)
 
+    def lr_of(self, step: int, group: int = 0) -> float:
+        """The learning rate update number `step` uses in param group `group`."""
+        return lr_at(step, lr_max=self.lr_max[group], lr_min=self.lr_min, warmup_steps=self.warmup_steps,
+                     total_steps=self.total_steps, kind=self.kind)
+
     def get_lr(self) -> list[float]:
-        return [
-            lr_at(self.last_epoch, lr_max=base, lr_min=self.lr_min, warmup_steps=self.warmup_steps,
-                  total_steps=self.total_steps, kind=self.kind)
-            for base in self.base_lrs
-        ]
+        return [self.lr_of(self.last_epoch, g) for g in range(len(self.lr_max))]
+
+    def step(self, epoch: None = None) -> None:
+        """Advance to the next update's lr (torch's step, without relying on how a torch version writes a tensor lr)."""
+        self.last_epoch += 1
+        self._last_lr = self.get_lr()
+        set_lr(self.optimizer, self._last_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lrs: list[float]) -> None:
+    """Each param group's lr; a tensor lr (CUDA) is filled in place, as the CUDA graph that reads it holds that tensor."""
+    for group, lr in zip(optimizer.param_groups, lrs):
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -15,11 +15,13 @@ from torch import nn
 
 from .clipping import clip_factor
 from .config import Config
-from .data import MNIST, batches
+from .data import MNIST, batches, on_device
+from .determinism import configure
 from .hooks import Hook, Hooks
 from .model import StableNet, build_model, parameter_count
-from .monitor import member_norms
-from .train import DivergenceCheck, TrainResult, build_parts, epoch_summary, resolve_device
+from .monitor import host_sync, member_norms
+from .step import StepRunner, step_stats
+from .train import DivergenceCheck, Parts, TrainResult, build_parts, epoch_summary, resolve_device, run_epoch, uses_graphs
 
 
 class StackedLinear(nn.Module):
@@ -86,6 +88,12 @@ def clip_members(params: list[nn.Parameter], members: int, max_norm: float | Non
     return norms
 
 
+def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, K] cross-entropy of each member's logits [B, K, C] against its labels [B, K].
+    As one [B*K, C] batch: the per-class layout ([B, C, K]) runs CUDA's nll_loss2d, which has no deterministic kernel."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+
 @torch.no_grad()
 def evaluate_members(model: StackedStableNet, x: torch.Tensor, y: torch.Tensor, precision, batch_size: int = 1000):
     """Per-member mean cross-entropy and accuracy on the shared test set."""
@@ -96,47 +104,45 @@ def evaluate_members(model: StackedStableNet, x: torch.Tensor, y: torch.Tensor, 
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         with precision:
             logits = model(xb.expand(-1, k, -1, -1).contiguous()).float()
-        loss_sum += F.cross_entropy(logits.transpose(1, 2), yb[:, None].expand(-1, k), reduction="none").sum(0)
+        loss_sum += member_losses(logits, yb[:, None].expand(-1, k)).sum(0)
         correct += (logits.argmax(2) == yb[:, None]).sum(0)
-    return (loss_sum / len(y)).tolist(), (correct / len(y)).tolist()
+    with host_sync():
+        loss, acc = (torch.stack([loss_sum, correct]) / len(y)).tolist()
+    return loss, acc
 
 
-def train_stacked_epoch(parts, cfg, data, order, first_step, fans, checks, results):
-    """One epoch for every member; returns per-member [loss sum, grad-norm sum, clipped steps]; marks divergence."""
-    model, optimizer, scheduler, monitor = parts.model, parts.optimizer, parts.scheduler, parts.monitor
-    model.train()
-    k, max_norm = model.members, cfg.optim.max_norm
-    sums = torch.zeros(3, k, device=data.train_x.device)
-    for i in range(len(order[0])):
-        step = first_step + i
-        idx = torch.stack([member[i] for member in order]).T.to(data.train_x.device)  # [B, K]
+def stacked_update(parts: Parts, data: MNIST, cfg: Config):
+    """The update of every member on its own batch data[idx[:, k]] (idx: [B, K]; see cookbook.step)."""
+    model, k, max_norm = parts.model, parts.monitor.members, cfg.optim.max_norm
+
+    def update(idx: torch.Tensor, norms: bool):
         x, y = data.train_x[idx].squeeze(2), data.train_y[idx]  # [B, K, 28, 28], [B, K]
         if cfg.compute.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.zero_grad(set_to_none=True)
         with parts.precision:
             logits = model(x)
-        losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(0)  # [K]: each member's mean
+        losses = member_losses(logits, y).mean(0)  # [K]: each member's mean
         losses.sum().backward()  # member k's parameters get exactly d(loss_k)
-        monitor.before_clip(step)
-        grad_norms = clip_members(monitor.params, k, max_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        clipped = grad_norms > max_norm if max_norm is not None else torch.zeros_like(grad_norms, dtype=torch.bool)
-        sums += torch.stack([losses.detach(), grad_norms, clipped.to(sums.dtype)])
-        if monitor.record(step, losses, grad_norms, lr) or i == len(order[0]) - 1:
-            for member, rows in enumerate(monitor.flush()):
-                result = results[member]
-                if result.diverged:
-                    continue
-                bad = checks[member].first_bad_step(rows)
-                fans[member].on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
-                if bad is not None:  # the others train on: a member's NaNs never reach another member's weights
-                    result.diverged, result.diverged_step, result.steps_run = True, bad, bad
-            if all(r.diverged for r in results):
-                break
-    return sums.T.tolist()
+        layers = parts.monitor.norms() if norms else None
+        grad_norms = clip_members(parts.monitor.params, k, max_norm)
+        parts.optimizer.step()
+        return step_stats(losses, grad_norms, max_norm), layers
+    return update
+
+
+def deliver_each(fans: list[Hook], checks: list[DivergenceCheck], results: list[TrainResult]):
+    """Flushed rows -> each live member's hooks, up to its first diverged step; stop when every member diverged."""
+    def deliver(flushed) -> bool:
+        for fan, check, result, rows in zip(fans, checks, results, flushed):
+            if result.diverged:
+                continue
+            bad = check.first_bad_step(rows)
+            fan.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
+            if bad is not None:  # the others train on: a member's NaNs never reach another member's weights
+                result.diverged, result.diverged_step, result.steps_run = True, bad, bad
+        return all(r.diverged for r in results)
+    return deliver
 
 
 def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> list[TrainResult]:
@@ -144,21 +150,23 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     same_but_seed(cfgs)
     cfg, k = cfgs[0], len(cfgs)
     device = resolve_device(cfg.device)
+    tags = configure(cfg.compute.deterministic, device)
     data = data.to(device)
     members = []
     for c in cfgs:
         torch.manual_seed(c.seed)  # as build_parts seeds a separate run
         members.append(build_model(c.model))
     parts = build_parts(cfg, len(data.train_y), device, StackedStableNet(members))
+    runner = StepRunner(stacked_update(parts, data, cfg), graphs=uses_graphs(cfg, device))
     n_train, steps_per_epoch, total = len(data.train_y), parts.steps_per_epoch, parts.total_steps
-    monitor = parts.monitor
     shuffles = [torch.Generator().manual_seed(c.seed) for c in cfgs]
-    checks = [DivergenceCheck(cfg.monitor.diverge_factor) for _ in cfgs]
     fans = [Hooks(list(h)) for h in hooks]
     results = [TrainResult(steps_run=0, total_steps=total, param_count=parameter_count(members[0])) for _ in cfgs]
+    deliver = deliver_each(fans, [DivergenceCheck(cfg.monitor.diverge_factor) for _ in cfgs], results)
     for fan, result in zip(fans, results):
         fan.on_start({"total_steps": total, "steps_per_epoch": steps_per_epoch, "param_count": result.param_count,
-                      "param_names": monitor.names, "device": str(device), "stacked_members": k})
+                      "param_names": parts.monitor.names, "device": str(device), "stacked_members": k,
+                      "tags": {**tags, "cuda_graphs": str(runner.graphs).lower()}})
     for epoch in range(1, cfg.epochs + 1):
         alive = [i for i, r in enumerate(results) if not r.diverged]
         if not alive:
@@ -167,7 +175,12 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
             fans[i].on_epoch_start(epoch)
         started = time.perf_counter()
         order = [batches(n_train, cfg.data.batch_size, g) for g in shuffles]  # each member's own shuffle
-        sums = train_stacked_epoch(parts, cfg, data, order, (epoch - 1) * steps_per_epoch, fans, checks, results)
+        order = on_device([torch.stack(b, 1) for b in zip(*order)], device)  # [B, K] per step
+        sums = run_epoch(parts, runner, order, (epoch - 1) * steps_per_epoch, deliver)
+        if sums is None:
+            break
+        with host_sync():
+            sums = sums.T.tolist()
         seconds = time.perf_counter() - started
         test_loss, test_acc = evaluate_members(parts.model, data.test_x, data.test_y, parts.precision)
         for i in alive:
@@ -177,6 +190,6 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
             results[i].final = epoch_summary(sums[i], steps_per_epoch, test_loss[i], test_acc[i], seconds, n_train)
             fans[i].on_epoch_end(epoch, results[i].final)
     for i, (fan, result) in enumerate(zip(fans, results)):
-        result.snapshots = [r for r in monitor.snapshot_table(i) if r["step"] < result.steps_run]
+        result.snapshots = [r for r in parts.monitor.snapshot_table(i) if r["step"] < result.steps_run]
         fan.on_end(result)
     return results

@@ -28,6 +28,7 @@ from .data import raw_dir
 from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, send, spool_path, write_spool
 from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
+from .resources import gpu_label
 from .stop import gone, process_id
 
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
@@ -37,6 +38,7 @@ CONFIG_ARTIFACT = "config.yaml"
 CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diverged", "diverged_step"
 PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
 PROCESS_TAG = "process"  # host:pid of the training process: `sync` closes RUNNING runs whose process is gone
+GPU_TAG = "gpu"  # the physical GPU a CUDA run trained on (inside a sweep worker "cuda:0" is whichever GPU it was given)
 OVERRIDES_TAG = "overrides"  # comma list of the config keys the run sets differently from its config file; "" = none
 REPO = Path(__file__).resolve().parent.parent
 MIN_FREE_BYTES = 64 << 10  # less than this and not even the run's params and first batches fit
@@ -225,7 +227,10 @@ class MlflowTracker(Hook):
         self.writer.put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def on_start(self, info):
-        self.set_tags({PARAM_COUNT_TAG: info["param_count"], "device": info["device"], TOTAL_STEPS_TAG: info["total_steps"]})
+        """Tags of the training as set up: size, device (and which GPU), and the loop's own `tags` (e.g. determinism)."""
+        gpu = gpu_label(info["device"])
+        self.set_tags({PARAM_COUNT_TAG: info["param_count"], "device": info["device"], TOTAL_STEPS_TAG: info["total_steps"],
+                       **({GPU_TAG: gpu} if gpu else {}), **info.get("tags", {})})
 
     def on_metrics(self, rows):
         self.check_store()

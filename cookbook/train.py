@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,11 +12,13 @@ from torch import nn
 
 from .clipping import clip_gradients, is_diverged
 from .config import Config, OptimConfig
-from .data import MNIST, batches
-from .hooks import Hook, Hooks
+from .data import MNIST, batches, on_device
+from .determinism import configure
+from .hooks import Hook, Hooks, Rows
 from .model import build_model, parameter_count
-from .monitor import Monitor
+from .monitor import Monitor, host_sync
 from .schedule import WarmupCosineLR
+from .step import StepRunner, step_stats
 
 
 @dataclass
@@ -40,19 +43,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (the seed's), AdamW or SGD with momentum; fused (one kernel for all parameters) on CPU and CUDA."""
+    """Adam (the seed's), AdamW or SGD with momentum; fused (one kernel for all parameters) on CPU and CUDA.
+
+    On CUDA the lr is a device tensor and Adam's step count stays on the device (capturable): a CUDA graph
+    replays the step with the schedule's current lr, and no step reads a value back to the host.
+    """
     params = list(model.parameters())
-    fused = params[0].device.type in ("cpu", "cuda")
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    device = params[0].device
+    fused = device.type in ("cpu", "cuda")
+    lr = torch.full((), cfg.lr, device=device) if device.type == "cuda" else cfg.lr
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    adam = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused, capturable=device.type == "cuda")
 
 
 def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast when cfg.compute.precision asks for it, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.compute.precision == "bf16")
+    """bf16 autocast when cfg.compute.precision asks for it, else a no-op context.
+    No cast cache: a CUDA graph cannot capture one, and each weight is cast once per forward anyway."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.compute.precision == "bf16", cache_enabled=False)
 
 
 @torch.no_grad()
@@ -66,7 +75,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             logits = model(xb)
         loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
-    loss, acc = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).div(len(y)).tolist()
+    with host_sync():
+        loss, acc = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).div(len(y)).tolist()
     return loss, acc
 
 
@@ -111,49 +121,67 @@ def build_parts(cfg: Config, n_train: int, device: torch.device, model: nn.Modul
     optimizer = build_optimizer(cfg.optim, model)
     steps_per_epoch = -(-n_train // cfg.data.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    scheduler = WarmupCosineLR(optimizer, lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind, total_steps=total_steps,
+    scheduler = WarmupCosineLR(optimizer, lr_max=[cfg.optim.lr], lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind,
+                               total_steps=total_steps,
                                warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch))
     monitor = Monitor(model, cfg.monitor, device, members=getattr(model, "members", 1))
     return Parts(model, autocast(cfg, device), optimizer, scheduler, monitor, steps_per_epoch, total_steps)
 
 
-def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor, step: int, max_norm: float | None):
-    """One update; returns (loss, pre-clip grad norm, lr used) without a host sync."""
-    parts.optimizer.zero_grad(set_to_none=True)
-    with parts.precision:
-        loss = F.cross_entropy(parts.model(x), y)
-    loss.backward()
-    parts.monitor.before_clip(step)
-    grad_norm = clip_gradients(parts.monitor.params, max_norm)
-    lr = parts.optimizer.param_groups[0]["lr"]
-    parts.optimizer.step()
-    parts.scheduler.step()
-    return loss.detach(), grad_norm.detach(), lr
+def single_update(parts: Parts, data: MNIST, max_norm: float | None):
+    """The update of one model on the batch data[idx] (see cookbook.step)."""
+    def update(idx: torch.Tensor, norms: bool):
+        parts.optimizer.zero_grad(set_to_none=True)
+        with parts.precision:
+            loss = F.cross_entropy(parts.model(data.train_x[idx]), data.train_y[idx])
+        loss.backward()
+        layers = parts.monitor.norms() if norms else None
+        grad_norm = clip_gradients(parts.monitor.params, max_norm)
+        parts.optimizer.step()
+        return step_stats(loss, grad_norm, max_norm), layers
+    return update
 
 
-def train_epoch(parts: Parts, cfg: Config, data: MNIST, order: list[torch.Tensor], first_step: int,
-                hook: Hook, check: DivergenceCheck) -> tuple[list[float], int | None]:
-    """Train over the batches in order; return ([loss sum, grad-norm sum, clipped steps], diverged step or None)."""
+def run_epoch(parts: Parts, runner: StepRunner, order: list[torch.Tensor], first_step: int,
+              deliver: Callable[[list[Rows]], bool]) -> torch.Tensor | None:
+    """Train over the batches in order (indices on the device); hand each flush's rows (one list per member) to
+    deliver, which returns True to stop. Returns the [3, members] sums of step_stats, or None if stopped."""
     parts.model.train()
-    max_norm = cfg.optim.max_norm
-    sums = torch.zeros(3, device=data.train_x.device)
+    monitor = parts.monitor
+    sums = torch.zeros(3, monitor.members, device=order[0].device)
     try:
         for i, idx in enumerate(order):
             step = first_step + i
-            idx = idx.to(data.train_x.device)
-            loss, grad_norm, lr = train_step(parts, data.train_x[idx], data.train_y[idx], step, max_norm)
-            clipped = grad_norm > max_norm if max_norm is not None else torch.zeros_like(grad_norm, dtype=torch.bool)
-            sums += torch.stack([loss, grad_norm, clipped.to(sums.dtype)])
-            if parts.monitor.record(step, loss, grad_norm, lr) or i == len(order) - 1:
-                rows = parts.monitor.flush()[0]
-                bad = check.first_bad_step(rows)
-                hook.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
-                if bad is not None:
-                    return [], bad
+            norms = monitor.wants_norms(step)
+            stats, layers = runner(idx, norms)
+            if norms:
+                monitor.keep(step, *layers)
+            lr = parts.scheduler.lr_of(step)
+            parts.scheduler.step()
+            sums += stats
+            if (monitor.record(step, stats[:2], lr) or i == len(order) - 1) and deliver(monitor.flush()):
+                return None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: hand over every step that finished, then stop
-        hook.on_metrics([(s, m) for s, m in parts.monitor.flush()[0] if "train/loss" in m])
+        deliver([[(s, m) for s, m in rows if "train/loss" in m] for rows in monitor.flush()])
         raise
-    return sums.tolist(), None
+    return sums
+
+
+def deliver_to(hook: Hook, check: DivergenceCheck, result: TrainResult) -> Callable[[list[Rows]], bool]:
+    """Flushed rows -> hook, up to the first diverged step (which ends the run: result is marked)."""
+    def deliver(flushed: list[Rows]) -> bool:
+        rows = flushed[0]
+        bad = check.first_bad_step(rows)
+        hook.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
+        if bad is not None:
+            result.diverged, result.diverged_step, result.steps_run = True, bad, bad
+        return bad is not None
+    return deliver
+
+
+def uses_graphs(cfg: Config, device: torch.device) -> bool:
+    """CUDA graphs are used on CUDA unless the config turns them off."""
+    return cfg.compute.cuda_graphs and device.type == "cuda"
 
 
 def epoch_summary(sums: list[float], steps: int, test_loss: float, test_acc: float, seconds: float, n_train: int) -> dict:
@@ -174,22 +202,26 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
     """Train StableNet under cfg on data; report through hooks; return the result."""
     hook = Hooks(list(hooks))
     device = resolve_device(cfg.device)
+    tags = configure(cfg.compute.deterministic, device)
     data = data.to(device)
     n_train = len(data.train_y)
     parts = build_parts(cfg, n_train, device)
+    runner = StepRunner(single_update(parts, data, cfg.optim.max_norm), graphs=uses_graphs(cfg, device))
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    check = DivergenceCheck(cfg.monitor.diverge_factor)
     result = TrainResult(steps_run=0, total_steps=parts.total_steps, param_count=parameter_count(parts.model))
+    deliver = deliver_to(hook, DivergenceCheck(cfg.monitor.diverge_factor), result)
     hook.on_start({"total_steps": parts.total_steps, "steps_per_epoch": parts.steps_per_epoch,
-                   "param_count": result.param_count, "param_names": parts.monitor.names, "device": str(device)})
+                   "param_count": result.param_count, "param_names": parts.monitor.names, "device": str(device),
+                   "tags": {**tags, "cuda_graphs": str(runner.graphs).lower()}})
     for epoch in range(1, cfg.epochs + 1):
         hook.on_epoch_start(epoch)
         started = time.perf_counter()
-        sums, bad = train_epoch(parts, cfg, data, batches(n_train, cfg.data.batch_size, shuffle),
-                                result.steps_run, hook, check)
-        if bad is not None:
-            result.diverged, result.diverged_step, result.steps_run = True, bad, bad
+        order = on_device(batches(n_train, cfg.data.batch_size, shuffle), device)
+        sums = run_epoch(parts, runner, order, result.steps_run, deliver)
+        if sums is None:
             break
+        with host_sync():
+            sums = sums[:, 0].tolist()
         seconds = time.perf_counter() - started
         result.steps_run += parts.steps_per_epoch
         test_loss, test_acc = evaluate(parts.model, data.test_x, data.test_y, precision=parts.precision)

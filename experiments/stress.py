@@ -53,7 +53,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
     recorder = Recorder()
     tags = {"stress": trial.study.study_name, "trial": str(trial.number)}
     with MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
-                       system_metrics=False, log_model=False, extra_tags=tags, parent_run_id=parent,
+                       log_model=False, extra_tags=tags, parent_run_id=parent,
                        base=load_config(spec["config"], CONFIGS_DIR)) as tracker:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
@@ -146,7 +146,7 @@ def run_stress(args: argparse.Namespace) -> int:
 def run_workers(args: argparse.Namespace, name: str) -> None:
     """Worker processes sharing the study's trial budget (threads split between them)."""
     procs = spawn("experiments.stress", ["--study", name, "--storage", args.storage, "--n-trials", str(args.n_trials),
-                                         "--experiment", args.experiment], args.workers)
+                                         "--experiment", args.experiment], args.workers, args.device)
     join_workers(procs, lambda ps: [p.wait() for p in ps])
 
 

@@ -60,7 +60,7 @@ def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: st
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     key = cell_key(cell)
     tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
-    tracker = MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, system_metrics=False, log_model=False,
+    tracker = MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, log_model=False,
                             extra_tags=tags, parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR))
     return CellRun(cfg, data, tracker)
 
@@ -219,7 +219,8 @@ def run_rounds(study: optuna.Study, args: argparse.Namespace, started: float, do
     """Worker rounds until no cell is queued; on SIGTERM/Ctrl-C the workers give their cells back, the parent ends KILLED."""
     for _ in range(3):  # a round per batch of workers; a worker killed mid-round leaves its cell to the next
         procs = spawn("experiments.sweep", ["--study", study.study_name, "--storage", args.storage,
-                                            "--experiment", args.experiment, "--stack", str(args.stack)], args.workers)
+                                            "--experiment", args.experiment, "--stack", str(args.stack)], args.workers,
+                      args.device)
         join_workers(procs, lambda ps: wait_with_progress(study, ps, started, done_before))
         recover_dead_workers(study)
         enqueue_missing(study)  # cells whose retries ran out get one more chance next round

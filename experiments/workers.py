@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import subprocess
@@ -14,23 +15,34 @@ import torch
 
 from cookbook.data import load_mnist
 from cookbook.hooks import Hook
+from cookbook.resources import visible_gpus
 from cookbook.tracking import REPO, ready_store
 from experiments.storage import give_back
 
 
-def worker_env() -> dict[str, str]:
-    """Environment for worker processes: this tracking URI and code, but not the parent's run."""
+def worker_env(gpu: str | None = None) -> dict[str, str]:
+    """Environment for worker processes: this tracking URI and code, not the parent's run; given `gpu`, that GPU alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
 
 
-def spawn(module: str, args: list[str], n: int) -> list[subprocess.Popen]:
-    """n `python -m module work ARGS --threads T` processes sharing this machine's cores."""
+def gpu_assignment(n_workers: int, visible: list[str]) -> list[str | None]:
+    """The GPU id each worker gets, round robin over `visible` (several workers share one when there are more workers
+    than GPUs); None for all when there is no GPU."""
+    return [visible[i % len(visible)] if visible else None for i in range(n_workers)]
+
+
+def spawn(module: str, args: list[str], n: int, device: str | None = None) -> list[subprocess.Popen]:
+    """n `python -m module work ARGS --threads T` processes sharing this machine's cores and, each seeing one, its GPUs;
+    a `device` that names a GPU (cuda:1) keeps them all visible, so that every worker trains on the one asked for."""
     threads = max(1, (os.cpu_count() or 1) // n)
     cmd = [sys.executable, "-m", module, "work", *args, "--threads", str(threads)]
-    return [subprocess.Popen(cmd, env=worker_env()) for _ in range(n)]
+    pinned = ":" in (device or "")
+    return [subprocess.Popen(cmd, env=worker_env(gpu)) for gpu in gpu_assignment(n, [] if pinned else visible_gpus())]
 
 
 def join_workers(procs: list[subprocess.Popen], wait: Callable[[list[subprocess.Popen]], object]) -> None:
@@ -53,10 +65,11 @@ def cached_mnist(data_dir: str, train_subset: int | None, test_subset: int | Non
 
 
 def start_worker(threads: int | None) -> None:
-    """A worker's process set-up: its share of the cores, quiet Optuna, the tracking store ready."""
+    """A worker's process set-up: its share of the cores, quiet Optuna and system metrics, the tracking store ready."""
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # 4 INFO lines a cell would bury the progress
     ready_store()
 
 

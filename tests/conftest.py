@@ -1,4 +1,4 @@
-"""Shared fixtures: real MNIST (built once, offline mirror if needed), a tiny config, a temporary MLflow store."""
+"""Shared fixtures: real MNIST (built once, offline mirror if needed), a tiny config, a temporary MLflow store, fake GPUs."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from cookbook.config import CONFIGS_DIR, Config, merge, validate  # noqa: F401  (CONFIGS_DIR: tests import it from here)
 from cookbook.data import ensure_mnist, load_mnist
@@ -54,3 +55,17 @@ def tracking(tmp_path, monkeypatch) -> str:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it for child processes
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """pretend(n, listed): n GPUs named 'Fake GPU i' (the last one current), CUDA_VISIBLE_DEVICES=listed (None: unset)."""
+    def pretend(n: int, listed: str | None = None):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: n - 1)
+        if listed is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    return pretend

@@ -51,14 +51,15 @@ def test_interrupt_mid_flush_window_keeps_the_buffered_steps(mnist_dir, tracking
     from cookbook import train as train_module
     from cookbook.tracking import MlflowTracker
 
-    real_step = train_module.train_step
+    real_step, calls = train_module.StepRunner.__call__, []
 
-    def step_or_interrupt(parts, x, y, step, max_norm):
-        if step == 11:
+    def step_or_interrupt(runner, idx, norms):
+        calls.append(idx)
+        if len(calls) == 12:  # update number 11
             raise KeyboardInterrupt
-        return real_step(parts, x, y, step, max_norm)
+        return real_step(runner, idx, norms)
 
-    monkeypatch.setattr(train_module, "train_step", step_or_interrupt)
+    monkeypatch.setattr(train_module.StepRunner, "__call__", step_or_interrupt)
     cfg = dataclasses.replace(tiny_cfg, monitor=dataclasses.replace(tiny_cfg.monitor, flush_every=5))
     with pytest.raises(KeyboardInterrupt):
         with MlflowTracker(cfg, tiny_data.md5, experiment="interrupt", system_metrics=False) as tracker:

@@ -158,8 +158,9 @@ def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, storage_url):
     assert MlflowClient().get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
-def test_stacked_sweep_runs_seeds_of_a_cell_as_one_model(mnist_dir, tracking, tmp_path):
+def test_stacked_sweep_runs_seeds_of_a_cell_as_one_model(mnist_dir, tracking, tmp_path, monkeypatch):
     storage = str(tmp_path / "journal.log")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")  # tiny cells (0.2 s) outlast a sample
     argv = ["run", "--configs", "no_tricks,batchnorm", "--seeds", "0,1,2", "--stack", "2", "--storage", storage,
             "--study", "stacked", *TINY]
     assert main(argv) == 0
@@ -172,6 +173,7 @@ def test_stacked_sweep_runs_seeds_of_a_cell_as_one_model(mnist_dir, tracking, tm
     assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {study.user_attrs["mlflow_parent_run_id"]}
     assert all("test/acc" in r.data.metrics and r.data.params["config.seed"] == r.data.tags["seed"] for r in runs)
+    assert all("system/cpu_utilization_percentage" in r.data.metrics for r in runs)  # cells sample system metrics
     figures = {a.path for a in MlflowClient().list_artifacts(study.user_attrs["mlflow_parent_run_id"], "study")}
     assert figures == {"study/param_importances.png", "study/parallel_coordinates.png"}  # config and seed were swept
     assert main(["run", "--stack", "0", "--storage", storage, *TINY]) == 2

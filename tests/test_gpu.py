@@ -1,0 +1,111 @@
+"""CUDA only (skipped without a GPU): bit-identical seeds, CUDA graphs equal to the eager step, no host sync per step."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import CONFIGS_DIR, DATA_DIR, ROOT, TINY_FLAGS
+from cookbook.config import load_config
+from cookbook.data import load_mnist
+from cookbook.hooks import Hook, Recorder
+from cookbook.stacked import train_stacked
+from cookbook.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SMALL = {"epochs": 2, "device": "cuda", "data": {"data_dir": str(DATA_DIR), "train_subset": 2000, "test_subset": 1000},
+         "monitor": {"layer_every": 5, "flush_every": 7, "snapshot_steps": [0, 9]}}  # 16 steps an epoch, the last one short
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_mnist(DATA_DIR, 2000, 1000)
+
+
+def cfg_of(name: str, optimizer: str = "adam", **compute):
+    return load_config(name, CONFIGS_DIR, {**SMALL, "optim": {"name": optimizer}, "compute": compute})
+
+
+def history(cfg, data) -> dict:
+    rec = Recorder()
+    train(cfg, data, [rec])
+    return {k: v for k, v in rec.history.items() if not k.startswith("time/")}
+
+
+def first_difference(a: dict, b: dict) -> str | None:
+    """None when equal, else the first metric and step where they differ (with both values)."""
+    for key in sorted(set(a) | set(b)):
+        for (s1, v1), (s2, v2) in zip(a.get(key, []), b.get(key, [])):
+            if (s1, v1) != (s2, v2):
+                return f"{key} step {s1}: {v1!r} vs {v2!r} (rel {abs(v1 - v2) / (abs(v2) or 1):.2e})"
+        if len(a.get(key, [])) != len(b.get(key, [])):
+            return f"{key}: {len(a.get(key, []))} vs {len(b.get(key, []))} values"
+    return None
+
+
+@pytest.mark.parametrize("name", ["no_tricks", "batchnorm", "layernorm", "all_tricks"])
+def test_same_config_and_seed_give_bit_identical_histories(name, data):
+    cfg = cfg_of(name)
+    assert first_difference(history(cfg, data), history(cfg, data)) is None
+
+
+@pytest.mark.parametrize("name,precision,optimizer", [
+    ("no_tricks", "fp32", "adam"), ("batchnorm", "fp32", "adam"), ("layernorm", "fp32", "adam"), ("all_tricks", "fp32", "adam"),
+    ("all_tricks", "bf16", "adam"), ("all_tricks", "fp32", "adamw"), ("all_tricks", "fp32", "sgd")])
+def test_cuda_graph_replay_gives_the_eager_steps_history(name, precision, optimizer, data):
+    graphed = history(cfg_of(name, optimizer, precision=precision), data)
+    eager = history(cfg_of(name, optimizer, precision=precision, cuda_graphs=False), data)
+    assert first_difference(graphed, eager) is None
+
+
+def stacked_histories(cfg, data, k=3) -> list[dict]:
+    recs = [Recorder() for _ in range(k)]
+    train_stacked([dataclasses.replace(cfg, seed=s) for s in range(k)], data, [[r] for r in recs])
+    return [{m: v for m, v in r.history.items() if not m.startswith("time/")} for r in recs]
+
+
+def test_stacked_graph_equals_eager_and_each_member_its_separate_run(data):
+    cfg = cfg_of("all_tricks")
+    graphed, eager = stacked_histories(cfg, data), stacked_histories(dataclasses.replace(
+        cfg, compute=dataclasses.replace(cfg.compute, cuda_graphs=False)), data)
+    assert [first_difference(g, e) for g, e in zip(graphed, eager)] == [None] * 3
+    for seed, member in enumerate(graphed):
+        alone = history(dataclasses.replace(cfg, seed=seed), data)
+        assert [v for _, v in member["train/loss"]] == pytest.approx([v for _, v in alone["train/loss"]], rel=3e-3)
+
+
+class NoSyncInsideEpochs(Hook):
+    """CUDA's sync debug mode set to "error" from each epoch's start to its end: any unmarked host wait raises."""
+
+    def on_epoch_start(self, epoch):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def on_epoch_end(self, epoch, metrics):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_training_steps_never_wait_for_the_device(graphs, data):
+    cfg = cfg_of("all_tricks", cuda_graphs=graphs)
+    try:
+        train(cfg, data, [NoSyncInsideEpochs()])
+        train_stacked([dataclasses.replace(cfg, seed=s) for s in range(2)], data, [[NoSyncInsideEpochs()], []])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_reproduce_says_exact_on_the_gpu(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "cookbook", *a], cwd=ROOT, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    trained = cli("train", "--config", "all_tricks", *TINY_FLAGS, "--device", "cuda", "--no-log-model")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    client = MlflowClient(uri)
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs(e.experiment_id)]
+    assert run.data.tags["compute.deterministic"] == "true" and run.data.tags["cuda_graphs"] == "true"
+    again = cli("reproduce", run.info.run_id)
+    assert again.returncode == 0 and "metrics reproduced exactly" in again.stdout, again.stdout[-3000:]
