@@ -15,7 +15,7 @@ from .hooks import Recorder
 from .lr_find import END_LR, START_LR, STEPS
 from .progress import Progress
 from .stop import exit_code
-from .train import train
+from .train import resolve_device, train
 
 NOT_REPRODUCIBLE = ("time/", "system/")  # wall-clock metrics differ run to run by nature
 
@@ -102,6 +102,9 @@ def match_recorded(cfg, tags: dict[str, str]):
     """The config set up to run as the tracked run did (its torch threads and device); print what still differs."""
     import torch
 
+    from .resources import gpu_label
+    from .tracking import GPU_TAG
+
     threads = tags.get("torch_threads", "")
     if threads.isdigit():
         torch.set_num_threads(int(threads))  # results are bitwise reproducible only at the same thread count
@@ -112,6 +115,10 @@ def match_recorded(cfg, tags: dict[str, str]):
     print(f"reproducing with {here['torch_threads']} torch thread(s), device {cfg.device}, torch {torch.__version__}, "
           f"precision {cfg.compute.precision}")
     differ = [f"{k} (tracked {tags[k]}, here {v})" for k, v in here.items() if tags.get(k) not in (None, v)]
+    card = lambda label: (label or "none").split(" (CUDA_VISIBLE_DEVICES")[0]  # noqa: E731  (the model, not its slot)
+    here_card = card(gpu_label(str(resolve_device(cfg.device))))
+    if GPU_TAG in tags and card(tags[GPU_TAG]) != here_card:
+        differ.append(f"gpu (tracked {card(tags[GPU_TAG])}, here {here_card})")
     if differ:
         print(f"differs from the tracked run, so an exact match is not expected: {', '.join(differ)}")
     return cfg

@@ -123,3 +123,15 @@ def test_training_reports_the_determinism_tags(tiny_cfg, tiny_data):
 
     train(tiny_cfg, tiny_data, [Tags(), Recorder()])
     assert seen["compute.deterministic"] == "false" and seen["cuda_graphs"] == "false"  # a CPU run
+
+
+def test_reproduce_warns_when_the_tracked_card_is_not_this_one(tiny_cfg, capsys, gpus, monkeypatch):
+    from cookbook.cli import match_recorded
+
+    gpus(1, "7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tags = {"device": "cuda:0", "torch_threads": str(torch.get_num_threads()), "torch_version": torch.__version__}
+    match_recorded(tiny_cfg, {**tags, "gpu": "Fake GPU 0 (CUDA_VISIBLE_DEVICES=3)"})  # same card, other slot
+    assert "not expected" not in capsys.readouterr().out
+    match_recorded(tiny_cfg, {**tags, "gpu": "NVIDIA H100 80GB HBM3 (CUDA_VISIBLE_DEVICES=0)"})
+    assert "gpu (tracked NVIDIA H100 80GB HBM3, here Fake GPU 0)" in capsys.readouterr().out
