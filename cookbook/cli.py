@@ -1,4 +1,4 @@
-"""Command line: `python -m cookbook train ...`, `python -m cookbook reproduce RUN_ID`, `python -m cookbook sync`."""
+"""Command line: `python -m cookbook train | lr-find | reproduce RUN_ID | resume RUN_ID | sync`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from . import resources
+from .checkpoint import checkpoint_path
 from .config import CONFIGS_DIR, DEFAULT_EXPERIMENT, FLAG_KEYS, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
@@ -56,7 +57,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
                        system_metrics=not args.no_system_metrics, base=load_config(args.config, args.configs_dir),
                        log_model=not args.no_log_model) as tracker:
-        result = train(cfg, data, [Progress(label), tracker])
+        result = train(cfg, data, [Progress(label), tracker], checkpoint=checkpoint_path(tracker.run_id))
+    print_summary(label, result, time.time() - started)
+    print_where(tracker.run_id)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Train a stopped run on from its last checkpoint, into the same run (same threads and device as it had)."""
+    from mlflow import MlflowClient
+
+    from .resume import ResumedTracker, resumable
+
+    run, path = resumable(MlflowClient(), args.run_id)
+    cfg = match_recorded(from_params(run.data.params), run.data.tags)
+    data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    label, started = f"{cfg.name} s{cfg.seed}", time.time()
+    with ResumedTracker(cfg, data.md5, args.run_id, system_metrics=not args.no_system_metrics,
+                        log_model=not args.no_log_model) as tracker:
+        print(f"resuming run {args.run_id} after step {tracker.stored_through} from {path}")
+        result = train(cfg, data, [Progress(f"resume {label}"), tracker], checkpoint=path)
     print_summary(label, result, time.time() - started)
     print_where(tracker.run_id)
     return 0
@@ -167,7 +187,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"run {path.stem}: {stored} writes stored, {remaining} left; run {status}")
     print(f"{len(files) - len(left)}/{len(files)} spooled runs synced from {spool_dir}")
     for run_id, steps in close_orphans(MlflowClient(args.tracking_uri), skip=left):
-        print(f"run {run_id}: its process is gone; ended KILLED with the {steps} steps it stored")
+        resume = f"; `python -m cookbook resume {run_id}` continues it" if checkpoint_path(run_id).is_file() else ""
+        print(f"run {run_id}: its process is gone; ended KILLED with the {steps} steps it stored{resume}")
     return 1 if left else 0
 
 
@@ -220,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("reproduce", help="re-run a tracked run from its params and compare every metric exactly")
     rp.add_argument("run_id")
     rp.set_defaults(func=cmd_reproduce)
+    rs = sub.add_parser("resume", help="train a stopped run on from its last per-epoch checkpoint, into the same run")
+    rs.add_argument("run_id")
+    rs.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
+    rs.add_argument("--no-log-model", action="store_true", help="do not log the trained network as an MLflow model")
+    rs.set_defaults(func=cmd_resume)
     sy = sub.add_parser("sync", help="store what runs spooled while the store was away; end runs whose process died")
     sy.add_argument("--spool-dir", default=None, help="default: $COOKBOOK_SPOOL_DIR or ./mlflow-spool")
     sy.add_argument("--tracking-uri", default=None, help="default: the store each run was tracked in")

@@ -5,11 +5,13 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load, remove, save
 from .clipping import clip_gradients, is_diverged
 from .config import Config, OptimConfig
 from .data import MNIST, batches, on_device
@@ -17,8 +19,10 @@ from .determinism import configure
 from .hooks import Hook, Hooks, Rows
 from .model import build_model, parameter_count
 from .monitor import Monitor, host_sync
-from .schedule import WarmupCosineLR
+from .schedule import WarmupCosineLR, set_lr
 from .step import StepRunner, step_stats
+
+RESUMED_TAG = "resumed_from_step"  # on a run continued from a checkpoint: the steps it had done before
 
 
 @dataclass
@@ -198,22 +202,51 @@ def epoch_summary(sums: list[float], steps: int, test_loss: float, test_acc: flo
     }
 
 
-def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
-    """Train StableNet under cfg on data; report through hooks; return the result."""
+def checkpoint_state(parts: Parts, epoch: int, result: TrainResult, shuffle: torch.Generator, check: DivergenceCheck) -> dict:
+    """Everything the epochs after `epoch` depend on (a CUDA graph is captured afresh: it holds no state of its own)."""
+    return {"epoch": epoch, "steps_run": result.steps_run, "final": result.final, "model": parts.model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+            "snapshots": parts.monitor.snapshots, "shuffle": shuffle.get_state(), "initial_loss": check.initial_loss}
+
+
+def restore(state: dict, parts: Parts, result: TrainResult, shuffle: torch.Generator, check: DivergenceCheck) -> int:
+    """Put a checkpoint_state back in place; return the epoch it was taken after."""
+    parts.model.load_state_dict(state["model"])
+    lrs = [group["lr"] for group in parts.optimizer.param_groups]  # on CUDA: the device tensors a graph will read
+    parts.optimizer.load_state_dict(state["optimizer"])
+    for group, lr in zip(parts.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    parts.scheduler.load_state_dict(state["scheduler"])
+    set_lr(parts.optimizer, parts.scheduler.get_last_lr())
+    device = parts.monitor.scalars.device
+    parts.monitor.snapshots = [(step, g.to(device), w.to(device)) for step, g, w in state["snapshots"]]
+    shuffle.set_state(state["shuffle"])
+    check.initial_loss = state["initial_loss"]
+    result.steps_run, result.final = state["steps_run"], state["final"]
+    return state["epoch"]
+
+
+def train(cfg: Config, data: MNIST, hooks: list[Hook] = (), checkpoint: Path | None = None) -> TrainResult:
+    """Train StableNet under cfg on data; report through hooks; return the result.
+    checkpoint: a file saved after every epoch and resumed from if it exists (removed when the run completes)."""
     hook = Hooks(list(hooks))
     device = resolve_device(cfg.device)
     tags = configure(cfg.compute.deterministic, device)
     data = data.to(device)
     n_train = len(data.train_y)
     parts = build_parts(cfg, n_train, device)
-    runner = StepRunner(single_update(parts, data, cfg.optim.max_norm), graphs=uses_graphs(cfg, device))
     shuffle = torch.Generator().manual_seed(cfg.seed)
     result = TrainResult(steps_run=0, total_steps=parts.total_steps, param_count=parameter_count(parts.model))
-    deliver = deliver_to(hook, DivergenceCheck(cfg.monitor.diverge_factor), result)
+    check = DivergenceCheck(cfg.monitor.diverge_factor)
+    state = load(checkpoint)
+    done = restore(state, parts, result, shuffle, check) if state else 0
+    runner = StepRunner(single_update(parts, data, cfg.optim.max_norm), graphs=uses_graphs(cfg, device))
+    deliver = deliver_to(hook, check, result)
     hook.on_start({"total_steps": parts.total_steps, "steps_per_epoch": parts.steps_per_epoch,
                    "param_count": result.param_count, "param_names": parts.monitor.names, "device": str(device),
-                   "tags": {**tags, "cuda_graphs": str(runner.graphs).lower()}})
-    for epoch in range(1, cfg.epochs + 1):
+                   "tags": {**tags, "cuda_graphs": str(runner.graphs).lower(),
+                            **({RESUMED_TAG: str(result.steps_run)} if state else {})}})
+    for epoch in range(done + 1, cfg.epochs + 1):
         hook.on_epoch_start(epoch)
         started = time.perf_counter()
         order = on_device(batches(n_train, cfg.data.batch_size, shuffle), device)
@@ -227,7 +260,10 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = ()) -> TrainResult:
         test_loss, test_acc = evaluate(parts.model, data.test_x, data.test_y, precision=parts.precision)
         result.final = epoch_summary(sums, parts.steps_per_epoch, test_loss, test_acc, seconds, n_train)
         hook.on_epoch_end(epoch, result.final)
+        if checkpoint is not None:
+            save(checkpoint, checkpoint_state(parts, epoch, result, shuffle, check))
     result.snapshots = [r for r in parts.monitor.snapshot_table() if r["step"] < result.steps_run]
     result.model = None if result.diverged else parts.model
+    remove(checkpoint)
     hook.on_end(result)
     return result

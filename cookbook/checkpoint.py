@@ -1,0 +1,35 @@
+"""Per-epoch checkpoints: everything the next epoch depends on, written atomically, so a killed run resumes exactly."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_DIR = os.environ.get("COOKBOOK_CHECKPOINT_DIR", "checkpoints")  # relative to where the command runs
+
+
+def checkpoint_path(run_id: str, checkpoint_dir: str | Path = CHECKPOINT_DIR) -> Path:
+    """Where the run's latest checkpoint lives (one file per run, replaced every epoch)."""
+    return Path(checkpoint_dir) / f"{run_id}.pt"
+
+
+def save(path: Path, state: dict) -> None:
+    """Write state to path atomically: a kill mid-write leaves the previous epoch's checkpoint, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load(path: Path | None) -> dict | None:
+    """The checkpoint at path, on the CPU (the caller moves it where it trains), or None if there is none."""
+    if path is None or not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: tensors, floats and RNG states
+
+
+def remove(path: Path | None) -> None:
+    """Delete a finished run's checkpoint: the run is complete, nothing will resume it."""
+    if path is not None:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,55 @@
+"""Continue a stopped run from its last per-epoch checkpoint, into the same MLflow run and the same metric history."""
+from __future__ import annotations
+
+from mlflow import MlflowClient
+
+from .checkpoint import checkpoint_path
+from .config import ConfigError
+from .stop import gone, process_id
+from .tracking import PROCESS_TAG, MlflowTracker
+
+LOSS_METRIC = "train/loss"  # logged at every step: the last stored step of a run is the last step of this metric
+
+
+class ResumedTracker(MlflowTracker):
+    """Reopens run_id instead of creating a run, and sends only the steps after those the run already stored
+    (a resumed epoch replays, bit for bit on the same machine, the steps the killed process stored of it)."""
+
+    def __init__(self, cfg, data_md5, run_id: str, **kwargs):
+        super().__init__(cfg, data_md5, **kwargs)
+        self.resumed_id, self.stored_through = run_id, -1
+
+    def _start_run(self) -> str:
+        self.client.update_run(self.resumed_id, status="RUNNING")  # a KILLED run takes no metrics until reopened
+        return self.resumed_id
+
+    def _log_identity(self) -> None:
+        """Params, config and datasets are stored already; note the step it had reached and who trains it now."""
+        history = self.client.get_metric_history(self.run_id, LOSS_METRIC)
+        self.stored_through = max((m.step for m in history), default=-1)
+        for key, value in {PROCESS_TAG: process_id(), **self.extra_tags}.items():  # e.g. the sweep trial that resumes it
+            self.client.set_tag(self.run_id, key, value)
+
+    def on_metrics(self, rows):
+        super().on_metrics([(step, m) for step, m in rows if step > self.stored_through])
+
+    def on_epoch_end(self, epoch, metrics):
+        MlflowTracker.on_metrics(self, [(epoch, metrics)])  # epoch summaries are keyed by epoch, not by step
+
+
+def resumable(client: MlflowClient, run_id: str):
+    """The run and its checkpoint file, if it can be resumed here; else a one-line ConfigError saying why not."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"no run '{run_id}' in {client.tracking_uri}") from None
+    process = run.data.tags.get(PROCESS_TAG, "")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} finished; there is nothing to resume")
+    if run.info.status == "RUNNING" and not gone(process):
+        raise ConfigError(f"run {run_id} is RUNNING in process {process or 'unknown'}; stop it first (or `sync` if it died)")
+    path = checkpoint_path(run_id)
+    if not path.is_file():
+        raise ConfigError(f"run {run_id} has no checkpoint at {path} (it stopped before its first epoch ended, "
+                          f"or trained in another folder: set COOKBOOK_CHECKPOINT_DIR); train it again instead")
+    return run, path

@@ -1,0 +1,114 @@
+"""Per-epoch checkpoints: a run stopped mid-epoch and resumed continues the uninterrupted run's exact history."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import DATA_DIR, ROOT
+from cookbook.checkpoint import load
+from cookbook.config import merge, validate
+from cookbook.hooks import Hook, Recorder
+from cookbook.train import RESUMED_TAG, train
+
+
+class StopAt(Hook):
+    """Ctrl-C once the step `at` is flushed (as a kill mid-epoch would stop it)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_metrics(self, rows):
+        if any(step >= self.at for step, _ in rows):
+            raise KeyboardInterrupt
+
+
+def without_time(history: dict) -> dict:
+    return {k: v for k, v in history.items() if not k.startswith("time/")}
+
+
+@pytest.mark.parametrize("name,norm,max_norm", [("batchnorm", "batch", None), ("all", "layer", 1.0)])
+def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_history(name, norm, max_norm, tiny_cfg, tiny_data, tmp_path):
+    cfg = validate(merge(tiny_cfg, {"epochs": 3, "model": {"norm": norm}, "optim": {"max_norm": max_norm}}))
+    whole = Recorder()
+    want = train(cfg, tiny_data, [whole])
+    path = tmp_path / "run.pt"
+    first = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tiny_data, [first, StopAt(11)], checkpoint=path)  # 8 steps an epoch: stopped in epoch 2
+    assert load(path)["epoch"] == 1 and load(path)["steps_run"] == 8
+    tags, second = {}, Recorder()
+
+    class Tags(Hook):
+        def on_start(self, info):
+            tags.update(info["tags"])
+
+    got = train(cfg, tiny_data, [second, Tags()], checkpoint=path)
+    assert tags[RESUMED_TAG] == "8" and not path.exists()  # completed: nothing left to resume
+    per_epoch = lambda key: key.startswith(("epoch/", "test/"))  # noqa: E731  (logged at step = epoch)
+    kept = {k: [(s, v) for s, v in series if s < (2 if per_epoch(k) else 8)] for k, series in first.history.items()}
+    merged = {k: kept.get(k, []) + second.history.get(k, []) for k in without_time(whole.history)}
+    assert second.history["train/loss"][0][0] == 8  # the resumed run starts at epoch 2's first step
+    assert merged == without_time(whole.history)  # every metric, every step, bit for bit
+    assert (got.steps_run, got.final.keys(), got.snapshots) == (want.steps_run, want.final.keys(), want.snapshots)
+    assert {k: v for k, v in got.final.items() if not k.startswith("time/")} == \
+           {k: v for k, v in want.final.items() if not k.startswith("time/")}
+    assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(), want.model.state_dict().values()))
+
+
+def test_without_a_checkpoint_file_the_run_starts_from_step_zero(tiny_cfg, tiny_data, tmp_path):
+    rec = Recorder()
+    train(dataclasses.replace(tiny_cfg, epochs=1), tiny_data, [rec], checkpoint=tmp_path / "none.pt")
+    assert rec.history["train/loss"][0][0] == 0 and not (tmp_path / "none.pt").exists()
+
+
+RUN = ["--config", "all_tricks", "--epochs", "3", "--train-subset", "4096", "--test-subset", "200", "--batch-size", "32",
+       "--data-dir", str(DATA_DIR), "--no-system-metrics", "--no-log-model", "--set", "monitor.flush_every=4",
+       "--set", "monitor.layer_every=10", "--set", "monitor.snapshot_steps=[5, 150]"]  # 128 steps an epoch
+PER_EPOCH = 128
+
+
+def cli(*args, env, cwd, **kwargs):
+    return subprocess.run([sys.executable, "-m", "cookbook", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+def histories(client: MlflowClient, run_id: str) -> dict:
+    run = client.get_run(run_id)
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in run.data.metrics if not key.startswith(("time/", "system/"))}
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_from_its_checkpoint_to_the_uninterrupted_history(mnist_dir, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}  # one thread in both processes: bitwise results depend on the thread count
+    assert cli("train", *RUN, "--experiment", "whole", env=env, cwd=tmp_path).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "cookbook", "train", *RUN, "--experiment", "killed"], env=env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline, run_id, stored = MlflowClient(env["MLFLOW_TRACKING_URI"]), time.time() + 300, None, 0
+    while stored < PER_EPOCH + 20 and time.time() < deadline and proc.poll() is None:  # well into epoch 2
+        time.sleep(0.05)
+        exp = client.get_experiment_by_name("killed")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs:
+            run_id, stored = runs[0].info.run_id, len(client.get_metric_history(runs[0].info.run_id, "train/loss"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert client.get_run(run_id).info.status == "RUNNING" and stored < 3 * PER_EPOCH  # killed, mid-training
+    assert (tmp_path / "checkpoints" / f"{run_id}.pt").is_file()
+    resumed = cli("resume", run_id, "--no-system-metrics", "--no-log-model", env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming run" in resumed.stdout
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["steps_run"] == str(3 * PER_EPOCH)
+    assert int(run.data.tags[RESUMED_TAG]) in (PER_EPOCH, 2 * PER_EPOCH)
+    whole_id = client.search_runs([client.get_experiment_by_name("whole").experiment_id])[0].info.run_id
+    assert histories(client, run_id) == histories(client, whole_id)  # every metric, every step, bit for bit
+    again = cli("resume", run_id, env=env, cwd=tmp_path)
+    assert again.returncode == 2 and "finished; there is nothing to resume" in again.stderr
