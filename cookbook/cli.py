@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -93,13 +94,19 @@ def print_summary(label: str, result, seconds: float) -> None:
 
 
 def print_where(run_id: str) -> None:
-    """Where the run is tracked and how to open it in the MLflow UI."""
+    """Where the run is tracked and the MLflow UI pages that show it (a tracking server serves them itself)."""
     import mlflow
 
-    run = mlflow.get_run(run_id)
-    uri = mlflow.get_tracking_uri()
-    print(f"  run {run_id} in experiment {run.info.experiment_id} ({uri})")
-    print(f"  open it: mlflow ui --backend-store-uri {uri}  then  http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}")
+    from .ui import CHARTS_TAB, UI_ROOT, ui_url
+
+    uri, exp = mlflow.get_tracking_uri(), mlflow.get_run(run_id).info.experiment_id
+    served = uri.startswith(("http://", "https://"))
+    print(f"  run {run_id} in experiment {exp} ({uri})")
+    print("  open it in the MLflow UI:" if served else f"  open it: mlflow ui --backend-store-uri {uri}  then")
+    root = uri.rstrip("/") if served else UI_ROOT
+    for label, url in (("the experiment's runs", ui_url(exp, root=root)), ("this run", ui_url(exp, run_id, root=root)),
+                       ("its metric charts", ui_url(exp, run_id, CHARTS_TAB, root=root))):
+        print(f"    {label + ':':23s}{url}")
 
 
 def compare(tracked: dict[str, list[tuple[int, float]]], rerun: dict[str, list[tuple[int, float]]]) -> list[tuple[str, str]]:
@@ -254,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow prints its own links when it tracks to a server; its experiment link opens the GenAI view, print_where's do not
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     args = build_parser().parse_args(argv)
     return exit_code(lambda: args.func(args), (ConfigError, DataError),
                      "a run it had started ended KILLED, with every step trained before it")

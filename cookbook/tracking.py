@@ -30,6 +30,7 @@ from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
 from .resources import gpu_label
 from .stop import gone, process_id
+from .ui import mark_training
 
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
 SNAPSHOT_COLUMNS = ["step", "param", "numel", "grad_norm", "weight_norm"]
@@ -143,6 +144,7 @@ class MlflowTracker(Hook):
     def __enter__(self) -> MlflowTracker:
         try:
             self.run_id = self._start_run()
+            mark_training(self.client, self.run_id)
             self._log_identity()
         except MlflowException as e:  # the store is away or refuses us before anything was trained: one line
             if self.run_id:
@@ -279,6 +281,7 @@ def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: st
     run_id = os.environ.get("MLFLOW_RUN_ID")  # inside `mlflow run . -e lr_find`: the project's run
     if not run_id:
         run_id = client.create_run(mlflow.set_experiment(experiment).experiment_id, run_name=f"lr-find {cfg.name}").info.run_id
+    mark_training(client, run_id)
     tags = {LR_FIND_TAG: cfg.name, SEED_TAG: cfg.seed, PROCESS_TAG: process_id(), "lr_find.steepest_lr": result.steepest_lr,
             "lr_find.min_over_10_lr": result.min_over_10_lr, "lr_find.blowup_lr": result.blowup_lr or "none",
             **{f"data_md5.{k}": v for k, v in data_md5.items()}}

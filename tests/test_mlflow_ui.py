@@ -1,27 +1,30 @@
-"""The MLflow UI on a sweep's runs: `mlflow server` on loopback, pages rendered by headless Chromium."""
+"""The MLflow UI pages the README and a training link to: `mlflow server` on loopback, headless Chromium."""
 import re
 import shutil
 import subprocess
-import urllib.parse
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, ROOT, TINY_FLAGS
+from cookbook.cli import main as cookbook
+from cookbook.ui import EXPERIMENT_KIND_TAG, TRAINING_KIND, UI_ROOT
 from experiments.sweep import main as sweep
 from mlflow_server import MlflowServer
 
 CHROMIUM = shutil.which("chromium")
+GENAI_VIEW = ("Evaluation runs", "Token Usage")  # MLflow 3.17's GenAI view: its sidebar, its overview; not model training
 
 
-def rendered_text(url: str) -> str:
-    """The page's text after its JavaScript ran (Chromium's --dump-dom), tags and styles removed."""
+def rendered(url: str) -> tuple[str, str]:
+    """(DOM, text) of the page after its JavaScript ran (Chromium's --dump-dom); the text without tags and styles."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--run-all-compositor-stages-before-draw",  # else a chart waits for a frame that says it is on screen
            "--virtual-time-budget=30000", "--dump-dom", url]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     text = re.sub(r"<[^>]+>", " ", re.sub(r"<style.*?</style>", " ", dom, flags=re.S))
-    return re.sub(r"\s+", " ", text)
+    return dom, re.sub(r"\s+", " ", text)
 
 
 @pytest.fixture
@@ -37,20 +40,20 @@ def server(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_sweep_runs_are_listed_and_a_metric_page_renders(server, tmp_path, mnist_dir):
+def test_the_linked_pages_show_the_runs_and_a_chart(server, tmp_path, mnist_dir, capsys):
+    client = MlflowClient()
+    exp = client.create_experiment("ui-sweep")  # experiment 1, as in the README's link; untagged, as older code left it
     tiny = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
     assert sweep(["run", "--configs", "no_tricks,all_tricks", "--seeds", "0", "--storage", str(tmp_path / "j.log"),
                   "--study", "ui", "--experiment", "ui-sweep", *tiny]) == 0
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("ui-sweep").experiment_id
-    child = next(r for r in client.search_runs([exp]) if r.data.tags.get("cell") == "all_tricks seed=0")
-    runs_page = rendered_text(f"{server}/#/experiments/{exp}/runs")
-    assert "ui-sweep" in runs_page and "3 matching runs" in runs_page  # the sweep's parent run and its 2 cells
-    run_page = rendered_text(f"{server}/#/experiments/{exp}/runs/{child.info.run_id}")
-    assert "all_tricks seed=0" in run_page and "test/acc" in run_page and "config.optim.lr" in run_page
-    key, keys = urllib.parse.quote("train/loss", safe=""), urllib.parse.quote('["train/loss"]', safe="")
-    metric = (f"{server}/#/metric/{key}?runs=[%22{child.info.run_id}%22]&metric=%22{key}%22&experiments=[%22{exp}%22]"
-              f"&plot_metric_keys={keys}&plot_layout={{}}&x_axis=step&y_axis_scale=linear&line_smoothness=1"
-              "&show_point=false&deselected_curves=[]&last_linear_y_axis_range=[]")
-    metric_page = rendered_text(metric)
-    assert "all_tricks seed=0 (train/loss)" in metric_page and "Latest Min Max" in metric_page
+    capsys.readouterr()
+    assert cookbook(["train", "--experiment", "ui-sweep", "--run-name", "ui-train", "--no-log-model", *TINY_FLAGS]) == 0
+    printed = re.findall(r"http://\S+#/\S+", capsys.readouterr().out)  # the experiment's runs, the run, its charts
+    readme = [u.replace(UI_ROOT, server) for u in re.findall(rf"<({re.escape(UI_ROOT)}/#/\S+)>", (ROOT / "README.md").read_text())]
+    assert len(printed) == 3 and readme and set(readme) <= set(printed)
+    assert client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    (_, runs), (_, run), (charts, charts_text) = (rendered(url) for url in printed)
+    assert "ui-sweep" in runs and "4 matching runs" in runs  # the sweep's parent run, its 2 cells and the training
+    assert "ui-train" in run and "test/acc" in run and "config.optim.lr" in run
+    assert "js-plotly-plot" in charts and "ui-train (epoch/train_loss)" in charts_text  # the curve's legend, first chart
+    assert not any(genai in page for genai in GENAI_VIEW for page in (runs, run, charts_text))
