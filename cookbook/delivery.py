@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 SPOOL_DIR = os.environ.get("COOKBOOK_SPOOL_DIR", "mlflow-spool")  # relative to where the command runs
 FLUSH_TIMEOUT = float(os.environ.get("COOKBOOK_FLUSH_TIMEOUT", "60"))  # seconds a run's end waits for the store
 NOT_STORED_TAG = "metrics_not_stored"  # on a FAILED run: how many metric values the store refused
+TEST_METRICS = "test/"  # metric names measured on the test set; the others on the training set
 MAX_BATCH = 1000  # log_batch accepts at most 1000 metrics per call
 # Store errors that retrying cannot cure: stop training and say so.
 FATAL = ("database or disk is full", "readonly database", "read-only file system", "no space left on device")
@@ -40,6 +41,16 @@ def metrics_op(rows, now_ms: int | None = None) -> list[Op]:
     return [{"op": "metrics", "metrics": values[i : i + MAX_BATCH]} for i in range(0, len(values), MAX_BATCH)]
 
 
+def linked_metrics(values: list, model_id: str, datasets: dict[str, list[str]]) -> list[Metric]:
+    """[key, value, timestamp, step] values logged again, linked to the model and to the data set each was measured on
+    (datasets: {'training' | 'evaluation': [name, digest]}). Same timestamps: the run's history keeps one point each."""
+    metrics = []
+    for key, value, timestamp, step in values:
+        name, digest = datasets.get("evaluation" if key.startswith(TEST_METRICS) else "training", [None, None])
+        metrics.append(Metric(key, value, timestamp, step, model_id=model_id, dataset_name=name, dataset_digest=digest))
+    return metrics
+
+
 def send(client: MlflowClient, run_id: str, op: Op) -> None:
     """Perform one write against the store (raises what the store raises)."""
     if op["op"] == "metrics":
@@ -53,6 +64,8 @@ def send(client: MlflowClient, run_id: str, op: Op) -> None:
         client.log_model_artifacts(model.model_id, op["path"])
         client.finalize_logged_model(model.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, op["step"])])
+        client.log_batch(run_id, metrics=linked_metrics(op.get("metrics", []), model.model_id, op.get("datasets", {})),
+                         synchronous=True)
         shutil.rmtree(op["path"], ignore_errors=True)
     elif op["op"] == "end":
         status, not_stored = op["status"], op.get("not_stored", 0)

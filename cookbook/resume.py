@@ -34,7 +34,7 @@ class ResumedTracker(MlflowTracker):
         super().on_metrics([(step, m) for step, m in rows if step > self.stored_through])
 
     def on_epoch_end(self, epoch, metrics):
-        MlflowTracker.on_metrics(self, [(epoch, metrics)])  # epoch summaries are keyed by epoch, not by step
+        MlflowTracker.on_epoch_end(self, epoch, metrics)  # epoch summaries are keyed by epoch, not by step: all new
 
 
 def resumable(client: MlflowClient, run_id: str):

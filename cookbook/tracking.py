@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import functools
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -16,18 +14,17 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from .config import DEFAULT_EXPERIMENT, TEST_SIZE, TRAIN_SIZE, Config, overridden_keys, to_params, to_yaml
-from .data import raw_dir
+from .config import DEFAULT_EXPERIMENT, Config, overridden_keys, to_params, to_yaml
 from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, send, spool_path, write_spool
 from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
+from .logged import dataset_ids, dataset_inputs, save_model
 from .resources import gpu_label
 from .stop import gone, process_id
 from .ui import mark_training
@@ -88,35 +85,6 @@ def _create_sqlite_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
 
 
-def dataset_inputs(cfg: Config, md5: dict[str, str]) -> list[DatasetInput]:
-    """The run's train and test sets as MLflow datasets (the run page's Datasets section): named, with the official
-    MD5 sums of their two IDX files as source and digest, and the rows used of the full split as profile."""
-    inputs = []
-    for name, context, size, subset in (("mnist-train", "training", TRAIN_SIZE, cfg.data.train_subset),
-                                        ("mnist-test", "evaluation", TEST_SIZE, cfg.data.test_subset)):
-        prefix = "train" if name == "mnist-train" else "t10k"
-        sums = {f: md5[f] for f in sorted(md5) if f.startswith(prefix)}
-        source = json.dumps({"uri": str(raw_dir(cfg.data.data_dir)), "md5": sums})
-        profile = json.dumps({"num_rows": min(subset or size, size), "full_split_rows": size, "subset": subset})
-        digest = hashlib.md5("".join(sums.values()).encode()).hexdigest()[:8]
-        inputs.append(DatasetInput(Dataset(name, digest, "local", source, profile=profile),
-                                   tags=[InputTag("mlflow.data.context", context)]))
-    return inputs
-
-
-def save_model(model: torch.nn.Module, run_id: str) -> Path:
-    """The trained network as an MLflow pytorch model folder in the spool dir (a CPU copy, with signature and an input
-    example), ready for the writer to upload; pinned requirements, so no slow requirement inference."""
-    import mlflow.pytorch
-
-    path = spool_path(run_id).with_suffix(".model")
-    shutil.rmtree(path, ignore_errors=True)
-    example = np.zeros((1, 1, 28, 28), dtype=np.float32)  # one normalised MNIST image's shape
-    mlflow.pytorch.save_model(copy.deepcopy(model).cpu().eval(), str(path), input_example=example, serialization_format="pickle",
-                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    return path
-
-
 class MlflowTracker(Hook):
     """One MLflow run per training; resumes the run an `mlflow run` created (MLFLOW_RUN_ID).
 
@@ -139,6 +107,7 @@ class MlflowTracker(Hook):
         self.client = MlflowClient(self.uri)
         self.run_id: str | None = None
         self.steps_logged = 0  # training steps whose metrics were handed over (what an interrupted run kept)
+        self.final_values: list = []  # the last epoch's [key, value, timestamp, step] values, linked to the model
         self.sampler = None
 
     def __enter__(self) -> MlflowTracker:
@@ -240,7 +209,10 @@ class MlflowTracker(Hook):
         self.writer.put(*metrics_op(rows))
 
     def on_epoch_end(self, epoch, metrics):
-        self.on_metrics([(epoch, metrics)])
+        self.check_store()
+        ops = metrics_op([(epoch, metrics)])
+        self.final_values = ops[0]["metrics"]  # what the model, if logged, is linked to
+        self.writer.put(*ops)
 
     def on_end(self, result):
         self.set_tags({DIVERGED_TAG: str(result.diverged).lower(), STEPS_RUN_TAG: result.steps_run,
@@ -249,7 +221,8 @@ class MlflowTracker(Hook):
         pd.DataFrame(result.snapshots, columns=SNAPSHOT_COLUMNS).to_csv(buf, index=False)
         self.writer.put({"op": "text", "text": buf.getvalue(), "path": SNAPSHOT_ARTIFACT})
         if self.log_model and result.model is not None:
-            self.writer.put({"op": "model", "path": str(save_model(result.model, self.run_id)), "step": result.steps_run})
+            self.writer.put({"op": "model", "path": str(save_model(result.model, self.run_id)), "step": result.steps_run,
+                             "metrics": self.final_values, "datasets": dataset_ids(dataset_inputs(self.cfg, self.data_md5))})
 
 
 def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tuple[str, int]]:

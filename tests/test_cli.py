@@ -191,7 +191,12 @@ def test_logged_model_loads_and_scores_the_logged_test_accuracy(mnist_dir, track
     model = mlflow.pytorch.load_model(f"models:/{output.model_id}")
     loss, acc = evaluate(model, tiny_data.test_x, tiny_data.test_y)
     assert acc == run.data.metrics["test/acc"] and loss == pytest.approx(run.data.metrics["test/loss"], rel=1e-6)
-    assert output.step == 16 and MlflowClient().get_logged_model(output.model_id).source_run_id == run.info.run_id
+    logged = MlflowClient().get_logged_model(output.model_id)
+    assert output.step == 16 and logged.source_run_id == run.info.run_id
+    linked = {m.key: m for m in logged.metrics}  # the final epoch's metrics, each with the set it was measured on
+    assert linked["test/acc"].value == acc and linked["test/acc"].dataset_name == "mnist-test"
+    assert linked["epoch/train_loss"].dataset_name == "mnist-train" and linked["test/acc"].step == 2
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "test/acc")) == 2  # one point per epoch, no duplicate
     assert not list((tmp_path / "mlflow-spool").glob("*"))
     assert main(["train", "--config", "batchnorm", "--no-log-model", "--experiment", "bare", *TINY_FLAGS]) == 0
     assert not only_run("bare").outputs.model_outputs
