@@ -29,7 +29,7 @@ def build_sections(experiment: str) -> tuple[list[sections.Section], dict[str, s
              ("Loss curves", lambda: sections.loss_curves(runs)),
              ("Gradient norms across layers", lambda: layers.layer_norms(runs)),
              ("Gradient norms: no_tricks vs all_tricks", lambda: sections.grad_norms(runs)),
-             ("LR stress", lambda: lr.lr_stress(runs, reports)),
+             ("LR stress", lambda: lr.lr_stress(runs, reports, load.range_tests(experiment))),
              ("Tuned comparison (best LR per config)", lambda: lr.isolation(runs)),
              ("Warmup vs model size", lambda: lr.warmup_size(runs)),
              ("Diverged runs", lambda: sections.diverged(runs))]

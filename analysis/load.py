@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from cookbook import tracking as t
 from cookbook.config import PARAM_PREFIX
+from experiments.pruning import PRUNED_TAG
 from experiments.stress import STRESS_REPORT, STRESS_RUN
 
 KEYS = {"lr": "optim.lr", "width": "model.width", "depth": "model.depth", "warmup_epochs": "schedule.warmup_epochs",
@@ -23,7 +24,8 @@ class AnalysisError(RuntimeError):
 
 
 def training_runs(experiment: str) -> pd.DataFrame:
-    """One row per FINISHED training run (a run with a `config` tag): identity, config values and final metrics."""
+    """One row per FINISHED training run (a run with a `config` tag, not stopped by a pruner): identity, config values
+    and final metrics."""
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
@@ -33,6 +35,8 @@ def training_runs(experiment: str) -> pd.DataFrame:
     if runs.empty or config_col not in runs or runs[config_col].isna().all():
         raise AnalysisError(f"experiment '{experiment}' has no finished training runs")
     runs = runs[runs[config_col].notna()]
+    if f"tags.{PRUNED_TAG}" in runs:  # a trial the pruner stopped is shorter than its study says: no final result
+        runs = runs[runs[f"tags.{PRUNED_TAG}"] != "true"]
     col = lambda name: runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)  # noqa: E731
     table = pd.DataFrame({
         "run_id": runs["run_id"], "run_name": col("tags.mlflow.runName"), "config": runs[config_col],
@@ -86,3 +90,19 @@ def stress_reports(experiment: str) -> list[dict]:
         except Exception:  # noqa: BLE001  (a stress run still in progress has no report yet)
             continue
     return reports
+
+
+def range_tests(experiment: str) -> pd.DataFrame:
+    """One row per FINISHED LR range-test run (tag lr_find): config, blow-up LR (NaN: it never blew up), training images
+    and batch size, start time, run id."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else pd.DataFrame()
+    tag = f"tags.{t.LR_FIND_TAG}"
+    if runs.empty or tag not in runs:
+        return pd.DataFrame(columns=["run_id", "config", "blowup_lr", "train_subset", "batch_size", "start_time"])
+    runs = runs[runs[tag].notna()]
+    param = lambda key: pd.to_numeric(runs[f"params.{PARAM_PREFIX}{key}"].replace({"null": None}), errors="coerce")  # noqa: E731
+    return pd.DataFrame({"run_id": runs.run_id, "config": runs[tag],
+                         "blowup_lr": pd.to_numeric(runs[f"{tag}.blowup_lr"], errors="coerce"),  # "none": NaN
+                         "train_subset": param("data.train_subset"), "batch_size": param("data.batch_size"),
+                         "start_time": runs.start_time}).reset_index(drop=True)

@@ -8,6 +8,7 @@ from analysis import figures, load
 from analysis.sections import Section, Skip, fmt_ci, scale_note
 from analysis.select import LR_KEY, classified, largest_scale, lr_grid, outcome, own_lr, size_sweep
 from analysis.stats import lr_sensitivity, mean_ci95, within_noise
+from cookbook.config import TRAIN_SIZE
 from experiments.boundary import CONVERGE_RATIO
 
 X100 = 100  # the seed's stress test: each config at 100 x its own LR
@@ -65,8 +66,9 @@ def boundaries(runs: pd.DataFrame, reports: list[dict]) -> str:
             "bootstrap interval):\n\n" + "\n".join(lines)) if lines else ""
 
 
-def lr_stress(runs: pd.DataFrame, reports: list[dict]) -> Section:
-    """5. The LR x100 table and survivors under one stated rule, stress boundaries, final loss against LR."""
+def lr_stress(runs: pd.DataFrame, reports: list[dict], tests: pd.DataFrame) -> Section:
+    """5. The LR x100 table and survivors under one stated rule, stress boundaries beside the LR range tests' blow-ups,
+    final loss against LR."""
     ratio = converge_ratio(reports)
     x100, hit = x100_table(runs, reports, ratio)
     grid = lr_grid(runs)
@@ -75,12 +77,69 @@ def lr_stress(runs: pd.DataFrame, reports: list[dict]) -> Section:
     rule = (f"Rule, for grid runs and stress trials alike: **converged** = not diverged and final train loss < {ratio:g} x "
             "the loss of step 0; **diverged** = a non-finite loss or one above the divergence factor x the loss of step 0.")
     bounds = boundaries(runs, reports)
+    versus, versus_table = range_test_vs_boundary(reports, tests) if reports else ("", pd.DataFrame())
     scale = scale_note(hit) if len(hit) else "*Scale: the stress study's (below).*\n\n"
     figs = {"lr_stress": figures.lr_stress(grid, {r["config"]: r["boundary_lr"] for r in reports if r.get("boundary_lr")})} \
         if grid.lr.nunique() >= 2 else {}
     grid_note = f"\n\nFigure: final loss against LR. *Grid scale: {'; '.join(sorted(grid.scale.unique()))}.*" if figs else ""
-    return Section("LR stress", scale + rule + "\n\n" + survivors(x100) + bounds + grid_note,
-                   {"lr_x100": x100}, figs)
+    tables = {"lr_x100": x100, **({"range_test_vs_boundary": versus_table} if len(versus_table) else {})}
+    return Section("LR stress", scale + rule + "\n\n" + survivors(x100) + bounds + versus + grid_note, tables, figs)
+
+
+def blowup_verdict(blowup: float, r: dict) -> str:
+    """Where the range test's blow-up lies against the stress boundary's 90% interval (else its bracket)."""
+    low, high = r.get("boundary_lr_90ci") or (r.get("largest_converged_lr"), r.get("smallest_failed_lr"))
+    where = "the boundary's 90% interval" if r.get("boundary_lr_90ci") else "the bracket (largest converged, smallest failed)"
+    if np.isnan(blowup):
+        return "the range test never blew up"
+    if low is not None and blowup < low:
+        return f"below {where}: {low / blowup:.2g}x under its low end"
+    if high is not None and blowup > high:
+        return f"above {where}: {blowup / high:.2g}x over its high end"
+    return f"inside {where}" if low is not None and high is not None else f"no {where} to compare with"
+
+
+def range_test_vs_boundary(reports: list[dict], tests: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """Each config's LR range-test blow-up beside its stress boundary: does one short run predict where training diverges?"""
+    latest = {}
+    for r in reports:  # latest first: the newest study of each config
+        latest.setdefault(r["config"], r)
+    rows = []
+    for config, r in latest.items():
+        mine = tests[tests.config == config].sort_values("start_time")
+        named = mine[mine.run_id == r.get("lr_find_run_id")]  # the one that set the study's range, else the latest
+        if mine.empty:
+            continue
+        test = (named if len(named) else mine).iloc[-1]
+        boundary = r.get("boundary_lr") or np.nan
+        rows.append({"config": config, "range-test blow-up LR": test.blowup_lr, "stress boundary LR": boundary,
+                     "90% interval": fmt_interval(r.get("boundary_lr_90ci")), "largest converged": r.get("largest_converged_lr"),
+                     "smallest failed": r.get("smallest_failed_lr"), "boundary / blow-up": boundary / test.blowup_lr,
+                     "blow-up lies": blowup_verdict(test.blowup_lr, r), "range test on": range_scale(test),
+                     "study range from the test": r.get("lr_find_run_id") == test.run_id})
+    if not rows:
+        return ("\n\nNo LR range test (`python -m cookbook lr-find`, or the stress study's `--range-from-lr-find`) of these "
+                "configs was tracked here to set beside the boundaries."), pd.DataFrame()
+    table = pd.DataFrame(rows)
+    inside = table["blow-up lies"].str.startswith("inside").sum()
+    never = table["range-test blow-up LR"].isna().sum()
+    return (f"\n\n**LR range test vs stress boundary.** Does the one-run LR range test predict where full training "
+            f"diverges? In {inside} of {len(table)} configs its blow-up LR (the smoothed loss passes 4x its minimum, LR "
+            "rising each update) lies inside the stress boundary's 90% interval (without a fitted boundary: its bracket)"
+            + (f"; in {never} it never blew up, so it said nothing of the boundary" if never else "")
+            + "; the table says by how much it misses elsewhere. The boundary is where training at a fixed peak LR fails "
+            "(diverges or does not converge) half the time."), table.round(4)
+
+
+def fmt_interval(ci) -> str:
+    """'[0.1, 0.3]', or n/a."""
+    return f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "n/a"
+
+
+def range_scale(test) -> str:
+    """'60,000 images, batch 128': what the range test trained on."""
+    images = int(test.train_subset) if pd.notna(test.train_subset) else TRAIN_SIZE
+    return f"{min(images, TRAIN_SIZE):,} images, batch {int(test.batch_size)}"
 
 
 def isolation(runs: pd.DataFrame) -> Section:

@@ -1,10 +1,13 @@
 """The divergence boundary as pure functions: outcome rule, bracket, logistic fit of P(fail) against log10 LR."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.optimize import minimize
 
 CONVERGE_RATIO = 0.5  # default: converged = final train loss below half the loss of step 0
+CHANCE_LOSS = math.log(10)  # cross-entropy of guessing among 10 classes: a run at or above it has learned nothing
 MIN_SLOPE = 1.0  # per decade of LR; below it the fit has found no boundary
 
 

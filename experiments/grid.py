@@ -8,6 +8,7 @@ import json
 
 from cookbook import resources
 from cookbook.config import CONFIGS_DIR, available_configs, flag_overrides, load_config
+from experiments.pruning import NO_PRUNER
 from experiments.storage import SweepError
 
 GRID = ("config", "seed", "lr", "width", "depth", "warmup_epochs")  # cell fields, in key order
@@ -87,6 +88,6 @@ def spec_name(prefix: str, spec, digits: int) -> str:
     return f"{prefix}-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:digits]}"
 
 
-def study_name(cells: list[dict], settings: dict) -> str:
-    """The sweep's study: named by its grid and settings."""
-    return spec_name("sweep", [cells, settings], 10)
+def study_name(cells: list[dict], settings: dict, pruner: str = NO_PRUNER) -> str:
+    """The sweep's study: named by its grid, settings and pruner (no pruner keeps the names earlier sweeps had)."""
+    return spec_name("sweep", [cells, settings] + ([pruner] if pruner != NO_PRUNER else []), 10)

@@ -1,4 +1,4 @@
-"""A sweep's queue on Optuna: the grid stored on the study, a cell = an enqueued trial, done = a recorded COMPLETE trial."""
+"""A sweep's queue on Optuna: the grid stored on the study, a cell = an enqueued trial, done = a recorded finished trial."""
 from __future__ import annotations
 
 import optuna
@@ -6,22 +6,28 @@ from optuna.trial import TrialState
 
 from cookbook.stop import process_id
 from experiments.grid import cell_key, group_key
+from experiments.pruning import PRUNER_ATTR, SWEEP_PRUNER, attach_pruner, stored_pruner
 from experiments.storage import SweepError, open_storage, recorded_trials
 
 
-def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, settings: dict | None = None) -> optuna.Study:
-    """Create (with the grid stored on it) or load the sweep's study."""
+def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, settings: dict | None = None,
+               pruner: str = SWEEP_PRUNER) -> optuna.Study:
+    """Create (with the grid and the pruner's name stored on it) or load the sweep's study, with its pruner."""
     storage = open_storage(storage_spec)
     if cells is None:
         try:
-            return optuna.load_study(study_name=name, storage=storage)
+            return attach_pruner(optuna.load_study(study_name=name, storage=storage))
         except KeyError:
             raise SweepError(f"no study '{name}' in storage '{storage_spec}'") from None
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
     if "cells" not in study.user_attrs:
         study.set_user_attr("cells", cells)
         study.set_user_attr("settings", settings)
-    return study
+        study.set_user_attr(PRUNER_ATTR, pruner)
+    made_with = stored_pruner(study)
+    if made_with != pruner:
+        raise SweepError(f"pruner={pruner!r}: study '{name}' was made with pruner={made_with!r}; resume it with that")
+    return attach_pruner(study)
 
 
 def enqueue_missing(study: optuna.Study) -> int:

@@ -87,12 +87,15 @@ def fail_running(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
 
 
 UNRECORDED_ATTR = "unrecorded_trials"  # study attr: numbers of COMPLETE trials whose MLflow run is not in the store
+PRUNED_ATTR = "pruned_at_epoch"  # trial attr: the pruner stopped it there (a result, unlike a duplicate the queue prunes)
 
 
 def recorded_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """COMPLETE trials that count as done: their MLflow run was FINISHED in the store when last checked."""
+    """Trials that count as done (COMPLETE, or PRUNED by the pruner): their MLflow run was FINISHED in the store when
+    last checked."""
     unrecorded = set(study.user_attrs.get(UNRECORDED_ATTR, []))
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in unrecorded]
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.number not in unrecorded and (t.state == TrialState.COMPLETE or PRUNED_ATTR in t.user_attrs)]
 
 
 def run_status(client: MlflowClient, run_id: str | None) -> str | None:

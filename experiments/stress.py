@@ -3,9 +3,11 @@
     python -m experiments.stress run --configs no_tricks,all_tricks --seeds 0,1 --n-trials 16 --epochs 1
 
 Each trial trains one (LR, seed) as a nested MLflow run. A trial that diverges is pruned at once
-(training stops at the divergence step), so the budget goes to LRs near the boundary: TPE maximises
-log10(LR) among runs that converge. Converged = final train loss < converge_ratio x loss at step 0.
-The LR x100 point and the config's own LR are probed for every seed.
+(training stops at the divergence step; --pruner threshold also stops one whose epoch loss is above
+chance), so the budget goes to LRs near the boundary: TPE maximises log10(LR) among runs that converge.
+Converged = final train loss < converge_ratio x loss at step 0. The LR x100 point and the config's
+own LR are probed for every seed (when inside the range).
+--range-from-lr-find centres the range on an LR range test's blow-up instead.
 """
 from __future__ import annotations
 
@@ -28,64 +30,81 @@ from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
 from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
-from experiments.storage import DEFAULT_STORAGE, SweepError, open_storage, recover_dead_workers
-from experiments.workers import ReportToOptuna, cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
+from experiments.pruning import (
+    NO_PRUNER,
+    PRUNER_ATTR,
+    PRUNERS,
+    RANKING,
+    STRESS_PRUNER,
+    ReportToOptuna,
+    attach_pruner,
+    check_pruner,
+    prunable,
+    stored_pruner,
+)
+from experiments.storage import DEFAULT_STORAGE, PRUNED_ATTR, SweepError, open_storage, recover_dead_workers
+from experiments.stress_range import RANGE_ATTR, RANGE_FACTOR, base_log_lr, range_from_blowup, run_range_test, search_range
+from experiments.study_figures import log_stress_history
+from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
 
 
-def lr_range(config: str, settings: dict, factor: float) -> tuple[float, float]:
-    """log10 of the config's own LR and of factor x it."""
-    base = math.log10(load_config(config, CONFIGS_DIR, overrides({}, settings)).optim.lr)
-    return base, base + math.log10(factor)
+def set_attrs(trial: optuna.Trial, attrs: dict) -> None:
+    """Several trial user attrs at once."""
+    for name, value in attrs.items():
+        trial.set_user_attr(name, value)
 
 
 def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float:
-    """Train one (LR, seed); prune if it diverges; value = log10 LR if it converged, else below the range."""
+    """Train one (LR, seed); prune it if it diverges or the pruner stops it; value = log10 LR if it converged, else below
+    the range."""
     trial.set_user_attr("worker", process_id())
     spec = trial.study.user_attrs
-    lo, hi = lr_range(spec["config"], spec["settings"], spec["factor"])
+    lo, hi = search_range(spec)
     log_lr = trial.suggest_float("log10_lr", lo, hi)
     seed = trial.suggest_categorical("seed", spec["seeds"])
     cfg = load_config(spec["config"], CONFIGS_DIR, overrides({"seed": seed, "lr": 10**log_lr}, spec["settings"]))
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     recorder = Recorder()
+    # what a trial the pruner stops keeps (training below overwrites it): it did not converge
+    set_attrs(trial, {"lr": 10**log_lr, "seed": seed, "diverged": False, "converged": False})
     tags = {"stress": trial.study.study_name, "trial": str(trial.number)}
-    with MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
-                       log_model=False, extra_tags=tags, parent_run_id=parent,
-                       base=load_config(spec["config"], CONFIGS_DIR)) as tracker:
+    with prunable(MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
+                                log_model=False, extra_tags=tags, parent_run_id=parent,
+                                base=load_config(spec["config"], CONFIGS_DIR))) as tracker:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
     initial = recorder.history["train/loss"][0][1] if recorder.history.get("train/loss") else float("nan")
     final = result.final.get("epoch/train_loss", float("nan"))
     ok = not result.diverged and converged(final, initial, spec["converge_ratio"])
-    for name, value in {"lr": 10**log_lr, "seed": seed, "diverged": result.diverged, "diverged_step": result.diverged_step,
-                        "steps_run": result.steps_run, "total_steps": result.total_steps, "initial_loss": initial,
-                        "final_loss": final if math.isfinite(final) else None, "converged": ok}.items():
-        trial.set_user_attr(name, value)
+    set_attrs(trial, {"diverged": result.diverged, "steps_run": result.steps_run, "initial_loss": initial,
+                      "final_loss": final if math.isfinite(final) else None, "converged": ok})
     if result.diverged:
         raise optuna.TrialPruned(f"diverged at step {result.diverged_step}")
     return log_lr if ok else lo - 1.0
 
 
 def open_stress_study(storage: str, config: str, spec: dict | None = None, name: str | None = None) -> optuna.Study:
-    """Create (storing the study's spec and probing base and x100 LRs for every seed) or load a config's study."""
+    """Create (storing the study's spec and probing the base and x100 LRs of every seed that lie in the range) or load a
+    config's study, with its pruner."""
     if spec is not None:
         name = spec_name(f"stress-{config}", spec, 8)
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
     if spec is None:
-        return optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler)
+        return attach_pruner(optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler))
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
                                 sampler=sampler, load_if_exists=True)
     if "config" not in study.user_attrs:
         for key, value in spec.items():
             study.set_user_attr(key, value)
-        lo, _ = lr_range(config, spec["settings"], spec["factor"])
+        (lo, hi), base = search_range(spec), base_log_lr(config, spec["settings"])
         for seed in spec["seeds"]:
-            for log_lr in (lo, lo + 2):  # the config's own LR and the seed's "LR x100"
-                study.enqueue_trial({"log10_lr": log_lr, "seed": seed}, skip_if_exists=True)
-    return study
+            for log_lr in (base, base + 2):  # the config's own LR and the seed's "LR x100"
+                if lo <= log_lr <= hi:
+                    study.enqueue_trial({"log10_lr": log_lr, "seed": seed}, skip_if_exists=True)
+    return attach_pruner(study)
 
 
 def work(storage: str, name: str, n_trials: int, experiment: str, threads: int | None = None) -> None:
@@ -99,23 +118,32 @@ def work(storage: str, name: str, n_trials: int, experiment: str, threads: int |
                                             callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)]))
 
 
+def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials that trained (not ones pruned before they started)."""
+    return [t for t in study.get_trials(deepcopy=False, states=DONE) if "converged" in t.user_attrs]
+
+
 def report(study: optuna.Study) -> dict:
-    """Boundary, the x100 table and the compute pruning saved, from the study's records."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=DONE) if "converged" in t.user_attrs]
-    df = pd.DataFrame([t.user_attrs for t in trials])
+    """Range, boundary, the x100 table and the compute pruning saved, from the study's records."""
+    columns = ["lr", "seed", "converged", "diverged", "diverged_step", "final_loss", "steps_run", "total_steps", PRUNED_ATTR]
+    df = pd.DataFrame([t.user_attrs for t in done_trials(study)]).reindex(columns=columns)
     spec = study.user_attrs
-    lo, _ = lr_range(spec["config"], spec["settings"], spec["factor"])
-    x100 = df[(df.lr / 10**lo - 100).abs() < 1e-6]
+    base, (lo, hi) = base_log_lr(spec["config"], spec["settings"]), search_range(spec)
+    x100 = df[(df.lr / 10**base - 100).abs() < 1e-6]
     steps_run, steps_full = int(df.steps_run.sum()), int(df.total_steps.sum())
-    return {"config": spec["config"], "base_lr": 10**lo, "trials": len(df), "converge_ratio": spec["converge_ratio"],
+    stopped = df[df[PRUNED_ATTR].notna()]
+    return {"config": spec["config"], "base_lr": 10**base, "lr_range": [10**lo, 10**hi], "trials": len(df),
+            "converge_ratio": spec["converge_ratio"], "pruner": stored_pruner(study),
+            **{k: spec[k] for k in ("lr_find_blowup_lr", "lr_find_run_id") if k in spec},
             **boundary([math.log10(v) for v in df.lr], list(~df.converged.astype(bool))),
-            "x100": x100[["seed", "converged", "diverged", "diverged_step", "final_loss"]].to_dict("records"),
+            "x100": x100[columns[1:6]].astype(object).where(x100[columns[1:6]].notna(), None).to_dict("records"),
             "steps_run": steps_run, "steps_without_pruning": steps_full,
-            "pruning_saved": 1 - steps_run / steps_full if steps_full else 0.0}
+            "pruning_saved": 1 - steps_run / steps_full if steps_full else 0.0,
+            "pruned_by_pruner": len(stopped), "steps_saved_by_pruner": int((stopped.total_steps - stopped.steps_run).sum())}
 
 
-def run_stress(args: argparse.Namespace) -> int:
-    """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
+def check_args(args: argparse.Namespace) -> tuple[list[str], dict, list[int]]:
+    """Configs, training settings and seeds, every flag checked (one-line SweepError) before anything is made."""
     configs, settings = config_names(args.configs), train_settings(args)
     if args.workers < 1:
         raise SweepError(f"workers={args.workers} must be >= 1")
@@ -123,7 +151,35 @@ def run_stress(args: argparse.Namespace) -> int:
     if args.n_trials < 2 * len(seeds) or args.factor <= 100 or not 0 < args.converge_ratio < 1:
         raise SweepError(f"need n_trials >= 2 x seeds ({2 * len(seeds)}), factor > 100, 0 < converge_ratio < 1; got "
                          f"n_trials={args.n_trials}, factor={args.factor}, converge_ratio={args.converge_ratio}")
+    args.pruner = check_pruner(args.pruner, STRESS_PRUNER, ranking=False)
     check_cells([{"config": name, "lr": 1.0} for name in configs], settings)
+    return configs, settings, seeds
+
+
+def start_study(args: argparse.Namespace, config: str, seeds: list[int], settings: dict, parent) -> optuna.Study:
+    """The config's study, created or resumed (its range from an LR range test if asked), named on the parent run."""
+    spec = {"config": config, "seeds": seeds, "settings": settings, "factor": args.factor, "converge_ratio": args.converge_ratio}
+    if args.pruner != NO_PRUNER:  # no pruner keeps the names earlier studies had
+        spec[PRUNER_ATTR] = args.pruner
+    found = {}
+    if args.range_from_lr_find:
+        test, run_id = run_range_test(config, settings, seeds[0], mlflow.get_experiment(parent.experiment_id).name,
+                                      parent.run_id)
+        if test.blowup_lr:  # a test that never blew up says nothing of where training fails: the default range
+            spec[RANGE_ATTR] = list(range_from_blowup(test.blowup_lr))
+        found = {"lr_find_run_id": run_id, "lr_find_blowup_lr": test.blowup_lr}  # not in the spec: a rerun resumes
+    study = open_stress_study(args.storage, config, spec)
+    for key, value in {"mlflow_parent_run_id": parent.run_id, **found}.items():
+        study.set_user_attr(key, value)
+    lo, hi = search_range(spec)
+    mlflow.set_tags({f"stress.{config}.study": study.study_name, f"stress.{config}.lr_range": f"{10**lo:.3g},{10**hi:.3g}",
+                     f"stress.{config}.{PRUNER_ATTR}": args.pruner})
+    return study
+
+
+def run_stress(args: argparse.Namespace) -> int:
+    """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
+    configs, settings, seeds = check_args(args)
     open_storage(args.storage)
     ready_store()
     reports = []
@@ -131,12 +187,10 @@ def run_stress(args: argparse.Namespace) -> int:
         mlflow.set_experiment(args.experiment)
     with mlflow.start_run(run_name=STRESS_RUN) as parent:
         for name in configs:
-            spec = {"config": name, "seeds": seeds, "settings": settings, "factor": args.factor,
-                    "converge_ratio": args.converge_ratio}
-            study = open_stress_study(args.storage, name, spec)
-            study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+            study = start_study(args, name, seeds, settings, parent.info)
             run_workers(args, study.study_name)
             reports.append(report(study))
+            log_stress_history(study, done_trials(study), reports[-1])
             print(format_report(reports[-1]), file=sys.stderr, flush=True)
         mlflow.log_text(json.dumps(reports, indent=1, default=str), STRESS_REPORT)
     print("\n".join(format_report(r) for r in reports))
@@ -153,8 +207,13 @@ def run_workers(args: argparse.Namespace, name: str) -> None:
 def format_report(r: dict) -> str:
     """A few lines per config."""
     fmt = lambda v: "none in range" if v is None else f"{v:.3g}"  # noqa: E731
-    lines = [f"{r['config']}: base lr {r['base_lr']:.3g}, {r['trials']} trials ({r['failed']} failed): "
-             f"largest converged {fmt(r['largest_converged_lr'])}, smallest failed {fmt(r['smallest_failed_lr'])}"]
+    low, high = r["lr_range"]
+    blowup = r.get("lr_find_blowup_lr")
+    source = ("from its LR" if "lr_find_run_id" not in r else f"around the LR range test's blow-up {blowup:.3g}" if blowup
+              else "from its LR: the LR range test never blew up")
+    lines = [f"{r['config']}: base lr {r['base_lr']:.3g}, range {low:.3g} to {high:.3g} ({source}), {r['trials']} trials "
+             f"({r['failed']} failed): largest converged {fmt(r['largest_converged_lr'])}, "
+             f"smallest failed {fmt(r['smallest_failed_lr'])}"]
     if "boundary_lr" in r:
         low, high = r["boundary_lr_90ci"]
         lines.append(f"  boundary (P(fail)=0.5) {r['boundary_lr']:.3g}, 90% CI [{low:.3g}, {high:.3g}]")
@@ -163,8 +222,8 @@ def format_report(r: dict) -> str:
             if row["diverged"] else "did not converge"
         loss = "" if row["final_loss"] is None or pd.isna(row["final_loss"]) else f", final loss {row['final_loss']:.3f}"
         lines.append(f"  lr x100 seed {row['seed']}: {state}{loss}")
-    lines.append(f"  steps run {r['steps_run']} of {r['steps_without_pruning']} without pruning "
-                 f"(saved {r['pruning_saved']:.0%})")
+    lines.append(f"  steps run {r['steps_run']} of {r['steps_without_pruning']} without pruning (saved {r['pruning_saved']:.0%}; "
+                 f"pruner {r['pruner']}: {r['pruned_by_pruner']} trials stopped, {r['steps_saved_by_pruner']} steps saved)")
     return "\n".join(lines)
 
 
@@ -178,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--factor", type=float, default=1000.0, help="probe LRs up to factor x the config's LR")
     run.add_argument("--converge-ratio", type=float, default=CONVERGE_RATIO, help="converged: final loss < ratio x loss at step 0")
     run.add_argument("--workers", type=int, default=1)
+    run.add_argument("--pruner", default=STRESS_PRUNER,
+                     help=f"{', '.join(p for p in PRUNERS if p not in RANKING)}: may stop a trial that is not converging")
+    run.add_argument("--range-from-lr-find", action="store_true",
+                     help=f"search blow-up / {RANGE_FACTOR:g} to blow-up x {RANGE_FACTOR:g} of an LR range test run first "
+                          "(instead of --factor)")
     for flag in TRAIN_FLAGS:
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
     work_parser = sub.add_parser("work")

@@ -1,4 +1,5 @@
-"""Study-level figures on a sweep's parent run: which swept key matters for the final loss, and every cell at a glance."""
+"""Study-level figures on a parent run: for a sweep, which swept key matters for the final loss and every cell at a glance;
+for a stress study, its optimization history with the boundary marked."""
 from __future__ import annotations
 
 import math
@@ -11,16 +12,19 @@ import pandas as pd
 from optuna.distributions import CategoricalDistribution
 from optuna.visualization import matplotlib as optuna_plots
 
+from experiments.boundary import CHANCE_LOSS  # a diverged cell counts as no better than guessing (as in the report)
 from experiments.grid import GRID
 
-CHANCE_LOSS = math.log(10)  # a diverged cell counts as no better than guessing among 10 classes (as in the report)
 FIGURES = {"study/param_importances.png": optuna_plots.plot_param_importances,
            "study/parallel_coordinates.png": optuna_plots.plot_parallel_coordinate}
 
 
 def cells_study(table: pd.DataFrame) -> optuna.Study | None:
     """An in-memory study of the finished cells: the swept keys (those with more than one value) as params, the final
-    train loss as value (a diverged cell: CHANCE_LOSS). None when nothing was swept or fewer than 2 cells finished."""
+    train loss as value (a diverged cell: CHANCE_LOSS). None when nothing was swept or fewer than 2 cells finished.
+    Cells the pruner stopped are left out."""
+    if "pruned" in table:
+        table = table[~table.pruned.astype(bool)]  # a cell the pruner stopped has no final loss
     if table.empty:
         return None
     keys = [k for k in GRID if table[k].nunique(dropna=False) > 1]
@@ -51,3 +55,34 @@ def log_study_figures(table: pd.DataFrame) -> list[str]:
         except Exception as e:  # noqa: BLE001  (e.g. importances need two distinct values)
             print(f"[sweep] {name} not drawn: {type(e).__name__}: {e}", file=sys.stderr)
     return logged
+
+
+def stress_history(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], report: dict):
+    """Optuna's optimization history of a stress study (a converged trial's value is its log10 LR, a failed one's lies
+    below the range), each failed trial of `trials` at its own log10 LR, and the boundary with its 90% interval."""
+    ax = optuna_plots.plot_optimization_history(study)
+    failed = [t for t in trials if not t.user_attrs.get("converged")]
+    ax.scatter([t.number for t in failed], [t.params["log10_lr"] for t in failed], marker="x", color="tab:red",
+               label="failed (diverged, pruned or not converged) at its log10 LR")
+    if report.get("boundary_lr"):
+        low, high = report["boundary_lr_90ci"]
+        ax.axhspan(math.log10(low), math.log10(high), color="black", alpha=0.1, label="boundary's 90% interval")
+        ax.axhline(math.log10(report["boundary_lr"]), color="black", linestyle="--",
+                   label=f"boundary P(fail) = 0.5: LR {report['boundary_lr']:.3g}")
+    ax.set(ylabel="log10 LR", title=f"LR stress {report['config']}: optimization history"
+           + ("" if report.get("boundary_lr") else "\n(no boundary inside the range)"))
+    ax.legend(fontsize=7)
+    return ax.figure
+
+
+def log_stress_history(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], report: dict) -> str | None:
+    """stress_history logged to the active (parent) run; its name, or None (one line on stderr) if it cannot be drawn."""
+    name = f"stress/{report['config']}/optimization_history.png"
+    try:
+        fig = stress_history(study, trials, report)
+    except Exception as e:  # noqa: BLE001  (the study's results are already stored)
+        print(f"[stress] {name} not drawn: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+    return name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -20,20 +21,25 @@ from typing import NamedTuple
 
 import mlflow
 import optuna
-import pandas as pd
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from cookbook.checkpoint import checkpoint_path
 from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, Config, ConfigError, load_config
 from cookbook.data import MNIST, DataError
+from cookbook.resume import ResumedTracker
 from cookbook.stacked import train_stacked
 from cookbook.stop import exit_code
 from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import train
-from experiments.grid import GRID, TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
+from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
+from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
 from experiments.queue import enqueue_missing, open_study, state_counts, take_cell
-from experiments.storage import DEFAULT_STORAGE, SweepError, check_records, heartbeat, recorded_trials, recover_dead_workers
+from experiments.resume_cells import stopped_run
+from experiments.storage import DEFAULT_STORAGE, SweepError, check_records, heartbeat, recover_dead_workers
 from experiments.study_figures import log_study_figures
-from experiments.workers import ReportToOptuna, cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
+from experiments.sweep_summary import print_summary, summary
+from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
 POLL_SECONDS = 2.0
 
@@ -53,15 +59,18 @@ class CellRun(NamedTuple):
     tracker: MlflowTracker
 
 
-def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: str | None) -> CellRun:
-    """The cell's resolved config, its data and its nested MLflow run."""
+def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: str | None, resume: bool = False) -> CellRun:
+    """The cell's resolved config, its data and its nested MLflow run: with resume, the cell's stopped run if it has a
+    checkpoint here (a stacked group trains from step 0: its members have no checkpoints)."""
     study = trial.study
     cfg = load_config(cell["config"], CONFIGS_DIR, overrides(cell, study.user_attrs["settings"]))
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     key = cell_key(cell)
     tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
-    tracker = MlflowTracker(cfg, data.md5, experiment=experiment, run_name=key, log_model=False,
-                            extra_tags=tags, parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR))
+    stopped = stopped_run(MlflowClient(), experiment, study.study_name, key) if resume else None
+    make = functools.partial(ResumedTracker, run_id=stopped) if stopped else MlflowTracker
+    tracker = make(cfg, data.md5, experiment=experiment, run_name=key, log_model=False,
+                   extra_tags=tags, parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR))
     return CellRun(cfg, data, tracker)
 
 
@@ -75,11 +84,11 @@ def record_result(trial: optuna.Trial, result) -> float:
 
 
 def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
-    """Train one queued cell, tracked as a nested MLflow run."""
-    cfg, data, tracker = cell_run(trial, take_cell(trial), experiment, parent_run_id)
-    with tracker:
+    """Train one queued cell, tracked as a nested MLflow run (continuing its stopped run from a checkpoint if it has one)."""
+    cfg, data, tracker = cell_run(trial, take_cell(trial), experiment, parent_run_id, resume=True)
+    with prunable(tracker):
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
-        result = train(cfg, data, [tracker, ReportToOptuna(trial)])
+        result = train(cfg, data, [tracker, ReportToOptuna(trial)], checkpoint=checkpoint_path(tracker.run_id))
     return record_result(trial, result)
 
 
@@ -125,6 +134,7 @@ def work(storage_spec: str, name: str, experiment: str, threads: int | None = No
     """Worker loop: run queued cells (up to `stack` seeds at once as one model) until none is queued or running anywhere."""
     start_worker(threads)
     study = open_study(storage_spec, name)
+    check_pruner(stored_pruner(study), SWEEP_PRUNER, stack)
     parent, experiment = parent_and_experiment(study, experiment)
     serve(study, lambda: work_queue(study, experiment, parent, stack))
 
@@ -162,17 +172,6 @@ def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], start
             last = line
 
 
-def summary(study: optuna.Study) -> pd.DataFrame:
-    """One row per finished cell, from the study's records."""
-    rows = []
-    for t in recorded_trials(study):
-        rows.append({**{k: t.user_attrs.get(k) for k in GRID},
-                     "cell": t.params["cell"], "final_loss": t.user_attrs.get("epoch/train_loss"),
-                     "test_acc": t.user_attrs.get("test/acc"), "diverged": t.user_attrs.get("diverged"),
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
-    return pd.DataFrame(rows)
-
-
 def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
     """The sweep's parent MLflow run: the `mlflow run` project run, else the one an earlier invocation made, else new."""
     if os.environ.get("MLFLOW_RUN_ID"):
@@ -189,8 +188,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs)
     settings = train_settings(args)
     check_cells(cells, settings)
-    name = args.study or study_name(cells, settings)
-    study = open_study(args.storage, name, cells, settings)  # a bad storage fails here, before the MLflow store is made
+    name = args.study or study_name(cells, settings, args.pruner)
+    study = open_study(args.storage, name, cells, settings, args.pruner)  # a bad storage fails here, before the MLflow store is made
     ready_store()  # before anything touches MLflow: coordinators may start together on a fresh store
     recover_dead_workers(study)
     unrecorded = check_records(study)
@@ -202,7 +201,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"[sweep] study '{name}' in {args.storage}: {before['total']} cells, {before['done']} already done, "
           f"{queued} queued now", file=sys.stderr)
     with start_parent_run(study, args.experiment) as parent:
-        mlflow.set_tags({"sweep": name, "optuna_storage": args.storage, "cells": str(before["total"]), "mlflow.runName": name})
+        mlflow.set_tags({"sweep": name, "optuna_storage": args.storage, "cells": str(before["total"]), "mlflow.runName": name,
+                         PRUNER_ATTR: args.pruner})
         study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
         started = time.time()
         run_rounds(study, args, started, before["done"])
@@ -228,18 +228,6 @@ def run_rounds(study: optuna.Study, args: argparse.Namespace, started: float, do
             return
 
 
-def print_summary(table: pd.DataFrame, counts: dict, seconds: float) -> None:
-    """One screen: mean final loss over seeds per config and LR, diverged cells counted."""
-    print(f"\n{counts['done']}/{counts['total']} cells done in {seconds / 60:.1f} min")
-    if table.empty:
-        return
-    table = table.assign(lr=table.lr.fillna("config"), diverged=table.diverged.astype(bool))
-    grouped = table.groupby(["config", "lr"], dropna=False).agg(
-        seeds=("cell", "count"), final_loss=("final_loss", "mean"), test_acc=("test_acc", "mean"),
-        diverged=("diverged", "sum"))
-    print(grouped.to_string(float_format=lambda v: f"{v:.4f}"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--study", default="", help="default: derived from the grid and settings (same command = resume)")
+    run.add_argument("--pruner", default=SWEEP_PRUNER, help=f"{', '.join(PRUNERS)}: may stop a cell after an epoch")
     for p in (run, sub.add_parser("work", help="join a sweep as one more worker")):
         p.add_argument("--storage", default=DEFAULT_STORAGE, help="journal file path (default) or RDB URL")
         p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
@@ -280,6 +269,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise SweepError(f"workers={args.workers} must be >= 1")
     if args.stack < 1:
         raise SweepError(f"stack={args.stack} must be >= 1")
+    args.pruner = check_pruner(args.pruner, SWEEP_PRUNER, args.stack)
     return run_sweep(args)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import optuna
 import torch
 
 from cookbook.data import load_mnist
-from cookbook.hooks import Hook
 from cookbook.resources import visible_gpus
 from cookbook.tracking import REPO, ready_store
 from experiments.storage import give_back
@@ -80,18 +78,6 @@ def parent_and_experiment(study: optuna.Study, experiment: str) -> tuple[str | N
     if parent:
         experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
     return parent, experiment
-
-
-class ReportToOptuna(Hook):
-    """Each epoch's mean training loss as the trial's intermediate value (optuna-dashboard's intermediate-values plot)."""
-
-    def __init__(self, trial: optuna.Trial):
-        self.trial = trial
-
-    def on_epoch_end(self, epoch, metrics):
-        loss = metrics.get("epoch/train_loss")
-        if loss is not None and math.isfinite(loss):  # a diverged epoch has no loss to report
-            self.trial.report(loss, step=epoch)
 
 
 def serve(study: optuna.Study, loop: Callable[[], None]) -> None:

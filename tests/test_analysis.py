@@ -1,4 +1,5 @@
 """The analysis on MLflow runs made here with known values: exact table numbers, every figure, bad inputs."""
+import json
 import math
 import re
 
@@ -7,10 +8,12 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from analysis import load
 from analysis.cli import main
 from analysis.stats import layer_spread, lr_sensitivity, mean_ci95
 from cookbook import tracking as t
 from cookbook.tracking import SNAPSHOT_ARTIFACT
+from experiments.pruning import PRUNED_TAG
 
 # per-layer pre-clip norms at the three snapshot steps: conv1 = g, fc = 4g (its spread is 4x), biases ignored
 SNAPSHOT = "step,param,numel,grad_norm,weight_norm\n" + "".join(
@@ -255,3 +258,37 @@ def test_precision_effect_without_precision_pairs_is_one_line(known, capsys):
 
     assert precision_effect(["--experiment", known]) == 2  # fp32 runs only
     assert capsys.readouterr().err.strip() == "error: no config in 'known' has >= 2 seeds in both precisions"
+
+
+def test_range_test_blow_up_beside_the_stress_boundary(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("lrfind")
+    make_run(client, exp, "no_tricks", 0, 0.1)
+    client.set_tag(make_run(client, exp, "no_tricks", 1, 0.9), PRUNED_TAG, "true")  # stopped by a pruner: not a result
+    blowups = {"no_tricks": "0.05", "batchnorm": "2.0", "layernorm": "none", "all_tricks": "0.1"}
+    tests = {}
+    for config, blowup in blowups.items():
+        tests[config] = client.create_run(exp, run_name=f"lr-find {config}").info.run_id
+        client.log_batch(tests[config], params=[Param("config.data.train_subset", "256"), Param("config.data.batch_size", "32")],
+                         tags=[RunTag(t.LR_FIND_TAG, config), RunTag("lr_find.blowup_lr", blowup)])
+        client.set_terminated(tests[config])
+    common = {"trials": 10, "x100": [], "pruning_saved": 0.0}
+    reports = [{"config": "no_tricks", "boundary_lr": 0.1, "boundary_lr_90ci": [0.04, 0.2], "largest_converged_lr": 0.08,
+                "smallest_failed_lr": 0.12, "lr_find_run_id": tests["no_tricks"], **common},
+               {"config": "batchnorm", "boundary_lr": 0.5, "boundary_lr_90ci": [0.25, 1.0], "largest_converged_lr": 0.4, **common},
+               {"config": "layernorm", "largest_converged_lr": 0.3, "smallest_failed_lr": 0.6, **common},
+               {"config": "all_tricks", "largest_converged_lr": 0.3, "smallest_failed_lr": 0.6, **common}]
+    parent = client.create_run(exp, run_name="stress").info.run_id
+    client.log_text(parent, json.dumps(reports), "stress_report.json")
+    client.set_terminated(parent)
+    assert main(["--experiment", "lrfind", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
+    table = pd.read_csv(tmp_path / "range_test_vs_boundary.csv").set_index("config")
+    assert table.loc["no_tricks", "blow-up lies"] == "inside the boundary's 90% interval"
+    assert table.loc["no_tricks", "boundary / blow-up"] == 2.0 and table.loc["no_tricks", "study range from the test"]
+    assert table.loc["batchnorm", "blow-up lies"] == "above the boundary's 90% interval: 2x over its high end"
+    assert table.loc["layernorm", "blow-up lies"] == "the range test never blew up"
+    assert table.loc["all_tricks", "blow-up lies"] == "below the bracket (largest converged, smallest failed): 3x under its low end"
+    assert table.loc["all_tricks", "range test on"] == "256 images, batch 32"
+    assert "In 1 of 4 configs its blow-up LR" in (text := (tmp_path / "report.md").read_text())
+    assert "(without a fitted boundary: its bracket); in 1 it never blew up, so it said nothing" in text
+    assert list(load.training_runs("lrfind").seed) == [0]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -112,3 +113,37 @@ def test_sigkilled_run_resumes_from_its_checkpoint_to_the_uninterrupted_history(
     assert histories(client, run_id) == histories(client, whole_id)  # every metric, every step, bit for bit
     again = cli("resume", run_id, env=env, cwd=tmp_path)
     assert again.returncode == 2 and "finished; there is nothing to resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_sweep_cell_of_a_sigkilled_worker_resumes_from_its_checkpoint(mnist_dir, tmp_path):
+    """A worker killed in the cell's epoch 2; the next worker continues the same MLflow run from epoch 2."""
+    from optuna.trial import TrialState
+
+    from experiments.grid import make_cells
+    from experiments.queue import enqueue_missing, open_study
+    from experiments.storage import open_storage
+
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "journal.log")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    settings = {"epochs": 3, "train_subset": 4096, "test_subset": 200, "batch_size": 32, "data_dir": str(DATA_DIR)}
+    enqueue_missing(open_study(storage, "resume", make_cells("no_tricks", "0", ""), settings))
+    worker = [sys.executable, "-m", "experiments.sweep", "work", "--study", "resume", "--storage", storage]
+    proc = subprocess.Popen(worker, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline, run_id, stored = MlflowClient(uri), time.time() + 300, None, 0
+    while stored < PER_EPOCH + 20 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        if runs:
+            run_id, stored = runs[0].info.run_id, len(client.get_metric_history(runs[0].info.run_id, "train/loss"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert stored < 3 * PER_EPOCH and (tmp_path / "checkpoints" / f"{run_id}.pt").is_file()
+    assert subprocess.run(worker, env=env, cwd=tmp_path, capture_output=True, timeout=600).returncode == 0
+    trials = optuna.load_study(study_name="resume", storage=open_storage(storage)).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["mlflow_run_id"] == run_id  # the same run, continued
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and int(run.data.tags[RESUMED_TAG]) in (PER_EPOCH, 2 * PER_EPOCH)
+    assert run.data.tags["trial"] == "1"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(3 * PER_EPOCH))

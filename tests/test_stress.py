@@ -1,4 +1,7 @@
-"""The divergence-boundary study on a tiny slice: probes, pruning of diverged trials, report, MLflow runs."""
+"""The divergence-boundary study on a tiny slice: probes, pruning, range from an LR range test, report, figure, runs."""
+import math
+import os
+
 import mlflow
 import optuna
 import pytest
@@ -6,8 +9,11 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import DATA_DIR
+from cookbook.lr_find import START_LR, RangeTest
+from experiments import stress
 from experiments.storage import open_storage
 from experiments.stress import main, report
+from experiments.stress_range import RANGE_FACTOR, range_from_blowup, run_range_test, search_range
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
 
@@ -18,6 +24,7 @@ TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--bat
     (["--factor", "10"], "factor > 100"),
     (["--converge-ratio", "1.5"], "0 < converge_ratio < 1"),
     (["--storage", "redis://x"], "unknown scheme 'redis'"),
+    (["--pruner", "median"], "pruner='median'; choose one of none, threshold (a stress study maximises"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, message, tracking, tmp_path, capsys):
     storage = tmp_path / "journal.log"
@@ -46,5 +53,59 @@ def test_stress_prunes_diverged_trials_and_reports_a_boundary(mnist_dir, trackin
     result = report(study)
     assert result["trials"] == 4 and result["steps_run"] < result["steps_without_pruning"]
     assert result["smallest_failed_lr"] <= 0.1 and result["x100"][0]["diverged"]
-    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
+    assert result["pruner"] == "none" and result["lr_range"] == pytest.approx([1e-3, 1.0])  # the defaults
+    client = MlflowClient()
+    runs = client.search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
     assert len([r for r in runs if "stress" in r.data.tags]) == 4
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert [a.path for a in client.list_artifacts(parent, "stress/no_tricks")] == ["stress/no_tricks/optimization_history.png"]
+
+
+def test_the_range_from_a_range_test_is_centred_on_its_blow_up():
+    lo, hi = range_from_blowup(0.1)
+    assert (10**lo, 10**hi) == (pytest.approx(0.1 / RANGE_FACTOR), pytest.approx(0.1 * RANGE_FACTOR))
+    assert range_from_blowup(2 * START_LR)[0] == pytest.approx(math.log10(START_LR))  # nothing below what the test saw
+    assert search_range({"log10_lr_range": [-2.0, 1.0]}) == (-2.0, 1.0)
+    assert search_range({"config": "no_tricks", "settings": {}, "factor": 1000}) == pytest.approx((-3.0, 0.0))
+
+
+@pytest.mark.slow
+def test_range_from_lr_find_runs_the_test_first_and_searches_around_its_blow_up(mnist_dir, tracking, tmp_path):
+    storage = str(tmp_path / "journal.log")
+    assert main(["run", "--configs", "layernorm", "--seeds", "0", "--n-trials", "2", "--range-from-lr-find",
+                 "--storage", storage, *TINY]) == 0
+    (summary,) = optuna.get_all_study_summaries(open_storage(storage))
+    study = optuna.load_study(study_name=summary.study_name, storage=open_storage(storage))
+    client = MlflowClient()
+    test = client.get_run(study.user_attrs["lr_find_run_id"])
+    assert test.data.tags["lr_find"] == "layernorm" and test.info.status == "FINISHED"
+    assert test.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]  # nested under the stress run
+    lo, hi = range_from_blowup(float(test.data.tags["lr_find.blowup_lr"]))  # layernorm on 256 images blows up near LR 8
+    assert search_range(study.user_attrs) == pytest.approx((lo, hi))
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(trials) == 2 and all(lo <= t.params["log10_lr"] <= hi for t in trials)
+    result = report(study)
+    assert result["lr_find_run_id"] == test.info.run_id and result["lr_range"] == pytest.approx([10**lo, 10**hi])
+    tags = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.tags
+    assert tags["stress.layernorm.lr_range"] == f"{10**lo:.3g},{10**hi:.3g}"
+
+
+def test_inside_mlflow_run_the_range_test_gets_a_run_of_its_own(mnist_dir, tracking, monkeypatch):
+    client = MlflowClient()
+    project = client.create_run(client.create_experiment("project")).info.run_id  # `mlflow run`'s run: the stress parent
+    monkeypatch.setenv("MLFLOW_RUN_ID", project)
+    settings = {"train_subset": 256, "test_subset": 100, "batch_size": 32, "data_dir": str(DATA_DIR)}
+    _, run_id = run_range_test("no_tricks", settings, 0, "project", project)
+    assert run_id != project and os.environ["MLFLOW_RUN_ID"] == project
+    assert client.get_run(project).info.status == "RUNNING" and client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == project
+
+
+def test_a_range_test_that_never_blew_up_leaves_the_default_range(tracking, tmp_path, monkeypatch):
+    monkeypatch.setattr(stress, "run_range_test", lambda *args: (RangeTest(), "its-run-id"))  # blowup_lr None
+    args = stress.build_parser().parse_args(["run", "--range-from-lr-find", "--storage", str(tmp_path / "journal.log")])
+    mlflow.set_experiment("never")
+    with mlflow.start_run() as parent:
+        study = stress.start_study(args, "no_tricks", [0], {}, parent.info)
+    assert search_range(study.user_attrs) == pytest.approx((-3.0, 0.0)) and study.user_attrs["lr_find_run_id"] == "its-run-id"
+    assert "from its LR: the LR range test never blew up" in stress.format_report(stress.report(study))

@@ -1,0 +1,31 @@
+"""A sweep's results from its study records: one row per finished cell, and the one-screen summary."""
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+
+from experiments.grid import GRID
+from experiments.storage import PRUNED_ATTR, recorded_trials
+
+
+def summary(study: optuna.Study) -> pd.DataFrame:
+    """One row per finished cell, from the study's records (a cell the pruner stopped has no final loss)."""
+    rows = []
+    for t in recorded_trials(study):
+        rows.append({**{k: t.user_attrs.get(k) for k in GRID},
+                     "cell": t.params["cell"], "final_loss": t.user_attrs.get("epoch/train_loss"),
+                     "test_acc": t.user_attrs.get("test/acc"), "diverged": t.user_attrs.get("diverged"),
+                     "pruned": PRUNED_ATTR in t.user_attrs, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+    return pd.DataFrame(rows)
+
+
+def print_summary(table: pd.DataFrame, counts: dict, seconds: float) -> None:
+    """One screen: mean final loss over seeds per config and LR, diverged and pruned cells counted."""
+    print(f"\n{counts['done']}/{counts['total']} cells done in {seconds / 60:.1f} min")
+    if table.empty:
+        return
+    table = table.assign(lr=table.lr.fillna("config"), diverged=table.diverged.astype(bool))
+    grouped = table.groupby(["config", "lr"], dropna=False).agg(
+        seeds=("cell", "count"), final_loss=("final_loss", "mean"), test_acc=("test_acc", "mean"),
+        diverged=("diverged", "sum"), pruned=("pruned", "sum"))
+    print(grouped.to_string(float_format=lambda v: f"{v:.4f}"))
