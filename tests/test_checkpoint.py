@@ -68,10 +68,10 @@ def test_without_a_checkpoint_file_the_run_starts_from_step_zero(tiny_cfg, tiny_
     assert rec.history["train/loss"][0][0] == 0 and not (tmp_path / "none.pt").exists()
 
 
-RUN = ["--config", "all_tricks", "--epochs", "3", "--train-subset", "4096", "--test-subset", "200", "--batch-size", "32",
+RUN = ["--config", "all_tricks", "--epochs", "3", "--train-subset", "2048", "--test-subset", "200", "--batch-size", "32",
        "--data-dir", str(DATA_DIR), "--no-system-metrics", "--no-log-model", "--set", "monitor.flush_every=4",
-       "--set", "monitor.layer_every=10", "--set", "monitor.snapshot_steps=[5, 150]"]  # 128 steps an epoch
-PER_EPOCH = 128
+       "--set", "monitor.layer_every=10", "--set", "monitor.snapshot_steps=[5, 70]"]  # 64 steps an epoch
+PER_EPOCH = 64
 
 
 def cli(*args, env, cwd, **kwargs):
@@ -126,7 +126,7 @@ def test_sweep_cell_of_a_sigkilled_worker_resumes_from_its_checkpoint(mnist_dir,
 
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "journal.log")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    settings = {"epochs": 3, "train_subset": 4096, "test_subset": 200, "batch_size": 32, "data_dir": str(DATA_DIR)}
+    settings = {"epochs": 3, "train_subset": 2048, "test_subset": 200, "batch_size": 32, "data_dir": str(DATA_DIR)}
     enqueue_missing(open_study(storage, "resume", make_cells("no_tricks", "0", ""), settings))
     worker = [sys.executable, "-m", "experiments.sweep", "work", "--study", "resume", "--storage", storage]
     proc = subprocess.Popen(worker, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
