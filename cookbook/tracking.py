@@ -244,16 +244,18 @@ def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tu
 LR_FIND_TAG = "lr_find"  # on a range-test run: its config's name (not CONFIG_TAG: the analysis must not read it as a training)
 
 
-def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: str) -> str:
+def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: str, parent_run_id: str | None = None) -> str:
     """One FINISHED MLflow run for an LR range test: the config as params, loss and smoothed loss per step (step = update,
-    the LR as `lr_find/lr`), the figure, and the suggestions as tags; returns its id."""
+    the LR as `lr_find/lr`), the figure, and the suggestions as tags; nested under parent_run_id if given; returns its id."""
     from .lr_find import figure
 
     ready_store()
     client = MlflowClient()
-    run_id = os.environ.get("MLFLOW_RUN_ID")  # inside `mlflow run . -e lr_find`: the project's run
+    run_id = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")  # in `mlflow run . -e lr_find`: the project's run
     if not run_id:
-        run_id = client.create_run(mlflow.set_experiment(experiment).experiment_id, run_name=f"lr-find {cfg.name}").info.run_id
+        nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run_id = client.create_run(mlflow.set_experiment(experiment).experiment_id, run_name=f"lr-find {cfg.name}",
+                                   tags=nested).info.run_id
     mark_training(client, run_id)
     tags = {LR_FIND_TAG: cfg.name, SEED_TAG: cfg.seed, PROCESS_TAG: process_id(), "lr_find.steepest_lr": result.steepest_lr,
             "lr_find.min_over_10_lr": result.min_over_10_lr, "lr_find.blowup_lr": result.blowup_lr or "none",

@@ -1,12 +1,7 @@
 """A stress study's LR search range: from the config's own LR to factor x it, or around an LR range test's blow-up."""
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-
-from mlflow import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from cookbook.config import CONFIGS_DIR, load_config
 from cookbook.lr_find import START_LR, RangeTest, lr_range_test
@@ -41,24 +36,9 @@ def range_from_blowup(blowup_lr: float) -> tuple[float, float]:
     return max(centre - math.log10(RANGE_FACTOR), math.log10(START_LR)), centre + math.log10(RANGE_FACTOR)
 
 
-@contextlib.contextmanager
-def own_run():
-    """log_range_test logs into the `mlflow run` project run (MLFLOW_RUN_ID) if there is one; inside a stress study that
-    run is the study's parent, so the range test is given a run of its own."""
-    project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        yield
-    finally:
-        if project_run is not None:
-            os.environ["MLFLOW_RUN_ID"] = project_run
-
-
 def run_range_test(config: str, settings: dict, seed: int, experiment: str, parent_run_id: str) -> tuple[RangeTest, str]:
     """The config's LR range test with the study's training settings, tracked as a run nested under the parent."""
     cfg = load_config(config, CONFIGS_DIR, overrides({"seed": seed}, settings))
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     result = lr_range_test(cfg, data)
-    with own_run():
-        run_id = log_range_test(cfg, data.md5, result, experiment)
-    MlflowClient().set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_run_id)
-    return result, run_id
+    return result, log_range_test(cfg, data.md5, result, experiment, parent_run_id=parent_run_id)
