@@ -2,7 +2,7 @@
 
     python -m benchmarks.stacked_speed --config batchnorm --ks 1,2,4,8 --train-subset 12800 --device auto
     python -m benchmarks.stacked_speed --device cuda --ks 1,4,16,64,128 --train-subset 60000 --test-subset 10000 \
-        --epochs 5 --separate-up-to 4 --precision bf16
+        --epochs 5 --separate-up-to 4 --precision bf16 --stacked-conv grouped
 
 A "run" is --epochs epochs over --train-subset images, each followed by the test pass on --test-subset,
 everything a run does included (model, optimizer, CUDA graph capture). Separate runs are timed for K up to
@@ -22,7 +22,7 @@ import pandas as pd
 from benchmarks.train_speed import CONFIGS_DIR, machine
 from cookbook.config import ConfigError, load_config
 from cookbook.data import load_mnist
-from cookbook.stacked import train_stacked
+from cookbook.stacked import conv_kind, train_stacked
 from cookbook.train import resolve_device, train
 
 
@@ -56,29 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     parser.add_argument("--separate-up-to", type=int, default=8, help="largest K whose separate runs are timed")
     parser.add_argument("--nondeterministic", action="store_true", help="compute.deterministic off (CUDA)")
+    parser.add_argument("--stacked-conv", default="auto", help="compute.stacked_conv: auto, gemm, hybrid or grouped")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="compute.channels_last")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     try:
-        compute = {"precision": args.precision, "deterministic": not args.nondeterministic}
+        compute = {"precision": args.precision, "deterministic": not args.nondeterministic, "stacked_conv": args.stacked_conv,
+                   "channels_last": args.channels_last}
         cfg = load_config(args.config, CONFIGS_DIR, {"epochs": args.epochs, "device": args.device, "compute": compute,
                                                      "data": {"data_dir": args.data_dir, "train_subset": args.train_subset,
                                                               "test_subset": args.test_subset}})
         ks = sorted(int(k) for k in args.ks.split(","))
         if ks[0] < 1 or ks[0] > args.separate_up_to:  # the smallest K's separate time is what larger K extrapolate
             raise ValueError
-    except ValueError:
-        print(f"error: ks={args.ks!r} must be a comma list of integers >= 1, the smallest <= --separate-up-to", file=sys.stderr)
-        return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError:
+        print(f"error: ks={args.ks!r} must be a comma list of integers >= 1, the smallest <= --separate-up-to", file=sys.stderr)
         return 2
     data = load_mnist(args.data_dir, args.train_subset, args.test_subset)
     train(dataclasses.replace(cfg, epochs=1), data)  # warm-up: first-call costs (CUDA context, kernels) out of the numbers
     device = str(resolve_device(args.device)).split(":")[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"stacked_speed-{device}-{args.precision}{'-nondet' if args.nondeterministic else ''}"
+    conv = conv_kind(cfg.compute.stacked_conv, resolve_device(args.device))
+    suffix = ("-nondet" if args.nondeterministic else "") + ("" if args.channels_last else "-nchw")
+    stem = out / f"stacked_speed-{device}-{args.precision}-{conv}{suffix}"
     rows = []
     for k in ks:
         one = None if k <= args.separate_up_to else rows[0]["separate_s"] / rows[0]["K"]

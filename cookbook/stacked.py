@@ -20,6 +20,7 @@ from .determinism import configure
 from .hooks import Hook, Hooks
 from .model import StableNet, build_model, parameter_count
 from .monitor import host_sync, member_norms
+from .stacked_conv import StackedConv2d
 from .step import StepRunner, step_stats
 from .train import DivergenceCheck, Parts, TrainResult, build_parts, epoch_summary, resolve_device, run_epoch, uses_graphs
 
@@ -37,10 +38,20 @@ class StackedLinear(nn.Module):
         return torch.einsum("bkc,koc->bko", x.view(x.shape[0], k, -1), self.weight) + self.bias
 
 
-def stack_layer(layers: list[nn.Module]) -> nn.Module:
-    """One module doing the work of the same layer of K members, their parameters and buffers concatenated."""
+def conv_kind(setting: str, device: torch.device) -> str:
+    """compute.stacked_conv resolved: 'auto' is hybrid on CUDA, grouped elsewhere (see benchmarks/stacked_speed)."""
+    if setting != "auto":
+        return setting
+    return "hybrid" if device.type == "cuda" else "grouped"
+
+
+def stack_layer(layers: list[nn.Module], conv: str = "grouped") -> nn.Module:
+    """One module doing the work of the same layer of K members, their parameters and buffers concatenated.
+    conv: 'grouped' (a grouped Conv2d), 'gemm' (cookbook.stacked_conv) or 'hybrid' (gemm where a member's input has one channel)."""
     first, k = layers[0], len(layers)
     cat = lambda name: torch.cat([getattr(m, name).detach() for m in layers])  # noqa: E731
+    if isinstance(first, nn.Conv2d) and (conv == "gemm" or conv == "hybrid" and first.in_channels == 1):
+        return StackedConv2d(layers)
     if isinstance(first, nn.Conv2d):
         stacked = nn.Conv2d(first.in_channels * k, first.out_channels * k, first.kernel_size, padding=first.padding, groups=k)
     elif isinstance(first, nn.BatchNorm2d):
@@ -60,10 +71,10 @@ def stack_layer(layers: list[nn.Module]) -> nn.Module:
 class StackedStableNet(nn.Module):
     """K StableNets of one architecture as one module; input [B, K, 28, 28] (member k's images in channel k)."""
 
-    def __init__(self, members: list[StableNet]):
+    def __init__(self, members: list[StableNet], conv: str = "grouped"):
         super().__init__()
         self.members = len(members)
-        self.features = nn.Sequential(*[stack_layer(list(layers)) for layers in zip(*(m.features for m in members))])
+        self.features = nn.Sequential(*[stack_layer(list(layers), conv) for layers in zip(*(m.features for m in members))])
         self.classifier = StackedLinear([m.classifier for m in members])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +167,8 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     for c in cfgs:
         torch.manual_seed(c.seed)  # as build_parts seeds a separate run
         members.append(build_model(c.model))
-    parts = build_parts(cfg, len(data.train_y), device, StackedStableNet(members))
+    conv = conv_kind(cfg.compute.stacked_conv, device)
+    parts = build_parts(cfg, len(data.train_y), device, StackedStableNet(members, conv))
     runner = StepRunner(stacked_update(parts, data, cfg), graphs=uses_graphs(cfg, device))
     n_train, steps_per_epoch, total = len(data.train_y), parts.steps_per_epoch, parts.total_steps
     shuffles = [torch.Generator().manual_seed(c.seed) for c in cfgs]
@@ -166,7 +178,7 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     for fan, result in zip(fans, results):
         fan.on_start({"total_steps": total, "steps_per_epoch": steps_per_epoch, "param_count": result.param_count,
                       "param_names": parts.monitor.names, "device": str(device), "stacked_members": k,
-                      "tags": {**tags, "cuda_graphs": str(runner.graphs).lower()}})
+                      "tags": {**tags, "cuda_graphs": str(runner.graphs).lower(), "stacked_conv": conv}})
     for epoch in range(1, cfg.epochs + 1):
         alive = [i for i, r in enumerate(results) if not r.diverged]
         if not alive:

@@ -40,9 +40,10 @@ def float64(tiny_data):
     torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("conv", ["grouped", "gemm"])
 @pytest.mark.parametrize("norm", ["batch", "layer", "none"])
-def test_each_member_equals_its_separate_run_in_float64(norm, tiny_cfg, float64):
-    cfg = validate(merge(tiny_cfg, {"model": {"norm": norm}, "optim": {"max_norm": 0.5}}))
+def test_each_member_equals_its_separate_run_in_float64(norm, conv, tiny_cfg, float64):
+    cfg = validate(merge(tiny_cfg, {"model": {"norm": norm}, "optim": {"max_norm": 0.5}, "compute": {"stacked_conv": conv}}))
     stacked, alone = separate_and_stacked(cfg, float64)
     for (result, history), (want, want_history) in zip(stacked, alone):
         assert_same_history(history, want_history, rel=1e-6)

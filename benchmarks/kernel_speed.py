@@ -1,0 +1,98 @@
+"""Forward + backward milliseconds of the layers we pick between: stacked conv (grouped, NCHW, gemm), LayerNorm (NHWC vs NCHW).
+
+    python -m benchmarks.kernel_speed --device cuda --members 64 --precision bf16
+
+Shapes are the default StableNet's at batch 128: conv 1->32 at 28x28, 32->64 at 14x14, 64->128 at 7x7
+(stacked: K members each), norms after each conv. Channels-last inputs (training's default) unless the variant says nchw. Each row is
+the median of --repeats timed calls after warm-up; the ratio column is the first variant's time over each.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from benchmarks.train_speed import machine
+from cookbook.model import block_channels
+from cookbook.stacked import stack_layer
+
+SIDE = (28, 14, 7)  # each conv block's input side in the default model
+NHWC, NCHW = torch.channels_last, torch.contiguous_format
+
+
+def timed_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of fn() over repeats (after 3 warm-up calls), waiting for the device each time."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, precision, input_grad: bool = True):
+    """One forward and backward through module from a fresh leaf copy of x (the input's gradient too, unless it is the images)."""
+    def call():
+        leaf = x.detach().requires_grad_(input_grad)
+        with precision:
+            out = module(leaf)
+        out.float().sum().backward()
+    return call
+
+
+def rows_for(device, members: int, batch: int, precision, repeats: int) -> list[dict]:
+    rows = []
+    inputs = [1, *block_channels(1.0, 3)[:-1]]
+    for c_in, c_out, side in zip(inputs, block_channels(1.0, 3), SIDE):
+        x = torch.randn(batch, members * c_in, side, side, device=device)
+        convs = [nn.Conv2d(c_in, c_out, 3, padding=1) for _ in range(members)]
+        for variant, kind, layout in (("grouped", "grouped", NHWC), ("grouped-nchw", "grouped", NCHW), ("gemm", "gemm", NHWC)):
+            layer = stack_layer(convs, kind).to(device, memory_format=layout)
+            ms = timed_ms(forward_backward(layer, x.contiguous(memory_format=layout), precision, c_in > 1), device, repeats)
+            rows.append({"layer": f"conv {c_in}->{c_out} @{side} x K={members}", "variant": variant, "ms": ms})
+        y = torch.randn(batch, c_out, side, side, device=device)
+        norm = nn.GroupNorm(1, c_out).to(device)  # the model's LayerNorm
+        for variant, layout in (("group_norm", NHWC), ("group_norm-nchw", NCHW)):
+            ms = timed_ms(forward_backward(norm, y.contiguous(memory_format=layout), precision), device, repeats)
+            rows.append({"layer": f"LayerNorm {c_out} @{side}", "variant": variant, "ms": ms})
+    table = pd.DataFrame(rows)
+    table["ratio"] = table.groupby("layer")["ms"].transform("first") / table["ms"]
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--members", type=int, default=64, help="K, stacked members")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible; choose --device cpu", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    table = rows_for(device, args.members, args.batch, precision, args.repeats)
+    stem = Path(args.out) / f"kernel_speed-{device.type}-{args.precision}-k{args.members}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(f"{stem}.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nmachine: {machine()}\nwritten: {stem}.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
