@@ -5,6 +5,7 @@
 Shapes are the default StableNet's at batch 128: conv 1->32 at 28x28, 32->64 at 14x14, 64->128 at 7x7
 (stacked: K members each), norms after each conv. Channels-last inputs (training's default) unless the variant says nchw. Each row is
 the median of --repeats timed calls after warm-up; the ratio column is the first variant's time over each.
+Eager calls: layers that take well under a millisecond (the norms) measure launches as much as kernels.
 """
 from __future__ import annotations
 
