@@ -3,9 +3,10 @@
 Activations stay in the stacked model's channels-last layout, [B, H, W, K, C] in memory. im2col writes each
 pixel's 3x3 neighbourhood per member as one row of 9C values (plus a 1 for the bias, zero-padded so that
 rows start 16-byte aligned for tensor cores); member k's conv is then rows_k @ W_k, and the K products are
-one strided batched GEMM writing straight into the [B, H, W, K, O] output. cuDNN's grouped convolutions run
-a few percent of a GPU's matmul throughput on this shape; this is the same sum of products, reordered.
+one strided batched GEMM writing straight into the [B, H, W, K, O] output.
 The backward sums the 9 shifted gradient slices in a fixed order (no atomics: deterministic).
+On an H100 it beats cuDNN's grouped convolution only on the first layer (one channel per member: 1.7x);
+with 32-64 input channels the 9x im2col copy costs more than the GEMMs save (README, "On a GPU").
 """
 from __future__ import annotations
 
