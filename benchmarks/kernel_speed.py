@@ -1,10 +1,11 @@
-"""Forward + backward milliseconds of the layers we pick between: stacked conv (grouped, NCHW, gemm), LayerNorm (NHWC vs NCHW).
+"""Forward + backward milliseconds of the layers we pick between: stacked conv (grouped, NCHW, gemm, fused), LayerNorm (NHWC vs NCHW).
 
     python -m benchmarks.kernel_speed --device cuda --members 64 --precision bf16
 
 Shapes are the default StableNet's at batch 128: conv 1->32 at 28x28, 32->64 at 14x14, 64->128 at 7x7
-(stacked: K members each), norms after each conv. Channels-last inputs (training's default) unless the variant says nchw. Each row is
-the median of --repeats timed calls after warm-up; the ratio column is the first variant's time over each.
+(stacked: K members each), norms after each conv; fused (cookbook.fused_conv, Triton) on CUDA only.
+Channels-last inputs (training's default) unless the variant says nchw. Each row is the median of --repeats
+timed calls after warm-up; the ratio column is the first variant's time over each.
 Eager calls: layers that take well under a millisecond (the norms) measure launches as much as kernels.
 """
 from __future__ import annotations
@@ -52,6 +53,12 @@ def forward_backward(module: nn.Module, x: torch.Tensor, precision, input_grad: 
     return call
 
 
+def conv_variants(device: torch.device) -> list[tuple[str, str, torch.memory_format]]:
+    """(name, compute.stacked_conv, layout) of each stacked conv timed; Triton's kernels need a GPU."""
+    variants = [("grouped", "grouped", NHWC), ("grouped-nchw", "grouped", NCHW), ("gemm", "gemm", NHWC)]
+    return variants + [("fused", "fused", NHWC)] if device.type == "cuda" else variants
+
+
 def rows_for(device, members: int, batch: int, precision, repeats: int) -> pd.DataFrame:
     """One row per (layer, variant): median fwd+bwd ms, and the ratio to the layer's first variant."""
     rows = []
@@ -59,7 +66,7 @@ def rows_for(device, members: int, batch: int, precision, repeats: int) -> pd.Da
     for c_in, c_out, side in zip(inputs, block_channels(1.0, 3), SIDE):
         x = torch.randn(batch, members * c_in, side, side, device=device)
         convs = [nn.Conv2d(c_in, c_out, 3, padding=1) for _ in range(members)]
-        for variant, kind, layout in (("grouped", "grouped", NHWC), ("grouped-nchw", "grouped", NCHW), ("gemm", "gemm", NHWC)):
+        for variant, kind, layout in conv_variants(device):
             layer = stack_layer(convs, kind).to(device, memory_format=layout)
             ms = timed_ms(forward_backward(layer, x.contiguous(memory_format=layout), precision, c_in > 1), device, repeats)
             rows.append({"layer": f"conv {c_in}->{c_out} @{side} x K={members}", "variant": variant, "ms": ms})

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     parser.add_argument("--separate-up-to", type=int, default=8, help="largest K whose separate runs are timed")
     parser.add_argument("--nondeterministic", action="store_true", help="compute.deterministic off (CUDA)")
-    parser.add_argument("--stacked-conv", default="auto", help="compute.stacked_conv: auto, gemm, hybrid or grouped")
+    parser.add_argument("--stacked-conv", default="auto", help="compute.stacked_conv: auto, gemm, hybrid, grouped or fused (Triton, CUDA)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="compute.channels_last")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: ks={args.ks!r} must be a comma list of integers >= 1, the smallest <= --separate-up-to", file=sys.stderr)
         return 2
     data = load_mnist(args.data_dir, args.train_subset, args.test_subset)
-    train(dataclasses.replace(cfg, epochs=1), data)  # warm-up: first-call costs (CUDA context, kernels) out of the numbers
+    warm = dataclasses.replace(cfg, epochs=1)  # warm-up: first-call costs (CUDA context, Triton compiles) out of the numbers
+    train(warm, data)
+    train_stacked([warm], data, [[]])
     device = str(resolve_device(args.device)).split(":")[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ class ComputeConfig:
     channels_last: bool = True  # NHWC activations: faster convs, norms and pools on CPU (same maths)
     deterministic: bool = True  # CUDA: deterministic kernels only, so a seed gives bit-identical histories on one card
     cuda_graphs: bool = True  # CUDA: replay the training step as one CUDA graph (a small CNN is launch-bound)
-    stacked_conv: Literal["auto", "gemm", "hybrid", "grouped"] = "auto"  # stacked members' convs (cookbook.stacked.conv_kind)
+    stacked_conv: Literal["auto", "gemm", "hybrid", "grouped", "fused"] = "auto"  # stacked members' convs (cookbook.stacked.conv_kind)
 
 
 @dataclass

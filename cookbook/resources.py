@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+import typing
 
 import psutil
 import torch
 
-from .config import Config, ConfigError, ModelConfig
+from .config import ComputeConfig, Config, ConfigError, ModelConfig
 from .model import block_channels
 
 IMAGE_SIDE, CLASSES = 28, 10
@@ -53,12 +54,23 @@ def check(cfg: Config) -> torch.device:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={cfg.device!r} is not available here; choose cpu")
     device = torch.device(name)
+    fused_needs_cuda(cfg, device)
     need, free = memory_estimate(cfg), available_bytes(device)
     if need > free:
         raise ConfigError(f"model.width={cfg.model.width:g} model.depth={cfg.model.depth} needs about {need / 1e9:.1f} GB "
                           f"({parameter_estimate(cfg.model):,} parameters, batch {cfg.data.batch_size}) but {name} has "
                           f"{free / 1e9:.1f} GB free")
     return device
+
+
+def fused_needs_cuda(cfg: Config, device: torch.device) -> None:
+    """compute.stacked_conv='fused' runs Triton kernels: a ConfigError off CUDA (unless Triton's CPU interpreter is on)."""
+    if cfg.compute.stacked_conv != "fused" or device.type == "cuda":
+        return
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        others = [c for c in typing.get_args(typing.get_type_hints(ComputeConfig)["stacked_conv"]) if c != "fused"]
+        raise ConfigError(f"compute.stacked_conv='fused' runs Triton kernels on a CUDA GPU, not on {device}; "
+                          f"choose one of: {', '.join(others)}")
 
 
 def visible_gpus() -> list[str]:

@@ -47,9 +47,13 @@ def conv_kind(setting: str, device: torch.device) -> str:
 
 def stack_layer(layers: list[nn.Module], conv: str = "grouped") -> nn.Module:
     """One module doing the work of the same layer of K members, their parameters and buffers concatenated.
-    conv: 'grouped' (a grouped Conv2d), 'gemm' (cookbook.stacked_conv) or 'hybrid' (gemm where a member's input has one channel)."""
+    conv: 'grouped' (a grouped Conv2d), 'gemm' (cookbook.stacked_conv), 'hybrid' (gemm where a member's input has one
+    channel) or 'fused' (cookbook.fused_conv's Triton kernels)."""
     first, k = layers[0], len(layers)
     cat = lambda name: torch.cat([getattr(m, name).detach() for m in layers])  # noqa: E731
+    if isinstance(first, nn.Conv2d) and conv == "fused":
+        from .fused_conv import FusedStackedConvFunction  # Triton: imported only when asked for
+        return StackedConv2d(layers, FusedStackedConvFunction)
     if isinstance(first, nn.Conv2d) and (conv == "gemm" or conv == "hybrid" and first.in_channels == 1):
         return StackedConv2d(layers)
     if isinstance(first, nn.Conv2d):

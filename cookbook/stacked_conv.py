@@ -82,8 +82,9 @@ class StackedConvFunction(torch.autograd.Function):
 class StackedConv2d(nn.Module):
     """K Conv2d(C, O, 3, padding=1) as one module: [B, K*C, H, W] -> [B, K*O, H, W] (channels-last in memory)."""
 
-    def __init__(self, convs: list[nn.Conv2d]):
+    def __init__(self, convs: list[nn.Conv2d], function: type[torch.autograd.Function] = StackedConvFunction):
         super().__init__()
+        self.function = function  # StackedConvFunction, or cookbook.fused_conv's (same arguments, no im2col)
         first = convs[0]
         if first.kernel_size != (3, 3) or first.padding != (1, 1) or first.stride != (1, 1) or first.groups != 1:
             raise ValueError(f"StackedConv2d takes 3x3, stride 1, padding 1 convs, not {first}")
@@ -102,5 +103,5 @@ class StackedConv2d(nn.Module):
             x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         nhwc = x.permute(0, 2, 3, 1).contiguous().view(b, h, w, k, -1)  # a view when x is channels-last
         with torch.autocast(device, enabled=False):
-            y = StackedConvFunction.apply(nhwc, weight, bias)
+            y = self.function.apply(nhwc, weight, bias)
         return y.view(b, h, w, k * out).permute(0, 3, 1, 2)  # channels-last [B, K*O, H, W]

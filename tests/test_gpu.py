@@ -111,29 +111,33 @@ def test_reproduce_says_exact_on_the_gpu(tmp_path):
     assert again.returncode == 0 and "metrics reproduced exactly" in again.stdout, again.stdout[-3000:]
 
 
+@pytest.mark.parametrize("kind", ["gemm", "fused"])
+@pytest.mark.parametrize("channels,out,side", [(1, 32, 28), (32, 64, 14)])  # the first layer, and a wide one
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gemm_stacked_conv_matches_grouped_conv_on_the_gpu(precision):
+def test_matmul_stacked_convs_match_grouped_conv_on_the_gpu(precision, channels, out, side, kind):
     torch.manual_seed(0)
-    convs = [torch.nn.Conv2d(32, 64, 3, padding=1) for _ in range(4)]
-    x = torch.randn(8, 4 * 32, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    convs = [torch.nn.Conv2d(channels, out, 3, padding=1) for _ in range(4)]
+    x = torch.randn(8, 4 * channels, side, side, device="cuda").contiguous(memory_format=torch.channels_last)
     outs = []
-    for kind in ("grouped", "gemm"):
-        layer = stack_layer(convs, kind).cuda().to(memory_format=torch.channels_last)
+    for conv in ("grouped", kind, kind):  # the second call of kind: bit-identical to the first
+        layer = stack_layer(convs, conv).cuda().to(memory_format=torch.channels_last)
         leaf = x.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             y = layer(leaf)
         y.float().square().sum().backward()
-        weight_grad = layer.weight.grad.view(4, 64, 32, 3, 3) if kind == "grouped" else \
-            layer.weight.grad.view(4, 3, 3, 32, 64).permute(0, 4, 3, 1, 2)
-        outs.append((y.float(), leaf.grad, weight_grad, layer.bias.grad.view(4, 64)))
+        weight_grad = layer.weight.grad.view(4, out, channels, 3, 3) if conv == "grouped" else \
+            layer.weight.grad.view(4, 3, 3, channels, out).permute(0, 4, 3, 1, 2)
+        outs.append((y.float(), leaf.grad, weight_grad, layer.bias.grad.view(4, out)))
     tol = 2e-2 if precision == "bf16" else 5e-3  # relative to each tensor's norm: cuDNN's fp32 convs use TF32
     for got, want in zip(outs[1], outs[0]):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[2]))
 
 
+@pytest.mark.parametrize("conv", ["gemm", "fused"])
 @pytest.mark.parametrize("name,precision", [("layernorm", "fp32"), ("no_tricks", "bf16")])
-def test_gemm_stacked_runs_are_bit_identical_and_members_match_separate_runs(name, precision, data):
-    cfg = cfg_of(name, precision=precision, stacked_conv="gemm")
+def test_matmul_stacked_runs_are_bit_identical_and_members_match_separate_runs(name, precision, conv, data):
+    cfg = cfg_of(name, precision=precision, stacked_conv=conv)
     first, again = stacked_histories(cfg, data, k=2), stacked_histories(cfg, data, k=2)
     assert [first_difference(a, b) for a, b in zip(first, again)] == [None] * 2
     rel = 5e-2 if precision == "bf16" else 1e-2  # separate runs' cuDNN convs: bf16, or TF32 in fp32

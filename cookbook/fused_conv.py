@@ -1,0 +1,170 @@
+"""K members' 3x3 convolutions as implicit GEMMs in Triton: cookbook.stacked_conv's sums without writing im2col.
+
+Same layouts as cookbook.stacked_conv: x [B, H, W, K, C] in memory, weight [K, 9C, OUT] (row t*C + c is tap t =
+3*dy + dx, channel c), output [B, H, W, K, OUT]. Each program computes a tile of one member's product and reads
+the 3x3 neighbourhood straight from x (masked at the border), so the 9x im2col copy that made the gemm path lose
+on 32-64 channel layers never exists. Three kernels: forward, input gradient (the same sums with the taps
+mirrored) and weight gradient (a reduction over pixels, split into a fixed number of chunks whose partial sums
+torch adds in a fixed order). No atomics and fixed tile sizes (no autotuning): deterministic on one card.
+Off CUDA the kernels run only under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_PIXELS = 64  # pixels per tile (the GEMMs' M); tl.dot needs every tile side >= 16
+MIN_SIDE, MAX_SIDE = 16, 64
+
+
+def tile(n: int) -> int:
+    """A tile side for a dimension of n: a power of two in [MIN_SIDE, MAX_SIDE], no larger than needed."""
+    return min(MAX_SIDE, max(MIN_SIDE, triton.next_power_of_2(n)))
+
+
+def weight_split(programs: int, pixel_blocks: int, processors: int) -> int:
+    """Chunks the weight gradient's pixel sum is cut into: enough programs for 4 per processor, at most one per block."""
+    return max(1, min(pixel_blocks, -(-4 * processors // programs)))
+
+
+@triton.jit
+def _pixels(M, H, W, BM: tl.constexpr):
+    """This program's BM flat pixel indices (b*H*W + h*W + w; int32, < M), with their rows and columns."""
+    m = tl.program_id(0) * BM + tl.arange(0, BM)
+    return m, (m // W) % H, m % W
+
+
+@triton.jit
+def _neighbour(m, h, w, M, H, W, dy, dx):
+    """Pixel m's neighbour at (dy, dx) as a 64-bit flat index, and whether it exists (inside the image, m < M)."""
+    inside = (m < M) & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)
+    return (m + dy * W + dx).to(tl.int64), inside
+
+
+@triton.jit
+def _forward(x, weight, bias, y, M, H, W, K, C: tl.constexpr, OUT: tl.constexpr,
+             BM: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    m, h, w = _pixels(M, H, W, BM)
+    k, n = tl.program_id(2), tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), ACC)
+    for t in tl.static_range(9):
+        src, inside = _neighbour(m, h, w, M, H, W, t // 3 - 1, t % 3 - 1)
+        for c0 in tl.static_range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            a = tl.load(x + ((src * K + k) * C)[:, None] + c[None, :], mask=inside[:, None] & (c[None, :] < C), other=0.0)
+            b = tl.load(weight + (k * 9 * C + t * C + c)[:, None] * OUT + n[None, :],
+                        mask=(c[:, None] < C) & (n[None, :] < OUT), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+    acc += tl.load(bias + k * OUT + n, mask=n < OUT, other=0.0).to(ACC)[None, :]
+    out = y + ((m.to(tl.int64) * K + k) * OUT)[:, None] + n[None, :]
+    tl.store(out, acc.to(y.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < OUT))
+
+
+@triton.jit
+def _grad_input(grad_y, weight, grad_x, M, H, W, K, C: tl.constexpr, OUT: tl.constexpr,
+                BM: tl.constexpr, BOUT: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    m, h, w = _pixels(M, H, W, BM)
+    k, c = tl.program_id(2), tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), ACC)
+    for t in tl.static_range(9):  # pixel m fed output pixel m - (dy, dx) through tap t
+        src, inside = _neighbour(m, h, w, M, H, W, 1 - t // 3, 1 - t % 3)
+        for o0 in tl.static_range(0, OUT, BOUT):
+            o = o0 + tl.arange(0, BOUT)
+            a = tl.load(grad_y + ((src * K + k) * OUT)[:, None] + o[None, :], mask=inside[:, None] & (o[None, :] < OUT),
+                        other=0.0)
+            b = tl.load(weight + (k * 9 * C + t * C + c)[None, :] * OUT + o[:, None],
+                        mask=(o[:, None] < OUT) & (c[None, :] < C), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+    out = grad_x + ((m.to(tl.int64) * K + k) * C)[:, None] + c[None, :]
+    tl.store(out, acc.to(grad_x.dtype.element_ty), mask=(m[:, None] < M) & (c[None, :] < C))
+
+
+@triton.jit
+def _grad_weight(x, grad_y, partial, M, H, W, CHUNK, K, C: tl.constexpr, OUT: tl.constexpr,
+                 SPLIT, BM: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
+                 ACC: tl.constexpr, PREC: tl.constexpr):
+    blocks_c: tl.constexpr = (C + BC - 1) // BC
+    t, cb = tl.program_id(0) // blocks_c, tl.program_id(0) % blocks_c
+    k, part = tl.program_id(2) // SPLIT, tl.program_id(2) % SPLIT
+    c = cb * BC + tl.arange(0, BC)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BC, BN), ACC)
+    for m0 in range(part * CHUNK, (part + 1) * CHUNK, BM):  # this program's chunk of the pixel sum, in order
+        m = m0 + tl.arange(0, BM)
+        src, inside = _neighbour(m, (m // W) % H, m % W, M, H, W, t // 3 - 1, t % 3 - 1)
+        a = tl.load(x + ((src * K + k) * C)[:, None] + c[None, :], mask=inside[:, None] & (c[None, :] < C), other=0.0)
+        b = tl.load(grad_y + ((m.to(tl.int64) * K + k) * OUT)[:, None] + n[None, :],
+                    mask=(m[:, None] < M) & (n[None, :] < OUT), other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC, out_dtype=ACC)
+    out = partial + ((part * K + k) * 9 * C + t * C + c)[:, None] * OUT + n[None, :]
+    tl.store(out, acc, mask=(c[:, None] < C) & (n[None, :] < OUT))
+
+
+def _precision(x: torch.Tensor) -> dict:
+    """Accumulator dtype and tl.dot input precision: fp64 exact, fp32 TF32 where cuDNN's convs may use it, else fp32."""
+    if x.dtype == torch.float64:
+        return {"ACC": tl.float64, "PREC": "ieee"}
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return {"ACC": tl.float32, "PREC": "tf32" if tf32 else "ieee"}
+
+
+def _processors(x: torch.Tensor) -> int:
+    """Streaming multiprocessors of x's GPU (2 under the interpreter, so that the tests cut the pixel sum)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """y[b, h, w, k] = sum over taps t and channels c of x at (h, w) + tap offset times weight[k, t*C + c] + bias[k]."""
+    b, h, w, k, c = x.shape
+    out = weight.shape[2]
+    y = x.new_empty(b, h, w, k, out)
+    grid = (triton.cdiv(b * h * w, BLOCK_PIXELS), triton.cdiv(out, tile(out)), k)
+    _forward[grid](x, weight, bias, y, b * h * w, h, w, K=k, C=c, OUT=out,
+                   BM=BLOCK_PIXELS, BC=tile(c), BN=tile(out), **_precision(x))
+    return y
+
+
+def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient: grad_y's shifted neighbourhoods times the weights (a convolution with mirrored taps)."""
+    b, h, w, k, out = grad_y.shape
+    c = weight.shape[1] // 9
+    grad_x = grad_y.new_empty(b, h, w, k, c)
+    grid = (triton.cdiv(b * h * w, BLOCK_PIXELS), triton.cdiv(c, tile(c)), k)
+    _grad_input[grid](grad_y, weight, grad_x, b * h * w, h, w, K=k, C=c, OUT=out,
+                      BM=BLOCK_PIXELS, BOUT=tile(out), BN=tile(c), **_precision(grad_y))
+    return grad_x
+
+
+def grad_weight(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """The weight gradient [K, 9C, OUT] in the accumulator's dtype: per-chunk pixel sums, then added in chunk order."""
+    b, h, w, k, c = x.shape
+    out, pixels = grad_y.shape[4], b * h * w
+    blocks = (9 * triton.cdiv(c, tile(c)), triton.cdiv(out, tile(out)))
+    split = weight_split(blocks[0] * blocks[1] * k, triton.cdiv(pixels, BLOCK_PIXELS), _processors(x))
+    chunk = triton.cdiv(triton.cdiv(pixels, split), BLOCK_PIXELS) * BLOCK_PIXELS
+    precision = _precision(x)
+    acc_dtype = torch.float64 if precision["ACC"] == tl.float64 else torch.float32
+    partial = x.new_empty(split, k, 9 * c, out, dtype=acc_dtype)
+    _grad_weight[(*blocks, k * split)](x, grad_y, partial, pixels, h, w, chunk, K=k, C=c, OUT=out, SPLIT=split,
+                                       BM=BLOCK_PIXELS, BC=tile(c), BN=tile(out), **precision)
+    return partial.sum(0)
+
+
+class FusedStackedConvFunction(torch.autograd.Function):
+    """cookbook.stacked_conv.StackedConvFunction's maths (same arguments and layouts) in three Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x, weight = x.contiguous(), weight.contiguous()
+        ctx.save_for_backward(x, weight)
+        return forward(x, weight, bias.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_input(grad_y, weight) if ctx.needs_input_grad[0] else None
+        grad_w = grad_weight(x, grad_y).to(weight.dtype)
+        grad_b = grad_y.view(-1, *grad_y.shape[3:]).sum(0, dtype=grad_w.dtype if x.dtype == torch.float64 else torch.float32)
+        return grad_x, grad_w, grad_b.to(weight.dtype)
