@@ -8,6 +8,9 @@ import mlflow
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # cookbook.fused_conv's Triton kernels on CPU tensors: Triton reads this when first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from cookbook.config import CONFIGS_DIR, Config, merge, validate  # noqa: F401  (CONFIGS_DIR: tests import it from here)
 from cookbook.data import ensure_mnist, load_mnist
 

@@ -1,6 +1,5 @@
 """The Triton stacked convolution, run by Triton's CPU interpreter: the gemm path's sums, forward and backward."""
-import importlib
-import sys
+import os
 
 import pytest
 import torch
@@ -9,18 +8,15 @@ from torch import nn
 from cookbook.stacked import stack_layer
 from cookbook.stacked_conv import StackedConvFunction
 
-MODULE = "cookbook.fused_conv"
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter, which "
+                                "conftest turns on where no GPU is visible (tests/test_gpu.py checks the kernels on a card)")
 
 
 @pytest.fixture
-def fused(monkeypatch):
-    """cookbook.fused_conv with its kernels built for Triton's interpreter (they take CPU tensors); undone afterwards."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    before = sys.modules.pop(MODULE, None)
-    yield importlib.import_module(MODULE)
-    sys.modules.pop(MODULE, None)
-    if before is not None:
-        sys.modules[MODULE] = before
+def fused():
+    """cookbook.fused_conv, imported only where its kernels run (Triton needs a GPU or its interpreter)."""
+    from cookbook import fused_conv
+    return fused_conv
 
 
 def random_args(b, h, w, k, c, o, dtype=torch.float64):
@@ -59,15 +55,10 @@ def test_weight_gradient_is_the_same_whatever_the_pixel_sum_is_cut_into(fused, m
     torch.testing.assert_close(fused.grad_weight(x, grad_y), whole, rtol=1e-12, atol=1e-12)
 
 
-def test_weight_split_gives_each_processor_four_programs_and_a_chunk_at_least_a_block():
-    assert fused_split(programs=64, blocks=400, processors=132) == 9  # ceil(528 / 64)
-    assert fused_split(programs=600, blocks=400, processors=132) == 1  # already enough programs
-    assert fused_split(programs=1, blocks=3, processors=132) == 3  # no more chunks than pixel blocks
-
-
-def fused_split(programs, blocks, processors):
-    from cookbook.fused_conv import weight_split
-    return weight_split(programs, blocks, processors)
+def test_weight_split_gives_each_processor_four_programs_and_a_chunk_at_least_a_block(fused):
+    assert fused.weight_split(programs=64, pixel_blocks=400, processors=132) == 9  # ceil(528 / 64)
+    assert fused.weight_split(programs=600, pixel_blocks=400, processors=132) == 1  # already enough programs
+    assert fused.weight_split(programs=1, pixel_blocks=3, processors=132) == 3  # no more chunks than pixel blocks
 
 
 def test_layer_is_each_members_conv2d_under_autocast_too(fused):
