@@ -23,6 +23,20 @@ def tile(n: int) -> int:
     return min(MAX_SIDE, max(MIN_SIDE, triton.next_power_of_2(n)))
 
 
+def warps(m: int, n: int, k: int) -> int:
+    """Warps per program whose tl.dot is [m, k] x [k, n]: 8 once a tile reaches 64x64 (with 4, ptxas needs ~250
+    registers a thread there and spills in fp32: python -m benchmarks.kernel_build), else 4."""
+    return 8 if max(m * n, m * k, k * n) >= 64 * 64 else 4
+
+
+def configs(c: int, out: int) -> dict[str, dict]:
+    """Each kernel's tile sizes and warps for a layer of c input channels and out outputs, as launched."""
+    tc, to, bm = tile(c), tile(out), BLOCK_PIXELS
+    return {"_forward": {"BM": bm, "BC": tc, "BN": to, "num_warps": warps(bm, to, tc)},
+            "_grad_input": {"BM": bm, "BOUT": to, "BN": tc, "num_warps": warps(bm, tc, to)},
+            "_grad_weight": {"BM": bm, "BC": tc, "BN": to, "num_warps": warps(tc, to, bm)}}
+
+
 def weight_split(programs: int, pixel_blocks: int, processors: int) -> int:
     """Chunks the weight gradient's pixel sum is cut into: enough programs for 4 per processor, at most one per block."""
     return max(1, min(pixel_blocks, -(-4 * processors // programs)))
@@ -48,14 +62,14 @@ def _forward(x, weight, bias, y, M, H, W, K, C: tl.constexpr, OUT: tl.constexpr,
     m, h, w = _pixels(M, H, W, BM)
     k, n = tl.program_id(2), tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), ACC)
-    for t in tl.static_range(9):
+    blocks_c: tl.constexpr = (C + BC - 1) // BC
+    for step in range(9 * blocks_c):  # a runtime loop, not unrolled: Triton pipelines its loads, registers stay few
+        t, c = step // blocks_c, (step % blocks_c) * BC + tl.arange(0, BC)
         src, inside = _neighbour(m, h, w, M, H, W, t // 3 - 1, t % 3 - 1)
-        for c0 in tl.static_range(0, C, BC):
-            c = c0 + tl.arange(0, BC)
-            a = tl.load(x + ((src * K + k) * C)[:, None] + c[None, :], mask=inside[:, None] & (c[None, :] < C), other=0.0)
-            b = tl.load(weight + (k * 9 * C + t * C + c)[:, None] * OUT + n[None, :],
-                        mask=(c[:, None] < C) & (n[None, :] < OUT), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+        a = tl.load(x + ((src * K + k) * C)[:, None] + c[None, :], mask=inside[:, None] & (c[None, :] < C), other=0.0)
+        b = tl.load(weight + (k * 9 * C + t * C + c)[:, None] * OUT + n[None, :],
+                    mask=(c[:, None] < C) & (n[None, :] < OUT), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
     acc += tl.load(bias + k * OUT + n, mask=n < OUT, other=0.0).to(ACC)[None, :]
     out = y + ((m.to(tl.int64) * K + k) * OUT)[:, None] + n[None, :]
     tl.store(out, acc.to(y.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < OUT))
@@ -67,15 +81,15 @@ def _grad_input(grad_y, weight, grad_x, M, H, W, K, C: tl.constexpr, OUT: tl.con
     m, h, w = _pixels(M, H, W, BM)
     k, c = tl.program_id(2), tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), ACC)
-    for t in tl.static_range(9):  # pixel m fed output pixel m - (dy, dx) through tap t
+    blocks_out: tl.constexpr = (OUT + BOUT - 1) // BOUT
+    for step in range(9 * blocks_out):  # pixel m fed output pixel m - (dy, dx) through tap t
+        t, o = step // blocks_out, (step % blocks_out) * BOUT + tl.arange(0, BOUT)
         src, inside = _neighbour(m, h, w, M, H, W, 1 - t // 3, 1 - t % 3)
-        for o0 in tl.static_range(0, OUT, BOUT):
-            o = o0 + tl.arange(0, BOUT)
-            a = tl.load(grad_y + ((src * K + k) * OUT)[:, None] + o[None, :], mask=inside[:, None] & (o[None, :] < OUT),
-                        other=0.0)
-            b = tl.load(weight + (k * 9 * C + t * C + c)[None, :] * OUT + o[:, None],
-                        mask=(o[:, None] < OUT) & (c[None, :] < C), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
+        a = tl.load(grad_y + ((src * K + k) * OUT)[:, None] + o[None, :], mask=inside[:, None] & (o[None, :] < OUT),
+                    other=0.0)
+        b = tl.load(weight + (k * 9 * C + t * C + c)[None, :] * OUT + o[:, None],
+                    mask=(o[:, None] < OUT) & (c[None, :] < C), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
     out = grad_x + ((m.to(tl.int64) * K + k) * C)[:, None] + c[None, :]
     tl.store(out, acc.to(grad_x.dtype.element_ty), mask=(m[:, None] < M) & (c[None, :] < C))
 
@@ -121,7 +135,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     y = x.new_empty(b, h, w, k, out)
     grid = (triton.cdiv(b * h * w, BLOCK_PIXELS), triton.cdiv(out, tile(out)), k)
     _forward[grid](x, weight, bias, y, b * h * w, h, w, K=k, C=c, OUT=out,
-                   BM=BLOCK_PIXELS, BC=tile(c), BN=tile(out), **_precision(x))
+                   **configs(c, out)["_forward"], **_precision(x))
     return y
 
 
@@ -132,7 +146,7 @@ def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     grad_x = grad_y.new_empty(b, h, w, k, c)
     grid = (triton.cdiv(b * h * w, BLOCK_PIXELS), triton.cdiv(c, tile(c)), k)
     _grad_input[grid](grad_y, weight, grad_x, b * h * w, h, w, K=k, C=c, OUT=out,
-                      BM=BLOCK_PIXELS, BOUT=tile(out), BN=tile(c), **_precision(grad_y))
+                      **configs(c, out)["_grad_input"], **_precision(grad_y))
     return grad_x
 
 
@@ -147,7 +161,7 @@ def grad_weight(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     acc_dtype = torch.float64 if precision["ACC"] == tl.float64 else torch.float32
     partial = x.new_empty(split, k, 9 * c, out, dtype=acc_dtype)
     _grad_weight[(*blocks, k * split)](x, grad_y, partial, pixels, h, w, chunk, K=k, C=c, OUT=out, SPLIT=split,
-                                       BM=BLOCK_PIXELS, BC=tile(c), BN=tile(out), **precision)
+                                       **configs(c, out)["_grad_weight"], **precision)
     return partial.sum(0)
 
 

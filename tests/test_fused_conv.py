@@ -1,22 +1,33 @@
 """The Triton stacked convolution, run by Triton's CPU interpreter: the gemm path's sums, forward and backward."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import ROOT
 from cookbook.stacked import stack_layer
 from cookbook.stacked_conv import StackedConvFunction
-
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter, which "
-                                "conftest turns on where no GPU is visible (tests/test_gpu.py checks the kernels on a card)")
 
 
 @pytest.fixture
 def fused():
-    """cookbook.fused_conv, imported only where its kernels run (Triton needs a GPU or its interpreter)."""
+    """cookbook.fused_conv with its kernels run by Triton's interpreter, which conftest turns on where no GPU is visible."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's CPU interpreter (tests/test_gpu.py checks the kernels on a card)")
     from cookbook import fused_conv
     return fused_conv
+
+
+def test_every_kernel_compiles_for_an_h100_without_spilling_registers():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_build", "--arch", "90"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()[1:19]]  # 3 kernels x 3 layers x bf16, fp32
+    assert len(rows) == 18 and {(r[0], r[1]) for r in rows} >= {("forward", "bf16"), ("grad_weight", "fp32")}
+    assert [r for r in rows if r[4] != "0"] == [], done.stdout  # spill_stores_bytes
 
 
 def random_args(b, h, w, k, c, o, dtype=torch.float64):

@@ -47,10 +47,10 @@ def test_rerun_against_another_store_trains_the_cells_it_lacks(mnist_dir, tracki
 LONG = ["--epochs", "3000", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
 
 
-def wait_for_training(storage: str, name: str, client: MlflowClient) -> str:
-    """The MLflow run of the first running cell, once it has stored 40 steps."""
+def wait_for_training(storage: str, name: str, client: MlflowClient, proc: subprocess.Popen) -> str:
+    """The MLflow run of the first running cell, once it has stored 40 steps; else fail with the sweep's stderr."""
     deadline = time.time() + 300
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
         try:
             running = optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(states=(TrialState.RUNNING,))
@@ -59,7 +59,8 @@ def wait_for_training(storage: str, name: str, client: MlflowClient) -> str:
         run_id = running[0].user_attrs.get("mlflow_run_id") if running else None
         if run_id and len(client.get_metric_history(run_id, "train/loss")) >= 40:
             return run_id
-    raise AssertionError("no cell trained 40 steps in 300 s")
+    proc.kill()
+    raise AssertionError(f"no cell trained 40 steps in 300 s (sweep exit {proc.wait()}): {proc.stderr.read()[-3000:]}")
 
 
 def assert_given_back(storage: str, name: str, client: MlflowClient, run_id: str) -> None:
@@ -85,7 +86,7 @@ def test_sigterm_ends_runs_killed_and_gives_the_cell_back(mnist_dir, tracking, t
         proc = subprocess.Popen([*sweep, "run", "--configs", "no_tricks", "--study", "long", "--storage", storage, *LONG],
                                 env=env, stderr=subprocess.PIPE, text=True)
     client = MlflowClient()
-    run_id = wait_for_training(storage, "long", client)
+    run_id = wait_for_training(storage, "long", client, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
