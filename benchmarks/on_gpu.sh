@@ -8,7 +8,7 @@
 set -u
 out=${1:?usage: on_gpu.sh OUT_DIR [STAGE ...]}
 shift
-default="kernels_bf16 tests stacked_fused_5ep stacked_fused_bf16 kernels_fp32 stacked_fused_fp32"
+default="kernels_bf16 tests stacked_fused_5ep stacked_fused_bf16 kernels_fp32 stacked_fused_fp32 kernel_build"
 everything="$default train_speed stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 \
 stacked_hybrid_fp32 stacked_nondet reference"
 wanted=" ${*:-$default} "
@@ -44,6 +44,7 @@ stacked stacked_fused_5ep 90 --precision bf16 --stacked-conv fused --ks 1,64 --e
 stacked stacked_fused_bf16 100 --precision bf16 --stacked-conv fused --ks 1,4,16,64,128 --epochs 2
 stage kernels_fp32 45 python3 -m benchmarks.kernel_speed --device cuda --precision fp32 --members 64 --out "$res"
 stacked stacked_fused_fp32 80 --precision fp32 --stacked-conv fused --ks 1,16,64 --epochs 2
+stage kernel_build 30 python3 -m benchmarks.kernel_build --arch 90  # registers and spills with the device's Triton
 stage train_speed 100 python3 -m benchmarks.train_speed --device cuda --modes ours,ours-eager,ours-nondet,ours-bf16,ours-nchw \
   --epochs 2 --repeats 1 --out "$res"
 stacked stacked_hybrid_bf16 90 --precision bf16 --stacked-conv hybrid --ks 1,4,16,64,128 --epochs 2
