@@ -115,12 +115,15 @@ def _grad_weight(x, grad_y, partial, M, H, W, CHUNK, K, C: tl.constexpr, OUT: tl
     tl.store(out, acc, mask=(c[:, None] < C) & (n[None, :] < OUT))
 
 
+def _accumulator(x: torch.Tensor) -> torch.dtype:
+    """The dtype sums over x are accumulated in: float64 for float64 inputs, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _precision(x: torch.Tensor) -> dict:
     """Accumulator dtype and tl.dot input precision: fp64 exact, fp32 TF32 where cuDNN's convs may use it, else fp32."""
-    if x.dtype == torch.float64:
-        return {"ACC": tl.float64, "PREC": "ieee"}
     tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    return {"ACC": tl.float32, "PREC": "tf32" if tf32 else "ieee"}
+    return {"ACC": tl.float64 if _accumulator(x) == torch.float64 else tl.float32, "PREC": "tf32" if tf32 else "ieee"}
 
 
 def _processors(x: torch.Tensor) -> int:
@@ -133,9 +136,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     b, h, w, k, c = x.shape
     out = weight.shape[2]
     y = x.new_empty(b, h, w, k, out)
-    grid = (triton.cdiv(b * h * w, BLOCK_PIXELS), triton.cdiv(out, tile(out)), k)
-    _forward[grid](x, weight, bias, y, b * h * w, h, w, K=k, C=c, OUT=out,
-                   **configs(c, out)["_forward"], **_precision(x))
+    launch = configs(c, out)["_forward"]
+    grid = (triton.cdiv(b * h * w, launch["BM"]), triton.cdiv(out, launch["BN"]), k)
+    _forward[grid](x, weight, bias, y, b * h * w, h, w, K=k, C=c, OUT=out, **launch, **_precision(x))
     return y
 
 
@@ -144,9 +147,9 @@ def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     b, h, w, k, out = grad_y.shape
     c = weight.shape[1] // 9
     grad_x = grad_y.new_empty(b, h, w, k, c)
-    grid = (triton.cdiv(b * h * w, BLOCK_PIXELS), triton.cdiv(c, tile(c)), k)
-    _grad_input[grid](grad_y, weight, grad_x, b * h * w, h, w, K=k, C=c, OUT=out,
-                      **configs(c, out)["_grad_input"], **_precision(grad_y))
+    launch = configs(c, out)["_grad_input"]
+    grid = (triton.cdiv(b * h * w, launch["BM"]), triton.cdiv(c, launch["BN"]), k)
+    _grad_input[grid](grad_y, weight, grad_x, b * h * w, h, w, K=k, C=c, OUT=out, **launch, **_precision(grad_y))
     return grad_x
 
 
@@ -154,14 +157,13 @@ def grad_weight(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """The weight gradient [K, 9C, OUT] in the accumulator's dtype: per-chunk pixel sums, then added in chunk order."""
     b, h, w, k, c = x.shape
     out, pixels = grad_y.shape[4], b * h * w
-    blocks = (9 * triton.cdiv(c, tile(c)), triton.cdiv(out, tile(out)))
-    split = weight_split(blocks[0] * blocks[1] * k, triton.cdiv(pixels, BLOCK_PIXELS), _processors(x))
-    chunk = triton.cdiv(triton.cdiv(pixels, split), BLOCK_PIXELS) * BLOCK_PIXELS
-    precision = _precision(x)
-    acc_dtype = torch.float64 if precision["ACC"] == tl.float64 else torch.float32
-    partial = x.new_empty(split, k, 9 * c, out, dtype=acc_dtype)
+    launch = configs(c, out)["_grad_weight"]
+    blocks, rows = (9 * triton.cdiv(c, launch["BC"]), triton.cdiv(out, launch["BN"])), launch["BM"]
+    split = weight_split(blocks[0] * blocks[1] * k, triton.cdiv(pixels, rows), _processors(x))
+    chunk = triton.cdiv(triton.cdiv(pixels, split), rows) * rows
+    partial = x.new_empty(split, k, 9 * c, out, dtype=_accumulator(x))
     _grad_weight[(*blocks, k * split)](x, grad_y, partial, pixels, h, w, chunk, K=k, C=c, OUT=out, SPLIT=split,
-                                       **configs(c, out)["_grad_weight"], **precision)
+                                       **launch, **_precision(x))
     return partial.sum(0)
 
 
@@ -180,5 +182,5 @@ class FusedStackedConvFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_input(grad_y, weight) if ctx.needs_input_grad[0] else None
         grad_w = grad_weight(x, grad_y).to(weight.dtype)
-        grad_b = grad_y.view(-1, *grad_y.shape[3:]).sum(0, dtype=grad_w.dtype if x.dtype == torch.float64 else torch.float32)
+        grad_b = grad_y.view(-1, *grad_y.shape[3:]).sum(0, dtype=_accumulator(x))
         return grad_x, grad_w, grad_b.to(weight.dtype)
