@@ -1,10 +1,15 @@
-"""Registers, spills and shared memory of cookbook.fused_conv's kernels, compiled for a GPU that need not be here.
+"""Registers, spills and shared memory of cookbook.fused_conv's kernels as training launches them, for a GPU that need not be here.
 
-    python -m benchmarks.kernel_build --arch 90      # an H100; no GPU needed: Triton's compiler and its bundled ptxas
+    python -m benchmarks.kernel_build --arch 90                         # an H100; no GPU needed
+    python -m benchmarks.kernel_build --vary block_pixels=32,128        # other tilings (as in benchmarks.fused_tiles)
 
-One row per kernel, precision and layer of the default model (conv 1->32, 32->64, 64->128). Spilled registers
-go through local memory on every use: a kernel that spills has a tile or an unrolled loop too large. Triton's
-compiler entry points (triton.compile, ASTSource, GPUTarget) are used only here.
+fused_conv's own host functions run on meta tensors of the default model's layers (K members at batch 128), with
+each kernel swapped for a recorder; every recorded launch is compiled as Triton's JIT would compile it (its
+specialisation of the arguments: 16-byte-aligned pointers, integers divisible by 16 or equal to 1, which decides
+whether loads are vectorised and pipelined) for sm_<arch>, and Triton's bundled ptxas reports registers and spills.
+A kernel that spills goes through local memory on every use: its tile or an unrolled loop is too large.
+Triton's compiler internals (triton.compile, ASTSource, make_backend, the JIT's binder and _pack_args, pinned
+with torch) are used only here.
 """
 from __future__ import annotations
 
@@ -18,66 +23,101 @@ from pathlib import Path
 
 import pandas as pd
 
-LAYERS = ((1, 32), (32, 64), (64, 128))  # (input channels, outputs) of the default StableNet's convs
-PRECISIONS = {"bf16": ("bf16", "fp32", "tf32"), "fp32": ("fp32", "fp32", "tf32"), "fp64": ("fp64", "fp64", "ieee")}
+KERNELS = ("_forward", "_grad_input", "_grad_weight")
 
 
-def kernels(fc, tl, channels: int, out: int, precision: str) -> list[tuple]:
-    """(kernel, pointer arguments' types, int arguments, constexprs, warps) of one layer's three kernels, as launched."""
-    data, acc, prec = PRECISIONS[precision]
-    rows = []
-    for name, launch in fc.configs(channels, out).items():
-        fn, launch = getattr(fc, name), dict(launch)
-        warps = launch.pop("num_warps")
-        constexprs = {"C": channels, "OUT": out, "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc]), "PREC": prec,
-                      **launch}
-        names = fn.arg_names[:fn.arg_names.index("M")]  # the tensors; partial sums are in the accumulator's type
-        pointers = {n: f"*{acc}" if n == "partial" else f"*{data}" for n in names}
-        ints = [n for n in fn.arg_names if n not in pointers and n not in constexprs]
-        rows.append((fn, pointers, ints, constexprs, warps))
-    return rows
+def recorded_launch(fc, call, tiling) -> tuple:
+    """(kernel, args, kwargs) of the one launch call(tiling) makes, recorded instead of run."""
+    launches, originals = [], {name: getattr(fc, name) for name in KERNELS}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+    try:
+        for name, kernel in originals.items():
+            setattr(fc, name, Recorder(kernel))
+        call(tiling)
+    finally:
+        for name, kernel in originals.items():
+            setattr(fc, name, kernel)
+    (launch,) = launches
+    return launch
 
 
-def build(triton, fn, pointers: dict, ints: list, constexprs: dict, warps: int, arch: int, scratch: Path) -> dict:
-    """Compile one kernel for sm_<arch> and read ptxas's register report."""
+def compiled(triton, kernel, args: tuple, kwargs: dict, arch: int):
+    """kernel compiled for sm_<arch> with what JITFunction.run would derive from these arguments (no device needed)."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    signature = {**pointers, **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs}}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def report(triton, binary, arch: int, scratch: Path) -> dict:
+    """ptxas's registers and spills for a compiled kernel, with its shared memory, warps, stages and cp.async copies
+    (the loads Triton pipelines through shared memory; none means every load is waited for)."""
     ptx = scratch / "kernel.ptx"
-    ptx.write_text(compiled.asm["ptx"])
+    ptx.write_text(binary.asm["ptx"])
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    report = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(ptx), "-o", str(scratch / "kernel.cubin")],
-                            capture_output=True, text=True, check=True).stderr
-    number = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
+    out = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(ptx), "-o", str(scratch / "kernel.cubin")],
+                         capture_output=True, text=True, check=True).stderr
+    number = lambda pattern: int(re.search(pattern, out).group(1))  # noqa: E731
     return {"registers": number(r"Used (\d+) registers"), "spill_stores_bytes": number(r"(\d+) bytes spill stores"),
-            "shared_bytes": compiled.metadata.shared, "warps": compiled.metadata.num_warps}
+            "shared_bytes": binary.metadata.shared, "warps": binary.metadata.num_warps,
+            "stages": binary.metadata.num_stages, "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx.read_text()))}
+
+
+def rows_for(triton, fc, precisions: list[str], vary: dict, args) -> list[dict]:
+    """One row per (precision, layer, kernel training runs, tiling)."""
+    import torch
+
+    from benchmarks.fused_tiles import DTYPES, kernel_calls, layer_tensors, tilings
+    from benchmarks.kernel_speed import conv_layers
+    fc._processors = lambda _: args.sms  # the weight gradient's split, as on the card
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for precision in precisions:
+            for c, out, side in conv_layers():
+                tensors = layer_tensors(args.batch, side, args.members, c, out, DTYPES[precision], torch.device("meta"))
+                for kernel, (call, _) in kernel_calls(fc, tensors).items():
+                    for name, tiling in tilings(fc, vary, kernel):
+                        binary = compiled(triton, *recorded_launch(fc, call, tiling), args.arch)
+                        rows.append({"kernel": kernel, "precision": precision, "layer": f"{c}->{out}", "tiling": name,
+                                     **report(triton, binary, args.arch, Path(scratch))})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_build", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 = H100, 80 = A100")
+    parser.add_argument("--sms", type=int, default=132, help="the card's multiprocessors (132: H100 SXM)")
     parser.add_argument("--precisions", default="bf16,fp32")
+    parser.add_argument("--members", type=int, default=64, help="K, stacked members")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="tilings besides the default")
     args = parser.parse_args(argv)
-    precisions = args.precisions.split(",")
-    if bad := [p for p in precisions if p not in PRECISIONS]:
-        print(f"error: --precisions {bad[0]!r} is not valid; choose from: {', '.join(PRECISIONS)}", file=sys.stderr)
-        return 2
-    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, before triton is imported
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU: before anything imports triton (torchvision does)
     import triton
-    import triton.language as tl
 
+    from benchmarks.fused_tiles import DTYPES, parse_vary
     from cookbook import fused_conv
-    rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for precision in precisions:
-            for channels, out in LAYERS:
-                for fn, pointers, ints, constexprs, warps in kernels(fused_conv, tl, channels, out, precision):
-                    row = build(triton, fn, pointers, ints, constexprs, warps, args.arch, Path(scratch))
-                    rows.append({"kernel": fn.__name__.lstrip("_"), "precision": precision, "layer": f"{channels}->{out}", **row})
-    print(pd.DataFrame(rows).to_string(index=False))
-    print(f"\ntriton {triton.__version__}, sm_{args.arch}")
+    precisions = args.precisions.split(",")
+    try:
+        if bad := [p for p in precisions if p not in DTYPES]:
+            raise ValueError(f"--precisions {bad[0]!r} is not valid; choose from: {', '.join(DTYPES)}")
+        vary = parse_vary(args.vary) if args.vary else {}
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(pd.DataFrame(rows_for(triton, fused_conv, precisions, vary, args)).to_string(index=False))
+    print(f"\ntriton {triton.__version__}, sm_{args.arch}, {args.sms} multiprocessors, K={args.members}, batch {args.batch}")
     return 0
 
 

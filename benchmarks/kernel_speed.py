@@ -59,11 +59,16 @@ def conv_variants(device: torch.device) -> list[tuple[str, str, torch.memory_for
     return variants + [("fused", "fused", NHWC)] if device.type == "cuda" else variants
 
 
+def conv_layers() -> list[tuple[int, int, int]]:
+    """(input channels, outputs, input side) of each conv of the default model."""
+    outputs = block_channels(1.0, 3)
+    return list(zip([1, *outputs[:-1]], outputs, SIDE))
+
+
 def rows_for(device, members: int, batch: int, precision, repeats: int) -> pd.DataFrame:
     """One row per (layer, variant): median fwd+bwd ms, and the ratio to the layer's first variant."""
     rows = []
-    inputs = [1, *block_channels(1.0, 3)[:-1]]
-    for c_in, c_out, side in zip(inputs, block_channels(1.0, 3), SIDE):
+    for c_in, c_out, side in conv_layers():
         x = torch.randn(batch, members * c_in, side, side, device=device)
         convs = [nn.Conv2d(c_in, c_out, 3, padding=1) for _ in range(members)]
         for variant, kind, layout in conv_variants(device):
@@ -78,6 +83,14 @@ def rows_for(device, members: int, batch: int, precision, repeats: int) -> pd.Da
     table = pd.DataFrame(rows)
     table["ratio"] = table.groupby("layer")["ms"].transform("first") / table["ms"]
     return table
+
+
+def write_table(table: pd.DataFrame, stem: Path) -> None:
+    """Write table to STEM.csv and print it (3 significant digits) with the machine it was measured on."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(f"{stem}.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nmachine: {machine()}\nwritten: {stem}.csv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     table = rows_for(device, args.members, args.batch, precision, args.repeats)
     stem = Path(args.out) / f"kernel_speed-{device.type}-{args.precision}-k{args.members}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(f"{stem}.csv", index=False)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"\nmachine: {machine()}\nwritten: {stem}.csv")
+    write_table(table, stem)
     return 0
 
 

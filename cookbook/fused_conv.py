@@ -10,12 +10,28 @@ Off CUDA the kernels run only under Triton's interpreter (TRITON_INTERPRET=1), w
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_PIXELS = 64  # pixels per tile (the GEMMs' M); tl.dot needs every tile side >= 16
-MIN_SIDE, MAX_SIDE = 16, 64
+MIN_SIDE, MAX_SIDE = 16, 64  # tl.dot needs every tile side >= 16
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the work is cut into programs (what training launches by default; python -m benchmarks.fused_tiles times others).
+
+    A tiling fixes the order of every sum, so one tiling is deterministic; two may differ in the last bits (the weight
+    gradient's pixel chunks follow block_pixels and programs_per_sm)."""
+    block_pixels: int = 64  # pixels per program (the GEMMs' M)
+    stages: int = 3  # Triton's software-pipelining depth of the loops over taps and channel blocks
+    programs_per_sm: int = 4  # the weight gradient's pixel sum is cut until there are this many programs a multiprocessor
+    max_warps: int = 8  # warps() gives 4, or this many once a tile reaches 64x64
+
+
+TILING = Tiling()
 
 
 def tile(n: int) -> int:
@@ -23,23 +39,31 @@ def tile(n: int) -> int:
     return min(MAX_SIDE, max(MIN_SIDE, triton.next_power_of_2(n)))
 
 
-def warps(m: int, n: int, k: int) -> int:
-    """Warps per program whose tl.dot is [m, k] x [k, n]: 8 once a tile reaches 64x64 (with 4, ptxas needs ~250
-    registers a thread there and spills in fp32: python -m benchmarks.kernel_build), else 4."""
-    return 8 if max(m * n, m * k, k * n) >= 64 * 64 else 4
+def rows_tile(c: int) -> int:
+    """Rows of a 9c-row (tap, channel) sum a block takes: whole taps when a tile divides c, else consecutive rows
+    across taps (one input channel: the 9 taps in one block of 16 instead of 9 blocks of 16 with 15 rows of zeros)."""
+    return tile(c) if c % tile(c) == 0 else tile(9 * c)
 
 
-def configs(c: int, out: int) -> dict[str, dict]:
-    """Each kernel's tile sizes and warps for a layer of c input channels and out outputs, as launched."""
-    tc, to, bm = tile(c), tile(out), BLOCK_PIXELS
-    return {"_forward": {"BM": bm, "BC": tc, "BN": to, "num_warps": warps(bm, to, tc)},
-            "_grad_input": {"BM": bm, "BOUT": to, "BN": tc, "num_warps": warps(bm, tc, to)},
-            "_grad_weight": {"BM": bm, "BC": tc, "BN": to, "num_warps": warps(tc, to, bm)}}
+def warps(m: int, n: int, k: int, most: int = TILING.max_warps) -> int:
+    """Warps per program whose tl.dot is [m, k] x [k, n]: `most` once a tile reaches 64x64, else 4. (As launched,
+    none of the kernels spills with 4 warps either: benchmarks.kernel_build --vary max_warps=4; benchmarks.fused_tiles
+    times both.)"""
+    return most if max(m * n, m * k, k * n) >= 64 * 64 else 4
 
 
-def weight_split(programs: int, pixel_blocks: int, processors: int) -> int:
-    """Chunks the weight gradient's pixel sum is cut into: enough programs for 4 per processor, at most one per block."""
-    return max(1, min(pixel_blocks, -(-4 * processors // programs)))
+def configs(c: int, out: int, tiling: Tiling = TILING) -> dict[str, dict]:
+    """Each kernel's tile sizes, warps and pipelining stages for a layer of c input channels and out outputs, as launched."""
+    rc, ro, tc, to, bm, most = rows_tile(c), rows_tile(out), tile(c), tile(out), tiling.block_pixels, tiling.max_warps
+    launch = {"num_stages": tiling.stages}
+    return {"_forward": {"BM": bm, "BR": rc, "BN": to, "num_warps": warps(bm, to, rc, most), **launch},
+            "_grad_input": {"BM": bm, "BR": ro, "BN": tc, "num_warps": warps(bm, tc, ro, most), **launch},
+            "_grad_weight": {"BM": bm, "BR": rc, "BN": to, "num_warps": warps(rc, to, bm, most), **launch}}
+
+
+def weight_split(programs: int, pixel_blocks: int, processors: int, per_processor: int = TILING.programs_per_sm) -> int:
+    """Chunks the weight gradient's pixel sum is cut into: enough for per_processor programs each, at most one per block."""
+    return max(1, min(pixel_blocks, -(-per_processor * processors // programs)))
 
 
 @triton.jit
@@ -57,18 +81,29 @@ def _neighbour(m, h, w, M, H, W, dy, dx):
 
 
 @triton.jit
+def _rows(block, C: tl.constexpr, BR: tl.constexpr):
+    """Block `block` of the rows r = t*C + c of a sum over taps t and channels c: r, t and c. The tap is a scalar where
+    the block lies in one tap (BR divides C), else a [1, BR] row (the first layer: 9 taps of one channel a block)."""
+    r = block * BR + tl.arange(0, BR)
+    if C % BR == 0:
+        t = block * BR // C
+    else:
+        t = (r // C)[None, :]
+    return r, t, r % C
+
+
+@triton.jit
 def _forward(x, weight, bias, y, M, H, W, K, C: tl.constexpr, OUT: tl.constexpr,
-             BM: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+             BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     m, h, w = _pixels(M, H, W, BM)
     k, n = tl.program_id(2), tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), ACC)
-    blocks_c: tl.constexpr = (C + BC - 1) // BC
-    for step in range(9 * blocks_c):  # a runtime loop, not unrolled: Triton pipelines its loads, registers stay few
-        t, c = step // blocks_c, (step % blocks_c) * BC + tl.arange(0, BC)
-        src, inside = _neighbour(m, h, w, M, H, W, t // 3 - 1, t % 3 - 1)
-        a = tl.load(x + ((src * K + k) * C)[:, None] + c[None, :], mask=inside[:, None] & (c[None, :] < C), other=0.0)
-        b = tl.load(weight + (k * 9 * C + t * C + c)[:, None] * OUT + n[None, :],
-                    mask=(c[:, None] < C) & (n[None, :] < OUT), other=0.0)
+    for block in range((9 * C + BR - 1) // BR):  # a runtime loop, not unrolled: Triton pipelines its loads
+        r, t, c = _rows(block, C, BR)
+        src, inside = _neighbour(m[:, None], h[:, None], w[:, None], M, H, W, t // 3 - 1, t % 3 - 1)
+        a = tl.load(x + (src * K + k) * C + c[None, :], mask=inside & (r[None, :] < 9 * C), other=0.0)
+        b = tl.load(weight + (k * 9 * C + r)[:, None] * OUT + n[None, :],
+                    mask=(r[:, None] < 9 * C) & (n[None, :] < OUT), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
     acc += tl.load(bias + k * OUT + n, mask=n < OUT, other=0.0).to(ACC)[None, :]
     out = y + ((m.to(tl.int64) * K + k) * OUT)[:, None] + n[None, :]
@@ -77,18 +112,16 @@ def _forward(x, weight, bias, y, M, H, W, K, C: tl.constexpr, OUT: tl.constexpr,
 
 @triton.jit
 def _grad_input(grad_y, weight, grad_x, M, H, W, K, C: tl.constexpr, OUT: tl.constexpr,
-                BM: tl.constexpr, BOUT: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     m, h, w = _pixels(M, H, W, BM)
     k, c = tl.program_id(2), tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), ACC)
-    blocks_out: tl.constexpr = (OUT + BOUT - 1) // BOUT
-    for step in range(9 * blocks_out):  # pixel m fed output pixel m - (dy, dx) through tap t
-        t, o = step // blocks_out, (step % blocks_out) * BOUT + tl.arange(0, BOUT)
-        src, inside = _neighbour(m, h, w, M, H, W, 1 - t // 3, 1 - t % 3)
-        a = tl.load(grad_y + ((src * K + k) * OUT)[:, None] + o[None, :], mask=inside[:, None] & (o[None, :] < OUT),
-                    other=0.0)
-        b = tl.load(weight + (k * 9 * C + t * C + c)[None, :] * OUT + o[:, None],
-                    mask=(o[:, None] < OUT) & (c[None, :] < C), other=0.0)
+    for block in range((9 * OUT + BR - 1) // BR):  # rows t*OUT + o; pixel m fed output pixel m - (dy, dx) via tap t
+        r, t, o = _rows(block, OUT, BR)
+        src, inside = _neighbour(m[:, None], h[:, None], w[:, None], M, H, W, 1 - t // 3, 1 - t % 3)
+        a = tl.load(grad_y + (src * K + k) * OUT + o[None, :], mask=inside & (r[None, :] < 9 * OUT), other=0.0)
+        b = tl.load(weight + (k * 9 * C + (r // OUT)[:, None] * C + c[None, :]) * OUT + o[:, None],
+                    mask=(r[:, None] < 9 * OUT) & (c[None, :] < C), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
     out = grad_x + ((m.to(tl.int64) * K + k) * C)[:, None] + c[None, :]
     tl.store(out, acc.to(grad_x.dtype.element_ty), mask=(m[:, None] < M) & (c[None, :] < C))
@@ -96,23 +129,21 @@ def _grad_input(grad_y, weight, grad_x, M, H, W, K, C: tl.constexpr, OUT: tl.con
 
 @triton.jit
 def _grad_weight(x, grad_y, partial, M, H, W, CHUNK, K, C: tl.constexpr, OUT: tl.constexpr,
-                 SPLIT, BM: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
+                 SPLIT, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr):
-    blocks_c: tl.constexpr = (C + BC - 1) // BC
-    t, cb = tl.program_id(0) // blocks_c, tl.program_id(0) % blocks_c
+    r, t, c = _rows(tl.program_id(0), C, BR)
     k, part = tl.program_id(2) // SPLIT, tl.program_id(2) % SPLIT
-    c = cb * BC + tl.arange(0, BC)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BC, BN), ACC)
+    acc = tl.zeros((BR, BN), ACC)
     for m0 in range(part * CHUNK, (part + 1) * CHUNK, BM):  # this program's chunk of the pixel sum, in order
         m = m0 + tl.arange(0, BM)
-        src, inside = _neighbour(m, (m // W) % H, m % W, M, H, W, t // 3 - 1, t % 3 - 1)
-        a = tl.load(x + ((src * K + k) * C)[:, None] + c[None, :], mask=inside[:, None] & (c[None, :] < C), other=0.0)
+        src, inside = _neighbour(m[:, None], ((m // W) % H)[:, None], (m % W)[:, None], M, H, W, t // 3 - 1, t % 3 - 1)
+        a = tl.load(x + (src * K + k) * C + c[None, :], mask=inside & (r[None, :] < 9 * C), other=0.0)
         b = tl.load(grad_y + ((m.to(tl.int64) * K + k) * OUT)[:, None] + n[None, :],
                     mask=(m[:, None] < M) & (n[None, :] < OUT), other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC, out_dtype=ACC)
-    out = partial + ((part * K + k) * 9 * C + t * C + c)[:, None] * OUT + n[None, :]
-    tl.store(out, acc, mask=(c[:, None] < C) & (n[None, :] < OUT))
+    out = partial + ((part * K + k) * 9 * C + r)[:, None] * OUT + n[None, :]
+    tl.store(out, acc, mask=(r[:, None] < 9 * C) & (n[None, :] < OUT))
 
 
 def _accumulator(x: torch.Tensor) -> torch.dtype:
@@ -131,35 +162,35 @@ def _processors(x: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tiling: Tiling = TILING) -> torch.Tensor:
     """y[b, h, w, k] = sum over taps t and channels c of x at (h, w) + tap offset times weight[k, t*C + c] + bias[k]."""
     b, h, w, k, c = x.shape
     out = weight.shape[2]
     y = x.new_empty(b, h, w, k, out)
-    launch = configs(c, out)["_forward"]
+    launch = configs(c, out, tiling)["_forward"]
     grid = (triton.cdiv(b * h * w, launch["BM"]), triton.cdiv(out, launch["BN"]), k)
     _forward[grid](x, weight, bias, y, b * h * w, h, w, K=k, C=c, OUT=out, **launch, **_precision(x))
     return y
 
 
-def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def grad_input(grad_y: torch.Tensor, weight: torch.Tensor, tiling: Tiling = TILING) -> torch.Tensor:
     """The input gradient: grad_y's shifted neighbourhoods times the weights (a convolution with mirrored taps)."""
     b, h, w, k, out = grad_y.shape
     c = weight.shape[1] // 9
     grad_x = grad_y.new_empty(b, h, w, k, c)
-    launch = configs(c, out)["_grad_input"]
+    launch = configs(c, out, tiling)["_grad_input"]
     grid = (triton.cdiv(b * h * w, launch["BM"]), triton.cdiv(c, launch["BN"]), k)
     _grad_input[grid](grad_y, weight, grad_x, b * h * w, h, w, K=k, C=c, OUT=out, **launch, **_precision(grad_y))
     return grad_x
 
 
-def grad_weight(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+def grad_weight(x: torch.Tensor, grad_y: torch.Tensor, tiling: Tiling = TILING) -> torch.Tensor:
     """The weight gradient [K, 9C, OUT] in the accumulator's dtype: per-chunk pixel sums, then added in chunk order."""
     b, h, w, k, c = x.shape
     out, pixels = grad_y.shape[4], b * h * w
-    launch = configs(c, out)["_grad_weight"]
-    blocks, rows = (9 * triton.cdiv(c, launch["BC"]), triton.cdiv(out, launch["BN"])), launch["BM"]
-    split = weight_split(blocks[0] * blocks[1] * k, triton.cdiv(pixels, rows), _processors(x))
+    launch = configs(c, out, tiling)["_grad_weight"]
+    blocks, rows = (triton.cdiv(9 * c, launch["BR"]), triton.cdiv(out, launch["BN"])), launch["BM"]
+    split = weight_split(blocks[0] * blocks[1] * k, triton.cdiv(pixels, rows), _processors(x), tiling.programs_per_sm)
     chunk = triton.cdiv(triton.cdiv(pixels, split), rows) * rows
     partial = x.new_empty(split, k, 9 * c, out, dtype=_accumulator(x))
     _grad_weight[(*blocks, k * split)](x, grad_y, partial, pixels, h, w, chunk, K=k, C=c, OUT=out, SPLIT=split,
