@@ -44,7 +44,8 @@ def measure(cfg, data, k: int, repeats: int, one_run_s: float | None) -> dict:
             "separate_runs_per_h": 3600 * k / separate, "stacked_runs_per_h": 3600 * k / stacked, "speedup": separate / stacked}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's options."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stacked_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="batchnorm")
     parser.add_argument("--ks", default="1,2,4,8")
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="compute.channels_last")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     try:
         compute = {"precision": args.precision, "deterministic": not args.nondeterministic, "stacked_conv": args.stacked_conv,
                    "channels_last": args.channels_last}
