@@ -26,7 +26,7 @@ class Tiling:
     A tiling fixes the order of every sum, so one tiling is deterministic; two may differ in the last bits (the weight
     gradient's pixel chunks follow block_pixels and programs_per_sm)."""
     block_pixels: int = 64  # pixels per program (the GEMMs' M)
-    stages: int = 3  # Triton's software-pipelining depth of the loops over taps and channel blocks
+    stages: int = 3  # Triton's software-pipelining depth of the loops over blocks of (tap, channel) rows
     programs_per_sm: int = 4  # the weight gradient's pixel sum is cut until there are this many programs a multiprocessor
     max_warps: int = 8  # warps() gives 4, or this many once a tile reaches 64x64
 

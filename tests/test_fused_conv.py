@@ -1,4 +1,5 @@
 """The Triton stacked convolution, run by Triton's CPU interpreter: the gemm path's sums, forward and backward."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def test_layer_is_each_members_conv2d_under_autocast_too(fused):
 
 def test_fused_tiles_runs_every_kernel_training_runs_under_each_tiling_and_compares_results(fused, tmp_path, monkeypatch):
     from benchmarks import fused_tiles
+    assert set(fused_tiles.VARY) == {field.name for field in dataclasses.fields(fused.Tiling)}  # every field can vary
     monkeypatch.setattr(fused_tiles, "timed_ms", lambda fn, device, repeats: (fn(), 1.0)[1])  # interpreted: no timing
     vary = ["--vary", "block_pixels=32", "--vary", "programs_per_sm=4,16"]  # 4 is the default's: not timed twice
     assert fused_tiles.main(["--members", "1", "--batch", "1", "--precision", "fp32", *vary, "--out", str(tmp_path)]) == 0
