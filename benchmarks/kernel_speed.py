@@ -1,6 +1,7 @@
 """Forward + backward milliseconds of the layers we pick between: stacked conv (grouped, NCHW, gemm, fused), LayerNorm (NHWC vs NCHW).
 
     python -m benchmarks.kernel_speed --device cuda --members 64 --precision bf16
+    python -m benchmarks.kernel_speed --fastest benchmarks/results/kernel_speed-cuda-bf16-k64.csv   # -> gemm+grouped+gemm
 
 Shapes are the default StableNet's at batch 128: conv 1->32 at 28x28, 32->64 at 14x14, 64->128 at 7x7
 (stacked: K members each), norms after each conv; fused (cookbook.fused_conv, Triton) on CUDA only.
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.train_speed import machine
+from cookbook.config import BLOCK_CONVS
 from cookbook.model import block_channels
 from cookbook.stacked import stack_layer
 
@@ -93,8 +95,17 @@ def write_table(table: pd.DataFrame, stem: Path) -> None:
     print(f"\nmachine: {machine()}\nwritten: {stem}.csv")
 
 
+def fastest_blocks(table: pd.DataFrame) -> str:
+    """The compute.stacked_conv that takes each conv block's fastest kind in table (channels-last ones: the layout is
+    the whole model's), blocks in the table's order, e.g. 'gemm+grouped+fused'."""
+    convs = table[table["layer"].str.startswith("conv") & table["variant"].isin(BLOCK_CONVS)]
+    fastest = convs.loc[convs.groupby("layer", sort=False)["ms"].idxmin()]
+    return "+".join(fastest["variant"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--fastest", metavar="CSV", help="print the compute.stacked_conv of a written table's fastest kinds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--members", type=int, default=64, help="K, stacked members")
     parser.add_argument("--batch", type=int, default=128)
@@ -102,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    if args.fastest:
+        print(fastest_blocks(pd.read_csv(args.fastest)))
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; choose --device cpu", file=sys.stderr)
         return 2

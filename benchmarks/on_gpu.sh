@@ -8,8 +8,8 @@
 set -u
 out=${1:?usage: on_gpu.sh OUT_DIR [STAGE ...]}
 shift
-default="kernels_bf16 tests fused_tiles stacked_fused_5ep stacked_fused_bf16 stacked_fused_fp32"
-everything="$default kernels_fp32 kernel_build train_speed stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 \
+default="kernels_bf16 tests fused_tiles stacked_fused_5ep stacked_fastest_5ep stacked_fused_bf16"
+everything="$default stacked_fused_fp32 kernels_fp32 kernel_build train_speed stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 \
 stacked_hybrid_fp32 stacked_nondet reference"
 wanted=" ${*:-$default} "
 [ "$wanted" = " all " ] && wanted=" $everything "
@@ -42,6 +42,12 @@ stage kernels_bf16 60 python3 -m benchmarks.kernel_speed --device cuda --precisi
 stage tests 140 python3 -m pytest -q -rA -p no:cacheprovider tests/test_gpu.py tests/test_gpu_system.py
 stage fused_tiles 110 python3 -m benchmarks.fused_tiles --precision bf16 --members 64 --out "$res"  # which tiling next
 stacked stacked_fused_5ep 90 --precision bf16 --stacked-conv fused --ks 1,64 --epochs 5 --out "$res/five-epochs"
+case "$wanted" in *" stacked_fastest_5ep "*)  # each conv block's fastest kind in kernels_bf16's table, end to end
+  fastest=$(python3 -m benchmarks.kernel_speed --fastest "$res/kernel_speed-cuda-bf16-k64.csv" 2>> "$res/fastest.log")
+  echo "fastest per conv block: ${fastest:-none (no kernels_bf16 table)}" | tee -a "$out/stages.txt"
+  [ -n "$fastest" ] && stacked stacked_fastest_5ep 90 --precision bf16 --stacked-conv "$fastest" --ks 1,64 --epochs 5 \
+    --out "$res/five-epochs";;
+esac
 stacked stacked_fused_bf16 100 --precision bf16 --stacked-conv fused --ks 1,4,16,64,128 --epochs 2
 stage kernels_fp32 45 python3 -m benchmarks.kernel_speed --device cuda --precision fp32 --members 64 --out "$res"
 stacked stacked_fused_fp32 80 --precision fp32 --stacked-conv fused --ks 1,16,64 --epochs 2

@@ -57,7 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     parser.add_argument("--separate-up-to", type=int, default=8, help="largest K whose separate runs are timed")
     parser.add_argument("--nondeterministic", action="store_true", help="compute.deterministic off (CUDA)")
-    parser.add_argument("--stacked-conv", default="auto", help="compute.stacked_conv: auto, gemm, hybrid, grouped or fused (Triton, CUDA)")
+    parser.add_argument("--stacked-conv", default="auto",
+                        help="compute.stacked_conv: auto, gemm, hybrid, grouped, fused (Triton, CUDA) or one per conv block joined by +")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="compute.channels_last")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")

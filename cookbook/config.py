@@ -68,13 +68,17 @@ class MonitorConfig:
     diverge_factor: float = 10.0  # diverged if loss > factor * initial loss (or non-finite)
 
 
+STACKED_CONVS = ("auto", "gemm", "hybrid", "grouped", "fused")  # compute.stacked_conv's names (cookbook.stacked.block_convs)
+BLOCK_CONVS = ("gemm", "grouped", "fused")  # what one conv block's stacked conv can be, as in "fused+grouped+grouped"
+
+
 @dataclass
 class ComputeConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast for forward and loss; weights and optimizer stay fp32
     channels_last: bool = True  # NHWC activations: faster convs, norms and pools on CPU (same maths)
     deterministic: bool = True  # CUDA: deterministic kernels only, so a seed gives bit-identical histories on one card
     cuda_graphs: bool = True  # CUDA: replay the training step as one CUDA graph (a small CNN is launch-bound)
-    stacked_conv: Literal["auto", "gemm", "hybrid", "grouped", "fused"] = "auto"  # stacked members' convs (cookbook.stacked.conv_kind)
+    stacked_conv: str = "auto"  # stacked members' convs: a STACKED_CONVS name, or BLOCK_CONVS per conv block joined by '+'
 
 
 @dataclass
@@ -152,6 +156,12 @@ def merge(obj: Any, updates: dict, where: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def stacked_conv_ok(value: str, depth: int) -> bool:
+    """A compute.stacked_conv name, or one block conv for each of the model's depth conv blocks joined by '+'."""
+    blocks = value.split("+")
+    return value in STACKED_CONVS or (len(blocks) == depth and all(b in BLOCK_CONVS for b in blocks))
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError for values that are well-typed but meaningless; return cfg."""
     checks = [
@@ -173,6 +183,9 @@ def validate(cfg: Config) -> Config:
         (cfg.monitor.diverge_factor > 1, "monitor.diverge_factor", cfg.monitor.diverge_factor, "must be > 1"),
         (cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.split(":")[0] == "cuda",
          "device", cfg.device, "must be one of auto, cpu, cuda, cuda:N, mps"),
+        (stacked_conv_ok(cfg.compute.stacked_conv, cfg.model.depth), "compute.stacked_conv", cfg.compute.stacked_conv,
+         f"must be one of {', '.join(STACKED_CONVS)}, or one of {', '.join(BLOCK_CONVS)} for each of the {cfg.model.depth} "
+         f"conv blocks joined by '+', like {'+'.join(['fused'] + ['grouped'] * (cfg.model.depth - 1))}"),
     ]
     for ok, name, value, rule in checks:
         if not ok:

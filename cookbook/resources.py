@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import typing
 
 import psutil
 import torch
 
-from .config import ComputeConfig, Config, ConfigError, ModelConfig
+from .config import STACKED_CONVS, Config, ConfigError, ModelConfig
 from .model import block_channels
 
 IMAGE_SIDE, CLASSES = 28, 10
@@ -64,13 +63,12 @@ def check(cfg: Config) -> torch.device:
 
 
 def fused_needs_cuda(cfg: Config, device: torch.device) -> None:
-    """compute.stacked_conv='fused' runs Triton kernels: a ConfigError off CUDA (unless Triton's CPU interpreter is on)."""
-    if cfg.compute.stacked_conv != "fused" or device.type == "cuda":
+    """A compute.stacked_conv with 'fused' runs Triton kernels: a ConfigError off CUDA (unless Triton's CPU interpreter is on)."""
+    if "fused" not in cfg.compute.stacked_conv.split("+") or device.type == "cuda":
         return
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        others = [c for c in typing.get_args(typing.get_type_hints(ComputeConfig)["stacked_conv"]) if c != "fused"]
-        raise ConfigError(f"compute.stacked_conv='fused' runs Triton kernels on a CUDA GPU, not on {device}; "
-                          f"choose one of: {', '.join(others)}")
+        raise ConfigError(f"compute.stacked_conv={cfg.compute.stacked_conv!r} runs Triton kernels on a CUDA GPU, not on "
+                          f"{device}; choose one of: {', '.join(c for c in STACKED_CONVS if c != 'fused')}")
 
 
 def visible_gpus() -> list[str]:

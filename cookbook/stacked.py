@@ -45,16 +45,24 @@ def conv_kind(setting: str, device: torch.device) -> str:
     return "hybrid" if device.type == "cuda" else "grouped"
 
 
+def block_convs(conv: str, blocks: int) -> list[str]:
+    """A resolved compute.stacked_conv as one BLOCK_CONVS kind per conv block: 'hybrid' is gemm for the first block
+    (one input channel a member, where cuDNN's grouped kernel is slowest) and grouped for the rest."""
+    if conv == "hybrid":
+        return ["gemm"] + ["grouped"] * (blocks - 1)
+    return conv.split("+") if "+" in conv else [conv] * blocks
+
+
 def stack_layer(layers: list[nn.Module], conv: str = "grouped") -> nn.Module:
     """One module doing the work of the same layer of K members, their parameters and buffers concatenated.
-    conv: 'grouped' (a grouped Conv2d), 'gemm' (cookbook.stacked_conv), 'hybrid' (gemm where a member's input has one
-    channel) or 'fused' (cookbook.fused_conv's Triton kernels)."""
+    conv, for a Conv2d: 'grouped' (a grouped Conv2d), 'gemm' (cookbook.stacked_conv) or 'fused' (cookbook.fused_conv's
+    Triton kernels)."""
     first, k = layers[0], len(layers)
     cat = lambda name: torch.cat([getattr(m, name).detach() for m in layers])  # noqa: E731
     if isinstance(first, nn.Conv2d) and conv == "fused":
         from .fused_conv import FusedStackedConvFunction  # Triton: imported only when asked for
         return StackedConv2d(layers, FusedStackedConvFunction)
-    if isinstance(first, nn.Conv2d) and (conv == "gemm" or conv == "hybrid" and first.in_channels == 1):
+    if isinstance(first, nn.Conv2d) and conv == "gemm":
         return StackedConv2d(layers)
     if isinstance(first, nn.Conv2d):
         stacked = nn.Conv2d(first.in_channels * k, first.out_channels * k, first.kernel_size, padding=first.padding, groups=k)
@@ -78,7 +86,10 @@ class StackedStableNet(nn.Module):
     def __init__(self, members: list[StableNet], conv: str = "grouped"):
         super().__init__()
         self.members = len(members)
-        self.features = nn.Sequential(*[stack_layer(list(layers), conv) for layers in zip(*(m.features for m in members))])
+        layers = list(zip(*(m.features for m in members)))
+        kinds = iter(block_convs(conv, sum(isinstance(layer[0], nn.Conv2d) for layer in layers)))
+        self.features = nn.Sequential(*[stack_layer(list(layer), next(kinds)) if isinstance(layer[0], nn.Conv2d)
+                                        else stack_layer(list(layer)) for layer in layers])
         self.classifier = StackedLinear([m.classifier for m in members])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,9 @@ def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
     (["--device", "cuda:x"], "device='cuda:x': the index after ':' must be a number"),
     (["--device", "cpu", "--set", "compute.stacked_conv=fused"],
      "compute.stacked_conv='fused' runs Triton kernels on a CUDA GPU, not on cpu; choose one of: auto, gemm, hybrid, grouped"),
+    (["--device", "cpu", "--set", "compute.stacked_conv=gemm+fused+grouped"],
+     "compute.stacked_conv='gemm+fused+grouped' runs Triton kernels on a CUDA GPU, not on cpu; choose one of: auto, gemm"),
+    (["--set", "compute.stacked_conv=gemm+gemm"], "compute.stacked_conv='gemm+gemm' must be one of auto, gemm, hybrid"),
     pytest.param(["--device", "cuda"], "device='cuda' is not available here (0 CUDA devices); choose cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
 ])

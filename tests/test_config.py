@@ -52,10 +52,20 @@ def test_yaml_exponent_strings_are_numbers():
     ({"optim": {"name": "lion"}}, "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
     ({"model": {"init": "orthogonal"}}, "model.init='orthogonal' is not valid; choose one of: kaiming, default"),
     ({"device": "tpu"}, "device='tpu' must be one of auto, cpu"),
+    ({"compute": {"stacked_conv": "im2col"}}, "compute.stacked_conv='im2col' must be one of auto, gemm, hybrid, grouped, "
+     "fused, or one of gemm, grouped, fused for each of the 3 conv blocks joined by '+', like fused+grouped+grouped"),
+    ({"compute": {"stacked_conv": "gemm+grouped"}}, "compute.stacked_conv='gemm+grouped' must be one of"),  # 3 blocks
+    ({"compute": {"stacked_conv": "hybrid+grouped+grouped"}}, "compute.stacked_conv='hybrid+grouped+grouped' must be"),
+    ({"model": {"depth": 2}, "compute": {"stacked_conv": "gemm+grouped+gemm"}}, "each of the 2 conv blocks"),
 ])
 def test_meaningless_values_name_the_value(updates, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(").replace("+", r"\+")):
         validate(merge(Config(), updates))
+
+
+@pytest.mark.parametrize("conv", ["auto", "hybrid", "fused", "gemm+grouped+fused", "grouped+grouped+grouped"])
+def test_stacked_conv_is_a_name_or_one_kind_per_conv_block(conv):
+    assert validate(merge(Config(), {"compute": {"stacked_conv": conv}})).compute.stacked_conv == conv
 
 
 def test_params_round_trip_to_the_same_config():

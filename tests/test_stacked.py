@@ -1,12 +1,17 @@
 """K seeds trained as one stacked model: each member equals the separate run with its seed."""
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
+from torch import nn
 
+from benchmarks.kernel_speed import fastest_blocks
 from cookbook.config import merge, validate
 from cookbook.hooks import Recorder
-from cookbook.stacked import train_stacked
+from cookbook.model import build_model
+from cookbook.stacked import StackedStableNet, block_convs, train_stacked
+from cookbook.stacked_conv import StackedConv2d
 from cookbook.train import train
 
 SEEDS = (0, 1, 2)
@@ -40,8 +45,8 @@ def float64(tiny_data):
     torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize("conv", ["grouped", "gemm"])
-@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+@pytest.mark.parametrize("norm,conv", [(norm, conv) for conv in ("grouped", "gemm") for norm in ("batch", "layer", "none")]
+                         + [("layer", "grouped+gemm+grouped")])  # a kind per conv block
 def test_each_member_equals_its_separate_run_in_float64(norm, conv, tiny_cfg, float64):
     cfg = validate(merge(tiny_cfg, {"model": {"norm": norm}, "optim": {"max_norm": 0.5}, "compute": {"stacked_conv": conv}}))
     stacked, alone = separate_and_stacked(cfg, float64)
@@ -73,3 +78,24 @@ def test_members_must_differ_only_in_seed(tiny_cfg, tiny_data):
     other = merge(tiny_cfg, {"optim": {"lr": 0.01}})
     with pytest.raises(ValueError, match="differ only in seed"):
         train_stacked([tiny_cfg, other], tiny_data, [[], []])
+
+
+@pytest.mark.parametrize("conv,kinds", [("hybrid", ["gemm", "grouped", "grouped"]), ("gemm", ["gemm"] * 3),
+                                        ("grouped+fused+gemm", ["grouped", "fused", "gemm"])])
+def test_block_convs_gives_each_conv_block_its_kind(conv, kinds):
+    assert block_convs(conv, 3) == kinds
+
+
+def test_stacked_model_builds_each_conv_block_as_its_kind(tiny_cfg):
+    members = [build_model(tiny_cfg.model) for _ in SEEDS]
+    convs = [m for m in StackedStableNet(members, "gemm+grouped+gemm").features if isinstance(m, (nn.Conv2d, StackedConv2d))]
+    assert [type(m) for m in convs] == [StackedConv2d, nn.Conv2d, StackedConv2d] and convs[1].groups == len(SEEDS)
+
+
+def test_fastest_blocks_takes_each_conv_blocks_fastest_channels_last_kind():
+    rows = [("conv 1->32 @28", "grouped", 9.2), ("conv 1->32 @28", "gemm", 5.4), ("conv 1->32 @28", "fused", 2.0),
+            ("LayerNorm 32 @28", "group_norm", 0.1),
+            ("conv 32->64 @14", "grouped", 5.2), ("conv 32->64 @14", "grouped-nchw", 4.3), ("conv 32->64 @14", "gemm", 8.5),
+            ("conv 64->128 @7", "grouped", 3.9), ("conv 64->128 @7", "gemm", 3.8)]  # as kernel_speed writes it (no fused off CUDA)
+    table = pd.DataFrame(rows, columns=["layer", "variant", "ms"])
+    assert fastest_blocks(table) == "fused+grouped+gemm"  # NCHW is the whole model's layout, not a block's
