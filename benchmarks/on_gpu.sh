@@ -3,7 +3,7 @@
 #   bash benchmarks/on_gpu.sh OUT_DIR [STAGE ...]   (on a GPU machine without a registry:
 #                                                    bash .whl/on-device.sh bash benchmarks/on_gpu.sh OUT_DIR)
 # Without stage names it runs the default set, which fits one 10-minute call (the open questions first);
-# `all` runs every stage (up to 20 minutes: two calls, or name the stages). Stage times go to OUT_DIR/stages.txt; logs and results (CSV/JSON,
+# `all` runs every stage (up to 21 minutes: two calls, or name the stages). Stage times go to OUT_DIR/stages.txt; logs and results (CSV/JSON,
 # the card named inside) to OUT_DIR/results.tgz (one file: some GPU hosts return only a few). Stores stay under /tmp.
 set -u
 out=${1:?usage: on_gpu.sh OUT_DIR [STAGE ...]}
