@@ -26,9 +26,10 @@ import pandas as pd
 KERNELS = ("_forward", "_grad_input", "_grad_weight")
 
 
-def recorded_launch(fc, call, tiling) -> tuple:
-    """(kernel, args, kwargs) of the one launch call(tiling) makes, recorded instead of run."""
-    launches, originals = [], {name: getattr(fc, name) for name in KERNELS}
+def recorded_launch(fc, call, tiling, processors: int) -> tuple:
+    """(kernel, args, kwargs) of the one launch call(tiling) makes on a card of `processors` multiprocessors (the weight
+    gradient's split depends on them), recorded instead of run; fc is left as it was."""
+    launches, originals = [], {name: getattr(fc, name) for name in (*KERNELS, "_processors")}
 
     class Recorder:
         def __init__(self, kernel):
@@ -37,8 +38,9 @@ def recorded_launch(fc, call, tiling) -> tuple:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
     try:
-        for name, kernel in originals.items():
-            setattr(fc, name, Recorder(kernel))
+        for name in KERNELS:
+            setattr(fc, name, Recorder(originals[name]))
+        fc._processors = lambda _: processors
         call(tiling)
     finally:
         for name, kernel in originals.items():
@@ -80,7 +82,6 @@ def rows_for(triton, fc, precisions: list[str], vary: dict, args) -> list[dict]:
 
     from benchmarks.fused_tiles import DTYPES, kernel_calls, layer_tensors, tilings
     from benchmarks.kernel_speed import conv_layers
-    fc._processors = lambda _: args.sms  # the weight gradient's split, as on the card
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for precision in precisions:
@@ -88,7 +89,7 @@ def rows_for(triton, fc, precisions: list[str], vary: dict, args) -> list[dict]:
                 tensors = layer_tensors(args.batch, side, args.members, c, out, DTYPES[precision], torch.device("meta"))
                 for kernel, (call, _) in kernel_calls(fc, tensors).items():
                     for name, tiling in tilings(fc, vary, kernel):
-                        binary = compiled(triton, *recorded_launch(fc, call, tiling), args.arch)
+                        binary = compiled(triton, *recorded_launch(fc, call, tiling, args.sms), args.arch)
                         rows.append({"kernel": kernel, "precision": precision, "layer": f"{c}->{out}", "tiling": name,
                                      **report(triton, binary, args.arch, Path(scratch))})
     return rows

@@ -99,6 +99,8 @@ def fastest_blocks(table: pd.DataFrame) -> str:
     """The compute.stacked_conv that takes each conv block's fastest kind in table (channels-last ones: the layout is
     the whole model's), blocks in the table's order, e.g. 'gemm+grouped+fused'."""
     convs = table[table["layer"].str.startswith("conv") & table["variant"].isin(BLOCK_CONVS)]
+    if convs.empty:
+        raise ValueError("no stacked conv rows")
     fastest = convs.loc[convs.groupby("layer", sort=False)["ms"].idxmin()]
     return "+".join(fastest["variant"])
 
@@ -114,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.fastest:
-        print(fastest_blocks(pd.read_csv(args.fastest)))
+        try:
+            print(fastest_blocks(pd.read_csv(args.fastest)))
+        except (OSError, KeyError, ValueError) as error:  # no file, not CSV, no conv rows, not this benchmark's columns
+            print(f"error: --fastest {args.fastest!r} is not a kernel_speed table ({error!r:.80})", file=sys.stderr)
+            return 2
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; choose --device cpu", file=sys.stderr)

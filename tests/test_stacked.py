@@ -99,3 +99,14 @@ def test_fastest_blocks_takes_each_conv_blocks_fastest_channels_last_kind():
             ("conv 64->128 @7", "grouped", 3.9), ("conv 64->128 @7", "gemm", 3.8)]  # as kernel_speed writes it (no fused off CUDA)
     table = pd.DataFrame(rows, columns=["layer", "variant", "ms"])
     assert fastest_blocks(table) == "fused+grouped+gemm"  # NCHW is the whole model's layout, not a block's
+
+
+@pytest.mark.parametrize("content", [None, "layer,variant,ms\nLayerNorm 32 @28,group_norm,0.1\n", "a,b\n1,2\n"])
+def test_fastest_of_a_missing_or_foreign_table_is_one_line(content, tmp_path, capsys):
+    from benchmarks.kernel_speed import main
+    path = tmp_path / "table.csv"
+    if content is not None:
+        path.write_text(content)
+    assert main(["--fastest", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --fastest '{path}' is not a kernel_speed table") and err.count("\n") == 1
