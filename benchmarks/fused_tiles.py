@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from benchmarks import usage_error
 from benchmarks.kernel_speed import conv_layers, timed_ms, write_table
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -89,7 +90,8 @@ def rows_for(fc, device, members: int, batch: int, dtype, vary: dict, repeats: i
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's arguments, --vary as {field: values}; a bad one exits 2 in one line."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fused_tiles", description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=64, help="K, stacked members")
     parser.add_argument("--batch", type=int, default=128)
@@ -99,17 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     try:
-        vary = parse_vary(args.vary)
+        args.vary = parse_vary(args.vary)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        usage_error(str(error))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if not (torch.cuda.is_available() or interpreted):
         print("error: the fused kernels need a CUDA GPU (or Triton's interpreter: TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     from cookbook import fused_conv  # Triton reads TRITON_INTERPRET when it is first imported
     device = torch.device("cpu" if interpreted else "cuda")
-    table = pd.DataFrame(rows_for(fused_conv, device, args.members, args.batch, DTYPES[args.precision], vary, args.repeats))
+    table = pd.DataFrame(rows_for(fused_conv, device, args.members, args.batch, DTYPES[args.precision], args.vary, args.repeats))
     table.insert(4, "speed-up", table.groupby(["layer", "kernel"])["ms"].transform("first") / table["ms"])
     stem = Path(args.out) / f"fused_tiles-{device.type}-{args.precision}-k{args.members}"
     write_table(table, stem)

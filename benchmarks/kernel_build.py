@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks import usage_error
+
 KERNELS = ("_forward", "_grad_input", "_grad_weight")
 
 
@@ -76,26 +78,28 @@ def report(triton, binary, arch: int, scratch: Path) -> dict:
             "stages": binary.metadata.num_stages, "async_copies": len(re.findall(r"cp\.async\.c[ag]", ptx.read_text()))}
 
 
-def rows_for(triton, fc, precisions: list[str], vary: dict, args) -> list[dict]:
-    """One row per (precision, layer, kernel training runs, tiling)."""
+def rows_for(triton, fc, args: argparse.Namespace) -> list[dict]:
+    """One row per (precision, layer, kernel training runs, tiling) of parse's arguments."""
     import torch
 
     from benchmarks.fused_tiles import DTYPES, kernel_calls, layer_tensors, tilings
     from benchmarks.kernel_speed import conv_layers
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for precision in precisions:
+        for precision in args.precisions:
             for c, out, side in conv_layers():
                 tensors = layer_tensors(args.batch, side, args.members, c, out, DTYPES[precision], torch.device("meta"))
                 for kernel, (call, _) in kernel_calls(fc, tensors).items():
-                    for name, tiling in tilings(fc, vary, kernel):
+                    for name, tiling in tilings(fc, args.vary, kernel):
                         binary = compiled(triton, *recorded_launch(fc, call, tiling, args.sms), args.arch)
                         rows.append({"kernel": kernel, "precision": precision, "layer": f"{c}->{out}", "tiling": name,
                                      **report(triton, binary, args.arch, Path(scratch))})
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's arguments, --precisions as a list and --vary as {field: values}; bad ones exit 2 in one line."""
+    from benchmarks.fused_tiles import DTYPES, parse_vary
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_build", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 = H100, 80 = A100")
     parser.add_argument("--sms", type=int, default=132, help="the card's multiprocessors (132: H100 SXM)")
@@ -104,23 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="tilings besides the default")
     args = parser.parse_args(argv)
+    args.precisions = args.precisions.split(",")
+    try:
+        if bad := [p for p in args.precisions if p not in DTYPES]:
+            raise ValueError(f"--precisions {bad[0]!r} is not valid; choose from: {', '.join(DTYPES)}")
+        args.vary = parse_vary(args.vary) if args.vary else {}
+    except ValueError as error:
+        usage_error(str(error))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU: before anything imports triton (torchvision does)
+    args = parse(argv)
     import triton
 
-    from benchmarks.fused_tiles import DTYPES, parse_vary
     from cookbook import fused_conv
-    precisions = args.precisions.split(",")
-    try:
-        if bad := [p for p in precisions if p not in DTYPES]:
-            raise ValueError(f"--precisions {bad[0]!r} is not valid; choose from: {', '.join(DTYPES)}")
-        vary = parse_vary(args.vary) if args.vary else {}
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(pd.DataFrame(rows_for(triton, fused_conv, precisions, vary, args)).to_string(index=False))
+    print(pd.DataFrame(rows_for(triton, fused_conv, args)).to_string(index=False))
     print(f"\ntriton {triton.__version__}, sm_{args.arch}, {args.sms} multiprocessors, K={args.members}, batch {args.batch}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

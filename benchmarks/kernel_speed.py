@@ -105,7 +105,13 @@ def fastest_blocks(table: pd.DataFrame) -> str:
     return "+".join(fastest["variant"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def table_stem(args: argparse.Namespace) -> Path:
+    """Where main writes the table of parse's arguments (without .csv)."""
+    return Path(args.out) / f"kernel_speed-{args.device}-{args.precision}-k{args.members}"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's arguments."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--fastest", metavar="CSV", help="print the compute.stacked_conv of a written table's fastest kinds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -114,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     if args.fastest:
         try:
             print(fastest_blocks(pd.read_csv(args.fastest)))
@@ -128,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     table = rows_for(device, args.members, args.batch, precision, args.repeats)
-    stem = Path(args.out) / f"kernel_speed-{device.type}-{args.precision}-k{args.members}"
-    write_table(table, stem)
+    write_table(table, table_stem(args))
     return 0
 
 

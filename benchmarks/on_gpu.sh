@@ -4,19 +4,19 @@
 #                                                    bash .whl/on-device.sh bash benchmarks/on_gpu.sh OUT_DIR)
 # Without stage names it runs the default set, which fits one 10-minute call (the open questions first);
 # `all` runs every stage (up to 21 minutes: two calls, or name the stages). Stage times go to OUT_DIR/stages.txt; logs and results (CSV/JSON,
-# the card named inside) to OUT_DIR/results.tgz (one file: some GPU hosts return only a few). Stores stay under /tmp.
+# the card named inside) to OUT_DIR/results.tgz (one file: some GPU hosts return only a few). Stores stay under $TMPDIR or /tmp.
 set -u
 out=${1:?usage: on_gpu.sh OUT_DIR [STAGE ...]}
 shift
 default="kernels_bf16 tests fused_tiles stacked_fused_5ep stacked_fastest_5ep stacked_fused_bf16"
-everything="$default stacked_fused_fp32 kernels_fp32 kernel_build train_speed stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 \
+everything="$default kernels_fp32 stacked_fused_fp32 kernel_build train_speed stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 \
 stacked_hybrid_fp32 stacked_nondet reference"
 wanted=" ${*:-$default} "
 [ "$wanted" = " all " ] && wanted=" $everything "
 for name in $wanted; do
   case " $everything " in *" $name "*) ;; *) echo "error: no stage '$name'; choose from: all $everything" >&2; exit 2;; esac
 done
-work=/tmp/cookbook-gpu
+work=${TMPDIR:-/tmp}/cookbook-gpu
 res=$work/results
 mkdir -p "$out" "$res"
 export MLFLOW_TRACKING_URI=sqlite:///$work/mlflow.db COOKBOOK_SPOOL_DIR=$work/spool

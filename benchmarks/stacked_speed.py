@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks import usage_error
 from benchmarks.train_speed import CONFIGS_DIR, machine
 from cookbook.config import ConfigError, load_config
 from cookbook.data import load_mnist
@@ -45,7 +46,7 @@ def measure(cfg, data, k: int, repeats: int, one_run_s: float | None) -> dict:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    """The command line's options."""
+    """The command line's arguments, --ks as a sorted list; a bad one exits 2 in one line, before any run."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stacked_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="batchnorm")
     parser.add_argument("--ks", default="1,2,4,8")
@@ -62,26 +63,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="compute.channels_last")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        run_config(args)
+        ks = sorted(int(k) for k in args.ks.split(","))
+        if ks[0] < 1 or ks[0] > args.separate_up_to:  # the smallest K's separate time is what larger K extrapolate
+            raise ValueError
+        args.ks = ks
+    except ConfigError as e:
+        usage_error(str(e))
+    except ValueError:
+        usage_error(f"ks={args.ks!r} must be a comma list of integers >= 1, the smallest <= --separate-up-to")
+    return args
+
+
+def run_config(args: argparse.Namespace):
+    """The config each run trains, from the config file and the command line."""
+    compute = {"precision": args.precision, "deterministic": not args.nondeterministic, "stacked_conv": args.stacked_conv,
+               "channels_last": args.channels_last}
+    return load_config(args.config, CONFIGS_DIR, {"epochs": args.epochs, "device": args.device, "compute": compute,
+                                                  "data": {"data_dir": args.data_dir, "train_subset": args.train_subset,
+                                                           "test_subset": args.test_subset}})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        compute = {"precision": args.precision, "deterministic": not args.nondeterministic, "stacked_conv": args.stacked_conv,
-                   "channels_last": args.channels_last}
-        cfg = load_config(args.config, CONFIGS_DIR, {"epochs": args.epochs, "device": args.device, "compute": compute,
-                                                     "data": {"data_dir": args.data_dir, "train_subset": args.train_subset,
-                                                              "test_subset": args.test_subset}})
-        ks = sorted(int(k) for k in args.ks.split(","))
-        if ks[0] < 1 or ks[0] > args.separate_up_to:  # the smallest K's separate time is what larger K extrapolate
-            raise ValueError
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError:
-        print(f"error: ks={args.ks!r} must be a comma list of integers >= 1, the smallest <= --separate-up-to", file=sys.stderr)
-        return 2
+    cfg, ks = run_config(args), args.ks
     data = load_mnist(args.data_dir, args.train_subset, args.test_subset)
     warm = dataclasses.replace(cfg, epochs=1)  # warm-up: first-call costs (CUDA context, Triton compiles) out of the numbers
     train(warm, data)

@@ -24,6 +24,7 @@ import pandas as pd
 import psutil
 import torch
 
+from benchmarks import usage_error
 from benchmarks.reference import train_seed_loop
 from cookbook.config import CONFIGS_DIR, ConfigError, load_config
 from cookbook.data import load_mnist
@@ -169,7 +170,8 @@ def machine() -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's arguments, --modes and --configs as lists; a bad one exits 2 in one line."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="no_tricks,batchnorm,layernorm,all_tricks")
     parser.add_argument("--modes", default="reference,ours,ours+mlflow,ours-bf16", help=f"comma list of {', '.join(MODES)}")
@@ -181,19 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder for train_speed-<device>.csv/.json")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        print(f"error: modes={args.modes!r}; choose from {', '.join(MODES)}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    configs = [c for c in args.configs.split(",") if c]
+    if not modes or any(m not in MODES for m in modes):
+        usage_error(f"modes={args.modes!r}; choose from {', '.join(MODES)}")
+    args.modes, args.configs = modes, [c for c in args.configs.split(",") if c]
     try:
-        for c in configs:
+        for c in args.configs:
             load_config(c, CONFIGS_DIR)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        usage_error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    modes, configs = args.modes, args.configs
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if "ours+mlflow" in modes and not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")  # a throwaway store: timings, not results

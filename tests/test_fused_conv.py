@@ -117,6 +117,8 @@ def test_fused_tiles_runs_every_kernel_training_runs_under_each_tiling_and_compa
                                          ("stages=two", "values must be integers")])
 def test_fused_tiles_refuses_a_bad_tiling_in_one_line(vary, named, capsys):
     from benchmarks import fused_tiles
-    assert fused_tiles.main(["--vary", vary]) == 2
+    with pytest.raises(SystemExit) as exited:
+        fused_tiles.main(["--vary", vary])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert named in err and err.count("\n") == 1
