@@ -21,10 +21,11 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 SPOOL_DIR = os.environ.get("COOKBOOK_SPOOL_DIR", "mlflow-spool")  # relative to where the command runs
 FLUSH_TIMEOUT = float(os.environ.get("COOKBOOK_FLUSH_TIMEOUT", "60"))  # seconds a run's end waits for the store
-NOT_STORED_TAG = "metrics_not_stored"  # on a FAILED run: how many metric values the store refused
+NOT_STORED_TAG = "metrics_not_stored"  # on a FAILED run: metric values the store refused (1 for any other refused write)
 TEST_METRICS = "test/"  # metric names measured on the test set; the others on the training set
 MAX_BATCH = 1000  # log_batch accepts at most 1000 metrics per call
 # Store errors that retrying cannot cure: stop training and say so.
@@ -60,13 +61,14 @@ def send(client: MlflowClient, run_id: str, op: Op) -> None:
     elif op["op"] == "text":
         client.log_text(run_id, op["text"], op["path"])
     elif op["op"] == "model":  # an MLflow 3 LoggedModel from a saved model folder, linked to the run as its output
+        if not Path(op["path"]).is_dir():  # MLflow would upload nothing and call the empty model READY
+            raise MlflowException(f"model folder {op['path']} is gone", error_code=INVALID_PARAMETER_VALUE)
         model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model", source_run_id=run_id)
         client.log_model_artifacts(model.model_id, op["path"])
         client.finalize_logged_model(model.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, op["step"])])
         client.log_batch(run_id, metrics=linked_metrics(op.get("metrics", []), model.model_id, op.get("datasets", {})),
                          synchronous=True)
-        shutil.rmtree(op["path"], ignore_errors=True)
     elif op["op"] == "end":
         status, not_stored = op["status"], op.get("not_stored", 0)
         if not_stored:
@@ -155,15 +157,18 @@ class StoreWriter:
                     if n > 1:  # the store refused a merged batch: send its ops one by one, to refuse only the bad one
                         self.one_by_one = n
                         continue
-                    count_not_stored(self.queue, len(op.get("metrics", ())))
-                    self.not_stored += len(op.get("metrics", ()))
+                    count_not_stored(self.queue, refused(op))
+                    self.not_stored += refused(op)
             backoff = 0.25
             with self.lock:  # only this thread removes ops, so the n at the head are the ones just sent
                 self.outage = None
                 self.one_by_one = max(0, self.one_by_one - n)
                 for _ in range(n):
                     self.queue.popleft()
+                spooled = self.closed  # then close() returned this op too: the spool still needs its files
                 self.lock.notify_all()
+            if not spooled:
+                sent(op)
 
     def drain(self, timeout: float) -> bool:
         """Wait until every queued op is stored (True), the store failed for good, or timeout passed (False)."""
@@ -179,6 +184,17 @@ class StoreWriter:
             self.closed = True
             self.lock.notify_all()
             return list(self.queue)
+
+
+def refused(op: Op) -> int:
+    """What a write the store refused for good counts in NOT_STORED_TAG: its metric values, and at least 1."""
+    return max(1, len(op.get("metrics", ())))
+
+
+def sent(op: Op) -> None:
+    """Remove what a write stored or refused for good leaves behind: a model's saved folder."""
+    if op["op"] == "model":
+        shutil.rmtree(op["path"], ignore_errors=True)
 
 
 def count_not_stored(ops: list[Op], n: int) -> None:
@@ -224,7 +240,8 @@ def replay(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
             if verdict(e) != "rejected":
                 write_spool(path, header["tracking_uri"], run_id, ops[i:])
                 return stored, len(ops) - i, f"not synced ({first_line(e)})"
-            count_not_stored(ops, len(op.get("metrics", ())))
+            count_not_stored(ops, refused(op))
+        sent(op)
         stored += 1
     path.unlink()
     return stored, 0, client.get_run(run_id).info.status

@@ -37,7 +37,7 @@ def save_model(model: torch.nn.Module, run_id: str) -> Path:
     example), ready for the writer to upload; pinned requirements, so no slow requirement inference."""
     import mlflow.pytorch
 
-    path = spool_path(run_id).with_suffix(".model")
+    path = spool_path(run_id).with_suffix(".model").resolve()  # the spool may be replayed from another folder
     shutil.rmtree(path, ignore_errors=True)
     example = np.zeros((1, 1, 28, 28), dtype=np.float32)  # one normalised MNIST image's shape
     mlflow.pytorch.save_model(copy.deepcopy(model).cpu().eval(), str(path), input_example=example, serialization_format="pickle",

@@ -5,6 +5,7 @@ from mlflow import MlflowClient
 
 from .checkpoint import checkpoint_path
 from .config import ConfigError
+from .delivery import spool_path
 from .stop import gone, process_id
 from .tracking import PROCESS_TAG, MlflowTracker
 
@@ -27,6 +28,7 @@ class ResumedTracker(MlflowTracker):
         """Params, config and datasets are stored already; note the step it had reached and who trains it now."""
         history = self.client.get_metric_history(self.run_id, LOSS_METRIC)
         self.stored_through = max((m.step for m in history), default=-1)
+        self.steps_logged = self.stored_through + 1  # a resume stopped before it passes them still has these
         for key, value in {PROCESS_TAG: process_id(), **self.extra_tags}.items():  # e.g. the sweep trial that resumes it
             self.client.set_tag(self.run_id, key, value)
 
@@ -44,6 +46,9 @@ def resumable(client: MlflowClient, run_id: str):
     except Exception:
         raise ConfigError(f"no run '{run_id}' in {client.tracking_uri}") from None
     process = run.data.tags.get(PROCESS_TAG, "")
+    if spool_path(run_id).is_file():  # resumed first, the spool's replay would end the run again with its old count
+        raise ConfigError(f"run {run_id} has writes spooled in {spool_path(run_id)}; store them first with "
+                          "`python -m cookbook sync`, then resume")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} finished; there is nothing to resume")
     if run.info.status == "RUNNING" and not gone(process):

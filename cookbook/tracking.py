@@ -154,19 +154,30 @@ class MlflowTracker(Hook):
         return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.sampler:
-            self.sampler.finish()
+        # A signal while we wait on the store (Ctrl-C at a hung end) stops the waiting, not the clean-up: what the
+        # store has not taken is spooled, then the signal goes on. Only the first signal raises (stop._raise).
+        interrupt = None
+        try:
+            if self.sampler:
+                self.sampler.finish()
+        except KeyboardInterrupt as e:
+            interrupt = e
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
         if status != "FINISHED":  # on_end did not run: say how far it got
             self.set_tags({STEPS_RUN_TAG: self.steps_logged})
         self.writer.end(status)
-        stored = self.flush(0 if self.writer.fatal else None)
+        try:
+            stored = interrupt is None and self.flush(0 if self.writer.fatal else None)
+        except KeyboardInterrupt as e:
+            stored, interrupt = False, e
         left = self.writer.close()
         if self.writer.fatal:  # a status update may still fit where a batch did not: leave nothing RUNNING if it can
             with contextlib.suppress(Exception):
                 self.client.set_terminated(self.run_id, "FAILED")
-        if not stored:
-            self._spool(left, exc_type)
+        if left and not stored:
+            self._spool(left, exc_type if interrupt is None else type(interrupt))
+        if interrupt is not None:
+            raise interrupt
 
     def _spool(self, left: list, exc_type) -> None:
         """Keep what the store did not take in a spool file and say so in one line (an error unless one is on its way)."""
@@ -179,7 +190,8 @@ class MlflowTracker(Hook):
                    "`python -m cookbook sync` stores them when the store is back"
         except OSError as e:
             kept = f"{values} metric values are lost: the spool {path} could not be written ({e.strerror})"
-        why = f"cannot take writes ({self.writer.fatal})" if self.writer.fatal else f"unreachable ({self.writer.outage})"
+        why = f"cannot take writes ({self.writer.fatal})" if self.writer.fatal else \
+            f"unreachable ({self.writer.outage})" if self.writer.outage else "had not taken every write yet"
         message = f"tracking store {self.uri} {why}: run {self.run_id} stopped after {self.steps_logged} steps; {kept}"
         if exc_type is None or issubclass(exc_type, StoreFailure):
             raise StoreFailure(message)

@@ -147,3 +147,34 @@ def test_sweep_cell_of_a_sigkilled_worker_resumes_from_its_checkpoint(mnist_dir,
     assert run.info.status == "FINISHED" and int(run.data.tags[RESUMED_TAG]) in (PER_EPOCH, 2 * PER_EPOCH)
     assert run.data.tags["trial"] == "1"
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(3 * PER_EPOCH))
+
+
+def test_a_resume_stopped_before_it_passes_the_stored_steps_keeps_their_count(tracking, tiny_cfg):
+    """steps_run is what the run stored: a resume interrupted while it replays stored steps must not lower it."""
+    from mlflow.entities import Metric
+
+    from cookbook.resume import ResumedTracker
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    client.log_batch(run_id, metrics=[Metric("train/loss", 1.0, 0, step) for step in range(10)], synchronous=True)
+    client.set_tag(run_id, "steps_run", "10")
+    client.set_terminated(run_id, "KILLED")
+    with pytest.raises(KeyboardInterrupt), ResumedTracker(tiny_cfg, {}, run_id, system_metrics=False) as tracker:
+        tracker.on_metrics([(step, {"train/loss": 1.0}) for step in range(5, 8)])  # the epoch's replay, all stored
+        raise KeyboardInterrupt
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["steps_run"] == "10"
+    assert len(client.get_metric_history(run_id, "train/loss")) == 10
+
+
+def test_a_run_with_spooled_writes_is_synced_before_it_resumes(tracking, tmp_path, monkeypatch):
+    from cookbook.config import ConfigError
+    from cookbook.delivery import spool_path, write_spool
+    from cookbook.resume import resumable
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("spooled")).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    write_spool(spool_path(run_id), tracking, run_id, [{"op": "end", "status": "KILLED"}])
+    with pytest.raises(ConfigError, match="python -m cookbook sync"):
+        resumable(client, run_id)

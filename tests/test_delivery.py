@@ -1,4 +1,5 @@
 """The run's writer: failed writes are kept and retried in order, refused ones make the run FAILED with a count."""
+import shutil
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -67,6 +68,30 @@ def test_replay_against_an_unreachable_store_keeps_the_file(tracking, tmp_path, 
     assert (stored, left) == (0, 1) and status.startswith("not synced (") and path.exists()
     assert replay(path, tracking) == (1, 0, "FINISHED")  # the store given explicitly (it moved): synced
     assert not path.exists()
+
+
+def test_a_spooled_model_is_stored_from_any_folder_and_a_gone_one_fails_the_run(tracking, tmp_path, monkeypatch):
+    """`sync` may run elsewhere than the training; a model folder removed meanwhile is a refused write, not an empty
+    model called READY."""
+    import torch
+
+    from cookbook.logged import save_model
+    client = MlflowClient()
+    experiment = client.create_experiment("models")
+    kept, lost = (client.create_run(experiment).info.run_id for _ in range(2))
+    monkeypatch.chdir(tmp_path)  # where the training ran
+    for run_id in (kept, lost):
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+        op = {"op": "model", "path": str(save_model(net, run_id)), "step": 1, "metrics": [], "datasets": {}}
+        write_spool(tmp_path / f"{run_id}.jsonl", tracking, run_id, [op, {"op": "end", "status": "FINISHED"}])
+    shutil.rmtree(op["path"])  # the second run's folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where `sync` runs
+    assert replay(tmp_path / f"{kept}.jsonl") == (2, 0, "FINISHED")
+    assert replay(tmp_path / f"{lost}.jsonl") == (2, 0, "FAILED")
+    [model] = client.search_logged_models([experiment])
+    assert model.source_run_id == kept and client.list_logged_model_artifacts(model.model_id)
+    assert client.get_run(lost).data.tags[NOT_STORED_TAG] == "1" and not (tmp_path / "mlflow-spool" / f"{kept}.model").exists()
 
 
 def test_verdicts():

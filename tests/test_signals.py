@@ -90,3 +90,32 @@ def test_sigkilled_training_is_ended_killed_by_sync_with_the_steps_it_stored(mni
     assert f"run {killed.info.run_id}: its process is gone; ended KILLED with the {steps} steps it stored" in sync.stdout
     assert killed.info.status == "KILLED" and killed.data.tags["steps_run"] == str(steps) and steps >= 60
     assert client.get_run(alive).info.status == "RUNNING"
+
+
+class DownClient(MlflowClient):
+    """A real client whose writes fail as an unreachable tracking server's do."""
+
+    def log_batch(self, *args, **kwargs):
+        from mlflow.exceptions import MlflowException
+        raise MlflowException("API request to http://127.0.0.1:5000 failed with exception Connection refused")
+
+
+def test_a_signal_while_the_end_waits_on_the_store_spools_what_it_has_not_taken(tracking, tiny_cfg, tmp_path, monkeypatch):
+    """The store is away as the run ends; Ctrl-C cuts the 60 s wait short, and every step is in the spool, not lost."""
+    import threading
+
+    from cookbook.delivery import replay, spool_path
+    from cookbook.stop import stop_on_signals
+    from cookbook.tracking import MlflowTracker
+
+    monkeypatch.chdir(tmp_path)  # the spool folder is relative to where the command runs
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), stop_on_signals():
+        with MlflowTracker(tiny_cfg, {}, experiment="hung", system_metrics=False, flush_timeout=60) as tracker:
+            tracker.writer.client = DownClient(tracking)
+            tracker.on_metrics([(step, {"train/loss": 1.0 / (step + 1)}) for step in range(5)])
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # while __exit__ waits on the store
+    assert time.monotonic() - started < 30  # the signal ended the wait
+    spool = spool_path(tracker.run_id)
+    assert spool.is_file() and replay(spool) == (2, 0, "FINISHED")  # the steps and the run's end, stored by `sync`
+    assert sorted(m.step for m in MlflowClient().get_metric_history(tracker.run_id, "train/loss")) == list(range(5))
