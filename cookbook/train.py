@@ -46,6 +46,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make_current(device: torch.device) -> None:
+    """A GPU named by index (cuda:1) becomes the current one: side streams, CUDA-graph capture and Triton kernels run on
+    the current device, not on their tensors' ('cuda' alone already means the current one)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Adam (the seed's), AdamW or SGD with momentum; fused (one kernel for all parameters) on CPU and CUDA.
 
@@ -116,6 +123,7 @@ class Parts:
 
 def build_parts(cfg: Config, n_train: int, device: torch.device, model: nn.Module | None = None) -> Parts:
     """Model (cfg's, seeded with cfg.seed, unless one is given), optimizer, LR scheduler and monitor for n_train images."""
+    make_current(device)
     if model is None:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)

@@ -68,13 +68,21 @@ def stacked_histories(cfg, data, k=3) -> list[dict]:
 
 
 def test_stacked_graph_equals_eager_and_each_member_its_separate_run(data):
-    cfg = cfg_of("all_tricks")
+    cfg = cfg_of("all_tricks", stacked_conv="grouped")  # cuDNN as the separate run; gemm's FP32 against TF32: test below
     graphed, eager = stacked_histories(cfg, data), stacked_histories(dataclasses.replace(
         cfg, compute=dataclasses.replace(cfg.compute, cuda_graphs=False)), data)
     assert [first_difference(g, e) for g, e in zip(graphed, eager)] == [None] * 3
     for seed, member in enumerate(graphed):
         alone = history(dataclasses.replace(cfg, seed=seed), data)
         assert [v for _, v in member["train/loss"]] == pytest.approx([v for _, v in alone["train/loss"]], rel=3e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_run_on_the_second_gpu_is_captured_there(data):
+    """Captured on GPU 0, the graph of a cuda:1 run would be empty and its replays would train nothing."""
+    cfg = dataclasses.replace(cfg_of("batchnorm"), device="cuda:1")
+    eager = dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, cuda_graphs=False))
+    assert first_difference(history(cfg, data), history(eager, data)) is None
 
 
 class NoSyncInsideEpochs(Hook):

@@ -3,6 +3,7 @@ then every recorded command line goes through its own program's parser. Device t
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -23,7 +24,8 @@ if "--fastest" in sys.argv:
 '''
 
 
-def rehearse(tmp_path: Path, *stages: str, fastest: str = FASTEST) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def rehearse(tmp_path: Path, *stages: str, fastest: str = FASTEST, seconds: str = "540") -> tuple[subprocess.CompletedProcess,
+                                                                                                   list[list[str]]]:
     """Run on_gpu.sh with the recording python3 first on PATH; its exit and the command lines it ran."""
     bin_dir, log = tmp_path / "bin", tmp_path / "commands.jsonl"
     bin_dir.mkdir(exist_ok=True)
@@ -31,7 +33,7 @@ def rehearse(tmp_path: Path, *stages: str, fastest: str = FASTEST) -> tuple[subp
     recorder.write_text(RECORDER.format(python=sys.executable))
     recorder.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path), "REHEARSAL_LOG": str(log),
-           "REHEARSAL_FASTEST": fastest}
+           "REHEARSAL_FASTEST": fastest, "ON_GPU_SECONDS": seconds}
     done = subprocess.run(["bash", "benchmarks/on_gpu.sh", str(tmp_path / "out"), *stages], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     return done, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -76,3 +78,12 @@ def test_without_a_table_the_fastest_stage_says_so_and_trains_nothing(tmp_path):
     done, commands = rehearse(tmp_path, "stacked_fastest_5ep", fastest="")
     assert done.returncode == 0 and [c[1] for c in commands if c[0] == "-m"] == ["benchmarks.kernel_speed"]
     assert "fastest per conv block: none (no kernels_bf16 table)" in (tmp_path / "out/stages.txt").read_text()
+
+
+def test_stages_past_the_budget_are_skipped_and_say_so(tmp_path):
+    """A device call is cut at 600 s with what it had not yet packed: the script ends within its budget instead."""
+    done, commands = rehearse(tmp_path, "kernels_bf16", "tests", seconds="10")
+    assert done.returncode == 0 and not [c for c in commands if c[0] == "-m"]
+    lines = (tmp_path / "out/stages.txt").read_text().splitlines()
+    assert [re.sub(r": \d+s of", ": Ns of", line) for line in lines] == [
+        f"{name} skipped: Ns of the 10s budget left" for name in ("kernels_bf16", "tests")]

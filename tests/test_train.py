@@ -8,7 +8,7 @@ import torch
 from cookbook.config import merge, validate
 from cookbook.hooks import Recorder
 from cookbook.model import build_model
-from cookbook.train import build_optimizer, train
+from cookbook.train import build_optimizer, make_current, train
 
 
 def run(cfg, data):
@@ -73,3 +73,13 @@ def test_optimizer_choices_train(name, cls, tiny_cfg, tiny_data):
     result, hist = run(cfg, tiny_data)
     losses = [v for _, v in hist["train/loss"]]
     assert not result.diverged and sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_only_a_gpu_named_by_index_becomes_the_current_device(monkeypatch):
+    """cuda:1's graph capture must happen on GPU 1; 'cuda' has no index to set (torch refuses it) and needs none."""
+    from torch.cuda._utils import _get_device_index
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: made_current.append(_get_device_index(device)))
+    for name in ("cpu", "cuda", "cuda:1", "cuda:0"):
+        make_current(torch.device(name))
+    assert made_current == [1, 0]
