@@ -152,15 +152,11 @@ def match_recorded(cfg, tags: dict[str, str]):
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
+    from .resume import recorded_run
     client = MlflowClient()
-    try:
-        run = client.get_run(args.run_id)
-    except MlflowException:
-        raise ConfigError(f"no run '{args.run_id}' in {mlflow.get_tracking_uri()}") from None
+    run = recorded_run(client, args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     recorder = Recorder()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from .checkpoint import checkpoint_path
 from .config import ConfigError
@@ -39,12 +40,19 @@ class ResumedTracker(MlflowTracker):
         MlflowTracker.on_epoch_end(self, epoch, metrics)  # epoch summaries are keyed by epoch, not by step: all new
 
 
+def recorded_run(client: MlflowClient, run_id: str):
+    """The run, or a one-line ConfigError where the store has none by that id (a store that is away raises its error)."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(f"no run '{run_id}' in {client.tracking_uri}") from None
+
+
 def resumable(client: MlflowClient, run_id: str):
     """The run and its checkpoint file, if it can be resumed here; else a one-line ConfigError saying why not."""
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        raise ConfigError(f"no run '{run_id}' in {client.tracking_uri}") from None
+    run = recorded_run(client, run_id)
     process = run.data.tags.get(PROCESS_TAG, "")
     if spool_path(run_id).is_file():  # resumed first, the spool's replay would end the run again with its old count
         raise ConfigError(f"run {run_id} has writes spooled in {spool_path(run_id)}; store them first with "

@@ -66,7 +66,8 @@ def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:
 
 def exit_code(command: Callable[[], int], bad_input: tuple[type[Exception], ...], stopped: str) -> int:
     """Run a command-line command: bad input or an unusable store is one line and exit 2 (nothing was started), a store
-    that failed mid-run one line and 1, SIGTERM/SIGINT one line ("stopped by X; " + stopped) and 143/130."""
+    that failed mid-run one line and 1, SIGTERM/SIGINT one line ("stopped by X; " + stopped) and 143/130; any other
+    error of the store (away while a command reads it) one line and 1."""
     try:
         with stop_on_signals():
             return command()
@@ -75,6 +76,15 @@ def exit_code(command: Callable[[], int], bad_input: tuple[type[Exception], ...]
         return 2
     except StoreFailure as e:  # the tracker kept what the store did not take; the message says where
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        errors = sys.modules.get("mlflow.exceptions")  # not imported: not MLflow's (the library trains without it)
+        if errors is None or not isinstance(e, errors.MlflowException):
+            raise
+        import mlflow
+
+        from .delivery import first_line
+        print(f"error: tracking store {mlflow.get_tracking_uri()}: {first_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         name, code = stopped_by(e)

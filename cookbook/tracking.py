@@ -259,8 +259,6 @@ LR_FIND_TAG = "lr_find"  # on a range-test run: its config's name (not CONFIG_TA
 def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: str, parent_run_id: str | None = None) -> str:
     """One FINISHED MLflow run for an LR range test: the config as params, loss and smoothed loss per step (step = update,
     the LR as `lr_find/lr`), the figure, and the suggestions as tags; nested under parent_run_id if given; returns its id."""
-    from .lr_find import figure
-
     ready_store()
     client = MlflowClient()
     run_id = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")  # in `mlflow run . -e lr_find`: the project's run
@@ -268,6 +266,19 @@ def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: st
         nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run_id = client.create_run(mlflow.set_experiment(experiment).experiment_id, run_name=f"lr-find {cfg.name}",
                                    tags=nested).info.run_id
+    try:
+        log_range_run(client, run_id, cfg, data_md5, result)
+    except BaseException as e:  # the store failed partway, or a signal: the run must not stay RUNNING
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return run_id
+
+
+def log_range_run(client: MlflowClient, run_id: str, cfg: Config, data_md5: dict[str, str], result) -> None:
+    """Write a range test's params, tags, curve and figure to its run, and end it FINISHED."""
+    from .lr_find import figure
+
     mark_training(client, run_id)
     tags = {LR_FIND_TAG: cfg.name, SEED_TAG: cfg.seed, PROCESS_TAG: process_id(), "lr_find.steepest_lr": result.steepest_lr,
             "lr_find.min_over_10_lr": result.min_over_10_lr, "lr_find.blowup_lr": result.blowup_lr or "none",
@@ -282,4 +293,3 @@ def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: st
     client.log_figure(run_id, fig, "lr_find.png")
     fig.clf()
     client.set_terminated(run_id, "FINISHED")
-    return run_id

@@ -206,3 +206,14 @@ def test_logged_model_loads_and_scores_the_logged_test_accuracy(mnist_dir, track
     assert not list((tmp_path / "mlflow-spool").glob("*"))
     assert main(["train", "--config", "batchnorm", "--no-log-model", "--experiment", "bare", *TINY_FLAGS]) == 0
     assert not only_run("bare").outputs.model_outputs
+
+
+@pytest.mark.parametrize("argv", [["sync"], ["resume", "0" * 32], ["reproduce", "0" * 32]])
+def test_a_store_away_while_a_command_reads_it_is_one_line_about_the_store(argv, tmp_path, monkeypatch, capsys):
+    """Not a traceback, and not 'no run': the store did not answer."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # port 9: nothing listens
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking store http://127.0.0.1:9: API request") and err.count("\n") == 1

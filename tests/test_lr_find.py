@@ -48,3 +48,22 @@ def test_lr_find_command_tracks_one_run(mnist_dir, tracking, capsys):
     assert 1e-6 <= float(run.data.tags["lr_find.steepest_lr"]) <= 10
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["lr_find.png"]
     assert main(["lr-find", "--config", "no_tricks", "--start-lr", "1", "--end-lr", "0.1"]) == 2
+
+
+def test_a_store_failing_while_the_curve_is_written_ends_the_run_failed_in_one_line(mnist_dir, tracking, capsys,
+                                                                                     monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from cookbook import tracking as tracking_module
+
+    def store_away(*args):
+        raise MlflowException("API request to http://127.0.0.1:5000 failed with exception Connection refused")
+
+    monkeypatch.setattr(tracking_module, "send", store_away)
+    flags = [f for f in TINY_FLAGS if f != "--no-system-metrics"]
+    assert main(["lr-find", "--config", "no_tricks", *flags, "--steps", "10", "--experiment", "lr"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow's own INFO line about the new experiment before it)
+    assert last.startswith("error: tracking store ") and last.endswith("Connection refused")
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("lr").experiment_id])
+    assert run.info.status == "FAILED"  # not RUNNING for ever
