@@ -6,11 +6,12 @@ from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from cookbook.config import ConfigError
+from cookbook.resume import recorded_run
 from cookbook.stop import gone, process_id
 
 DEFAULT_STORAGE = "optuna/journal.log"  # the embedded default, in the project folder
@@ -25,9 +26,9 @@ class SweepError(ValueError):
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """A failed (killed) cell: close its MLflow run as KILLED and enqueue the cell again (at most RETRIES times)."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id and MlflowClient().get_run(run_id).info.status == "RUNNING":
-        MlflowClient().set_terminated(run_id, "KILLED")
+    client, run_id = MlflowClient(), trial.user_attrs.get("mlflow_run_id")
+    if run_status(client, run_id) == "RUNNING":  # None: its run is in another store (the sweep moved), nothing to close
+        client.set_terminated(run_id, "KILLED")
     RetryFailedTrialCallback(max_retry=RETRIES)(study, trial)
 
 
@@ -101,11 +102,9 @@ def recorded_trials(study: optuna.Study) -> list[FrozenTrial]:
 def run_status(client: MlflowClient, run_id: str | None) -> str | None:
     """The run's status in this store, None if the store has no such run."""
     try:
-        return client.get_run(run_id).info.status if run_id else None
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+        return recorded_run(client, run_id).info.status if run_id else None
+    except ConfigError:
+        return None
 
 
 def check_records(study: optuna.Study) -> int:

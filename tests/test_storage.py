@@ -24,3 +24,22 @@ def test_heartbeat_is_sent_on_rdb_storages_only(tmp_path):
     assert optuna.storages.fail_stale_trials(rdb) is None and rdb.trials[0].state == TrialState.RUNNING  # beat recently
     journal = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
     assert type(heartbeat(journal, journal.ask())).__name__ == "NullHeartbeatThread"
+
+
+def test_requeue_of_a_cell_whose_run_is_in_another_store_queues_it_again(tracking, tmp_path):
+    """Its run cannot be closed here (the sweep moved to another MLflow store): the cell is queued all the same."""
+    from mlflow import MlflowClient
+
+    from experiments.storage import requeue
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0)})
+    trial.set_user_attr("mlflow_run_id", "0" * 32)
+    study.tell(trial, state=TrialState.FAIL)
+    requeue(study, study.trials[0])
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    running = MlflowClient().create_run(MlflowClient().create_experiment("here")).info.run_id
+    trial = study.ask()
+    trial.set_user_attr("mlflow_run_id", running)
+    study.tell(trial, state=TrialState.FAIL)
+    requeue(study, study.trials[-1])
+    assert MlflowClient().get_run(running).info.status == "KILLED"  # a run in this store is closed
