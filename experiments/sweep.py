@@ -109,25 +109,31 @@ def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent
     groups: dict[str, list[Claim]] = {}
     for claimed in taken:
         groups.setdefault(group_key(claimed.cell), []).append(claimed)
-    for members in groups.values():
-        trials = [m.trial for m in members]
-        with contextlib.ExitStack() as stack:
-            for t in trials:  # RDB storages: heartbeats as study.optimize would send them
-                stack.enter_context(heartbeat(study, t))
-            try:
-                runs = [cell_run(m.trial, m.cell, experiment, parent_run_id) for m in members]
-                trackers = [stack.enter_context(run.tracker) for run in runs]
-                for t, tracker in zip(trials, trackers):
-                    t.set_user_attr("mlflow_run_id", tracker.run_id)
-                    t.set_user_attr("stacked", len(trials))
-                results = train_stacked([run.cfg for run in runs], runs[0].data,
-                                        [[tr, ReportToOptuna(t)] for t, tr in zip(trials, trackers)])
-            except BaseException:  # SIGTERM/Ctrl-C too: the trials fail and the worker gives their cells back
-                for t in trials:
-                    study.tell(t, state=TrialState.FAIL)
-                raise
-        for t, result in zip(trials, results):
-            study.tell(t, record_result(t, result))
+    untold = [claimed.trial for claimed in taken]
+    with contextlib.ExitStack() as beating:
+        for trial in untold:  # RDB storages: heartbeats as study.optimize would send them, for groups waiting their turn too
+            beating.enter_context(heartbeat(study, trial))
+        try:
+            for members in groups.values():
+                for claimed, result in zip(members, train_group(members, experiment, parent_run_id)):
+                    study.tell(claimed.trial, record_result(claimed.trial, result))
+                    untold.remove(claimed.trial)
+        except BaseException:  # SIGTERM/Ctrl-C too: every trial not told fails, and the worker gives its cell back
+            for trial in untold:
+                study.tell(trial, state=TrialState.FAIL)
+            raise
+
+
+def train_group(members: list[Claim], experiment: str, parent_run_id: str | None) -> list:
+    """Train cells that differ only in seed as one stacked model, each tracked as its own run; their results."""
+    with contextlib.ExitStack() as stack:
+        runs = [cell_run(m.trial, m.cell, experiment, parent_run_id) for m in members]
+        trackers = [stack.enter_context(run.tracker) for run in runs]
+        for m, tracker in zip(members, trackers):
+            m.trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            m.trial.set_user_attr("stacked", len(members))
+        return train_stacked([run.cfg for run in runs], runs[0].data,
+                             [[tr, ReportToOptuna(m.trial)] for m, tr in zip(members, trackers)])
 
 
 def work(storage_spec: str, name: str, experiment: str, threads: int | None = None, stack: int = 1) -> None:
