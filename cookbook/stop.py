@@ -16,11 +16,38 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C, so that runs end KILLED with every step they trained."""
 
 
+class _Deferred:
+    """How many `uninterrupted` blocks are open, and the signal that arrived in one."""
+
+    depth = 0
+    signum: int | None = None
+
+
+def _stop(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _raise(signum, frame):
     # A second signal during the clean-up the first one started would cut it short (a run left RUNNING): ignore it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    if _Deferred.depth:
+        _Deferred.signum = signum
+        return
+    raise _stop(signum)
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """A signal during the block (a handover of rows to the hooks) raises as the block ends, not halfway through it."""
+    _Deferred.depth += 1
+    try:
+        yield
+    finally:
+        _Deferred.depth -= 1
+        if not _Deferred.depth and _Deferred.signum is not None:  # raised even over an error of the block (its context)
+            signum, _Deferred.signum = _Deferred.signum, None
+            raise _stop(signum)
 
 
 @contextlib.contextmanager

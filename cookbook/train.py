@@ -21,6 +21,7 @@ from .model import build_model, parameter_count
 from .monitor import Monitor, host_sync
 from .schedule import WarmupCosineLR, set_lr
 from .step import StepRunner, step_stats
+from .stop import uninterrupted
 
 RESUMED_TAG = "resumed_from_step"  # on a run continued from a checkpoint: the steps it had done before
 
@@ -171,8 +172,11 @@ def run_epoch(parts: Parts, runner: StepRunner, order: list[torch.Tensor], first
             lr = parts.scheduler.lr_of(step)
             parts.scheduler.step()
             sums += stats
-            if (monitor.record(step, stats[:2], lr) or i == len(order) - 1) and deliver(monitor.flush()):
-                return None
+            if monitor.record(step, stats[:2], lr) or i == len(order) - 1:
+                with uninterrupted():  # a signal while the rows are handed over would lose them: it waits till after
+                    stop = deliver(monitor.flush())
+                if stop:
+                    return None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: hand over every step that finished, then stop
         deliver([[(s, m) for s, m in rows if "train/loss" in m] for rows in monitor.flush()])
         raise

@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import DATA_DIR, ROOT
+from cookbook.hooks import Hook
 
 LONG = ["--config", "no_tricks", "--epochs", "3000", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32",
         "--data-dir", str(DATA_DIR), "--no-system-metrics", "--experiment", "signals"]  # 24,000 steps: never done before the signal
@@ -119,3 +120,29 @@ def test_a_signal_while_the_end_waits_on_the_store_spools_what_it_has_not_taken(
     spool = spool_path(tracker.run_id)
     assert spool.is_file() and replay(spool) == (2, 0, "FINISHED")  # the steps and the run's end, stored by `sync`
     assert sorted(m.step for m in MlflowClient().get_metric_history(tracker.run_id, "train/loss")) == list(range(5))
+
+
+class SignalsWhileHandedRows(Hook):
+    """Sends this process SIGINT as it is handed the rows of the third flush (a signal mid-handover)."""
+
+    def __init__(self):
+        self.flushes, self.last_step = 0, -1
+
+    def on_metrics(self, rows):
+        self.flushes += 1
+        self.last_step = max([self.last_step] + [step for step, _ in rows])
+        if self.flushes == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs at once, here, in the main thread
+
+
+def test_a_signal_while_rows_are_handed_over_reaches_every_hook_first(tiny_cfg, tiny_data):
+    """The hook after the one the signal interrupts still gets those rows: no step trained is lost to it."""
+    from cookbook.hooks import Recorder
+    from cookbook.stop import stop_on_signals
+    from cookbook.train import train
+
+    signaller, recorder = SignalsWhileHandedRows(), Recorder()
+    with pytest.raises(KeyboardInterrupt), stop_on_signals():
+        train(tiny_cfg, tiny_data, [signaller, recorder])
+    steps = [step for step, _ in recorder.history["train/loss"]]
+    assert signaller.flushes >= 3 and steps == list(range(signaller.last_step + 1))
