@@ -4,7 +4,7 @@ from __future__ import annotations
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from .checkpoint import checkpoint_path
+from .checkpoint import checkpoint_path, load
 from .config import ConfigError
 from .delivery import spool_path
 from .stop import gone, process_id
@@ -65,4 +65,16 @@ def resumable(client: MlflowClient, run_id: str):
     if not path.is_file():
         raise ConfigError(f"run {run_id} has no checkpoint at {path} (it stopped before its first epoch ended, "
                           f"or trained in another folder: set COOKBOOK_CHECKPOINT_DIR); train it again instead")
+    check_stored_through(client, run_id, load(path))
     return run, path
+
+
+def check_stored_through(client: MlflowClient, run_id: str, state: dict) -> None:
+    """The store must hold every step and the epoch summary up to the checkpoint: resumed, the run trains on after it,
+    so what a killed process still had queued for the store (an outage) would be a hole. One-line ConfigError if not."""
+    stored = 1 + max((m.step for m in client.get_metric_history(run_id, LOSS_METRIC)), default=-1)
+    summary = all(any(m.step == state["epoch"] for m in client.get_metric_history(run_id, key)) for key in state["final"])
+    if stored < state["steps_run"] or not summary:
+        raise ConfigError(f"run {run_id}: its checkpoint is after epoch {state['epoch']} (step {state['steps_run']}) but "
+                          f"the store has {stored} steps{'' if summary else ' and not that epoch summary'} (the rest "
+                          "was lost with the process); train it again instead")

@@ -178,3 +178,26 @@ def test_a_run_with_spooled_writes_is_synced_before_it_resumes(tracking, tmp_pat
     write_spool(spool_path(run_id), tracking, run_id, [{"op": "end", "status": "KILLED"}])
     with pytest.raises(ConfigError, match="python -m cookbook sync"):
         resumable(client, run_id)
+
+
+@pytest.mark.parametrize("stored_steps, summary, resumes", [(16, True, True), (12, True, False), (16, False, False)])
+def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, summary, resumes, tracking, tmp_path,
+                                                                monkeypatch):
+    """Killed during an outage after its checkpoint: the steps it still had queued are nowhere; resumed, they'd be a hole."""
+    from mlflow.entities import Metric
+
+    from cookbook.checkpoint import checkpoint_path, save
+    from cookbook.config import ConfigError
+    from cookbook.resume import resumable
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("hole")).info.run_id
+    points = [Metric("train/loss", 1.0, 0, step) for step in range(stored_steps)]
+    client.log_batch(run_id, metrics=points + ([Metric("test/acc", 0.5, 0, 2)] if summary else []), synchronous=True)
+    client.set_terminated(run_id, "KILLED")
+    save(checkpoint_path(run_id), {"epoch": 2, "steps_run": 16, "final": {"test/acc": 0.5}})
+    if resumes:
+        assert resumable(client, run_id)[1] == checkpoint_path(run_id)
+    else:
+        with pytest.raises(ConfigError, match=r"after epoch 2 \(step 16\) but the store has .* train it again"):
+            resumable(client, run_id)
