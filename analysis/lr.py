@@ -7,11 +7,19 @@ import pandas as pd
 from analysis import figures, load
 from analysis.sections import Section, Skip, fmt_ci, scale_note
 from analysis.select import LR_KEY, classified, largest_scale, lr_grid, outcome, own_lr, size_sweep
-from analysis.stats import lr_sensitivity, mean_ci95, within_noise
+from analysis.stats import capped_losses, lr_sensitivity, mean_ci95, noise_verdict
 from cookbook.config import TRAIN_SIZE
-from experiments.boundary import CONVERGE_RATIO
+from experiments.boundary import CHANCE_LOSS, CONVERGE_RATIO
 
 X100 = 100  # the seed's stress test: each config at 100 x its own LR
+
+
+def latest_per_config(reports: list[dict]) -> dict[str, dict]:
+    """The newest stress study of each config (reports come latest first): a rerun replaces, it does not add."""
+    latest = {}
+    for r in reports:
+        latest.setdefault(r["config"], r)
+    return latest
 
 
 def converge_ratio(reports: list[dict]) -> float:
@@ -33,7 +41,7 @@ def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[p
     rows = [{"config": r["config"], "LR": X100 * r["base_lr"], "seed": x["seed"],
              "outcome": "converged" if x["converged"] else f"diverged at step {int(x['diverged_step'])}" if x["diverged"]
              else "did not converge", "final loss": x["final_loss"], "step-0 loss": np.nan, "source": "stress study"}
-            for r in reports for x in r["x100"]]
+            for r in latest_per_config(reports).values() for x in r["x100"]]
     return pd.DataFrame(rows, columns=["config", "LR", "seed", "outcome", "final loss", "step-0 loss", "source"]), hit
 
 
@@ -79,7 +87,8 @@ def lr_stress(runs: pd.DataFrame, reports: list[dict], tests: pd.DataFrame) -> S
     bounds = boundaries(runs, reports)
     versus, versus_table = range_test_vs_boundary(reports, tests) if reports else ("", pd.DataFrame())
     scale = scale_note(hit) if len(hit) else "*Scale: the stress study's (below).*\n\n"
-    figs = {"lr_stress": figures.lr_stress(grid, {r["config"]: r["boundary_lr"] for r in reports if r.get("boundary_lr")})} \
+    latest = latest_per_config(reports).values()
+    figs = {"lr_stress": figures.lr_stress(grid, {r["config"]: r["boundary_lr"] for r in latest if r.get("boundary_lr")})} \
         if grid.lr.nunique() >= 2 else {}
     grid_note = f"\n\nFigure: final loss against LR. *Grid scale: {'; '.join(sorted(grid.scale.unique()))}.*" if figs else ""
     tables = {"lr_x100": x100, **({"range_test_vs_boundary": versus_table} if len(versus_table) else {})}
@@ -101,11 +110,8 @@ def blowup_verdict(blowup: float, r: dict) -> str:
 
 def range_test_vs_boundary(reports: list[dict], tests: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     """Each config's LR range-test blow-up beside its stress boundary: does one short run predict where training diverges?"""
-    latest = {}
-    for r in reports:  # latest first: the newest study of each config
-        latest.setdefault(r["config"], r)
     rows = []
-    for config, r in latest.items():
+    for config, r in latest_per_config(reports).items():
         mine = tests[tests.config == config].sort_values("start_time")
         named = mine[mine.run_id == r.get("lr_find_run_id")]  # the one that set the study's range, else the latest
         if mine.empty:
@@ -145,9 +151,10 @@ def range_scale(test) -> str:
 def isolation(runs: pd.DataFrame) -> Section:
     """7. Each config at its own best LR from the grid (an isolation plot's numbers), seed noise labelled."""
     grid = lr_grid(runs)
-    grid = grid[~grid.diverged & grid.final_loss.notna()]
+    failed = grid.diverged | grid.final_loss.isna()  # an LR where any seed diverged is not a candidate: not its survivors' mean
+    grid = grid[~grid.assign(failed=failed).groupby(["config", "lr"]).failed.transform("any")]
     if grid.empty or grid.groupby("config").lr.nunique().max() < 2:
-        raise Skip("no config was run at 2 or more learning rates without diverging")
+        raise Skip("no config was run at 2 or more learning rates where no seed diverged")
     mean = grid.groupby(["config", "lr"]).final_loss.mean()
     best = mean.groupby("config").idxmin().map(lambda k: k[1])
     at_best = {c: grid[(grid.config == c) & np.isclose(grid.lr, lr)] for c, lr in best.items()}
@@ -156,21 +163,23 @@ def isolation(runs: pd.DataFrame) -> Section:
                            "test acc at best LR": fmt_ci(*mean_ci95(at.test_acc), digits=4), "seeds": len(at)}
                           for c, at in at_best.items()])
     winner = min(at_best, key=lambda c: at_best[c].final_loss.mean())
-    notes = [f"{c} vs {winner}: " + ("within seed noise" if within_noise(at.final_loss, at_best[winner].final_loss)
-                                     else "outside seed noise") for c, at in at_best.items() if c != winner]
-    text = scale_note(grid) + f"Each config at the LR that is best for it on the grid. Best: **{winner}**. " + "; ".join(notes) + "."
+    notes = [f"{c} vs {winner}: {noise_verdict(at.final_loss, at_best[winner].final_loss)}" for c, at in at_best.items()
+             if c != winner]
+    text = (scale_note(grid) + "Each config at the LR that is best for it on the grid, among LRs where no seed diverged. "
+            f"Best: **{winner}**. " + "; ".join(notes) + ".")
     return Section("Tuned comparison (best LR per config)", text, {"isolation": table})
 
 
 def size_table(sized: pd.DataFrame, init: float) -> pd.DataFrame:
-    """Per model size and warmup: LR sensitivity, the best LR and its loss, diverged runs."""
+    """Per model size and warmup: LR sensitivity, the best LR and its loss (means over seeds, a diverged seed counting as
+    the loss at init), diverged runs."""
     rows = []
     for (params, warmup), g in sized.groupby(["params", "warmup"]):
-        mean = g.groupby("lr").final_loss.mean()
-        best = mean.idxmin() if mean.notna().any() else np.nan
+        mean = g.assign(capped=capped_losses(g.final_loss, g.diverged, init)).groupby("lr").capped.mean()
+        learned = (mean < init).any()  # else every LR failed: there is no best one
         rows.append({"params": int(params), "width": g.width.iloc[0], "depth": int(g.depth.iloc[0]), "warmup": warmup,
-                     "sensitivity": lr_sensitivity(list(mean), init), "best LR": best,
-                     "best final loss": mean.min(), "diverged runs": f"{int(g.diverged.sum())}/{len(g)}",
+                     "sensitivity": lr_sensitivity(list(mean), init), "best LR": mean.idxmin() if learned else np.nan,
+                     "best final loss": mean.min() if learned else np.nan, "diverged runs": f"{int(g.diverged.sum())}/{len(g)}",
                      "LRs": g.lr.nunique(), "seeds": g.seed.nunique()})
     return pd.DataFrame(rows)
 
@@ -181,8 +190,7 @@ def warmup_size(runs: pd.DataFrame) -> Section:
     if sized.empty or sized.param_count.nunique() < 2 or sized.lr.nunique() < 2:
         raise Skip("no warmup-vs-size sweep here (runs that override model.width or model.depth, at 2+ sizes and 2+ LRs)")
     sized = sized.assign(warmup=np.where(sized.warmup_epochs > 0, "warmup", "no warmup"), params=sized.param_count)
-    init = float(np.log(10))  # loss of a uniform prediction over 10 classes: the loss at init
-    table = size_table(sized, init)
+    table = size_table(sized, CHANCE_LOSS)  # the loss of a uniform prediction over 10 classes: the loss at init
     wide = table.pivot(index="params", columns="warmup", values="sensitivity")
     rule = "no-warmup LR sensitivity more than 25% and 0.01 nats above warmup's"
     answer = f"Within the sizes tried warmup never mattered by the rule ({rule})."

@@ -15,7 +15,7 @@ from scipy import stats as scipy_stats
 
 from analysis import load
 from analysis.load import AnalysisError
-from analysis.stats import mean_difference, within_noise
+from analysis.stats import mean_difference, noise_verdict
 
 METRICS = ("final_loss", "test_acc")
 
@@ -41,7 +41,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             rows.append({"config": config, "metric": metric, "seeds": f"{len(fp32)}/{len(bf16)}",
                          "fp32": f"{fp32.mean():.4f} ± {fp32.std():.4f}", "bf16": f"{bf16.mean():.4f} ± {bf16.std():.4f}",
                          "bf16 - fp32": diff, "2 SE": 2 * se, "welch_p": scipy_stats.ttest_ind(bf16, fp32, equal_var=False).pvalue,
-                         "verdict": "within seed noise" if within_noise(fp32, bf16) else "outside seed noise"})
+                         "verdict": noise_verdict(fp32, bf16)})
     return pd.DataFrame(rows)
 
 

@@ -77,11 +77,13 @@ def results_table(runs: pd.DataFrame) -> Section:
     runner_up = values.final_loss_mean.drop(lowest).idxmin() if len(values) > 1 else None
     tie = runner_up is not None and within_noise(per_run[per_run.config == lowest].final_loss,
                                                   per_run[per_run.config == runner_up].final_loss)
+    behind = {True: "within seed noise of it.", False: "behind it by more than seed noise.",
+              None: "behind it; seed noise unknown (fewer than 2 seeds)."}
     text = (scale_note(done) + f"{len(done)} runs, every config at its own settings (no model, optim or schedule key "
             f"overridden). **Fastest first epoch:** {fastest} (epoch-1 loss {values.epoch1_loss_mean[fastest]:.3f}). "
             f"**Lowest final loss:** {lowest} ({values.final_loss_mean[lowest]:.4f})"
             + (f"; {runner_up} ({values.final_loss_mean[runner_up]:.4f}) is "
-               + ("within seed noise of it." if tie else "behind it by more than seed noise.") if runner_up else "."))
+               + behind[tie] if runner_up else "."))
     return Section("Results table", text, {"results": table, "results_values": values.reset_index()})
 
 

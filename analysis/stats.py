@@ -40,7 +40,23 @@ def mean_difference(a, b) -> tuple[float, float]:
     return float(b.mean() - a.mean()), math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
 
 
-def within_noise(a, b) -> bool:
-    """Two samples' means differ by less than 2 standard errors of the difference (Welch)."""
+def within_noise(a, b) -> bool | None:
+    """Two samples' means differ by less than 2 standard errors of the difference (Welch); None where a side has fewer
+    than 2 values: there is no estimate of the noise to say either."""
     diff, se = mean_difference(a, b)
-    return bool(abs(diff) < 2 * se)  # False when either side has fewer than 2 values (nan SE)
+    return None if math.isnan(se) else bool(abs(diff) < 2 * se)
+
+
+NOISE_VERDICTS = {True: "within seed noise", False: "outside seed noise", None: "seed noise unknown (fewer than 2 seeds)"}
+
+
+def noise_verdict(a, b) -> str:
+    """within_noise in words."""
+    return NOISE_VERDICTS[within_noise(a, b)]
+
+
+def capped_losses(final_losses, diverged, init_loss: float) -> np.ndarray:
+    """Each run's final loss as LR sensitivity counts it: a diverged or non-finite one is the loss at init, none above it.
+    Averaged over seeds only after this, so an LR where some seeds diverged is not scored on its survivors."""
+    v = np.where(np.asarray(diverged, dtype=bool), np.nan, np.asarray(final_losses, dtype=float))
+    return np.minimum(np.where(np.isfinite(v), v, init_loss), init_loss)

@@ -77,13 +77,19 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
     initial = recorder.history["train/loss"][0][1] if recorder.history.get("train/loss") else float("nan")
-    final = result.final.get("epoch/train_loss", float("nan"))
-    ok = not result.diverged and converged(final, initial, spec["converge_ratio"])
-    set_attrs(trial, {"diverged": result.diverged, "steps_run": result.steps_run, "initial_loss": initial,
-                      "final_loss": final if math.isfinite(final) else None, "converged": ok})
+    outcome = trial_outcome(result, initial, spec["converge_ratio"])
+    set_attrs(trial, outcome)
     if result.diverged:
         raise optuna.TrialPruned(f"diverged at step {result.diverged_step}")
-    return log_lr if ok else lo - 1.0
+    return log_lr if outcome["converged"] else lo - 1.0
+
+
+def trial_outcome(result, initial_loss: float, converge_ratio: float) -> dict:
+    """What a trial keeps of its training; a diverged one has no final loss (its last epoch's is from before it blew up)."""
+    final = result.final.get("epoch/train_loss", float("nan"))
+    kept = math.isfinite(final) and not result.diverged
+    return {"diverged": result.diverged, "steps_run": result.steps_run, "initial_loss": initial_loss,
+            "final_loss": final if kept else None, "converged": kept and converged(final, initial_loss, converge_ratio)}
 
 
 def open_stress_study(storage: str, config: str, spec: dict | None = None, name: str | None = None) -> optuna.Study:

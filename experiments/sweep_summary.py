@@ -12,9 +12,10 @@ def summary(study: optuna.Study) -> pd.DataFrame:
     """One row per finished cell, from the study's records (a cell the pruner stopped has no final loss)."""
     rows = []
     for t in recorded_trials(study):
+        diverged = t.user_attrs.get("diverged")  # then the last epoch's numbers are from before it blew up: not a result
         rows.append({**{k: t.user_attrs.get(k) for k in GRID},
-                     "cell": t.params["cell"], "final_loss": t.user_attrs.get("epoch/train_loss"),
-                     "test_acc": t.user_attrs.get("test/acc"), "diverged": t.user_attrs.get("diverged"),
+                     "cell": t.params["cell"], "final_loss": None if diverged else t.user_attrs.get("epoch/train_loss"),
+                     "test_acc": None if diverged else t.user_attrs.get("test/acc"), "diverged": diverged,
                      "pruned": PRUNED_ATTR in t.user_attrs, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
     return pd.DataFrame(rows)
 

@@ -10,7 +10,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from analysis import load
 from analysis.cli import main
-from analysis.stats import layer_spread, lr_sensitivity, mean_ci95
+from analysis.lr import latest_per_config, size_table
+from analysis.stats import capped_losses, layer_spread, lr_sensitivity, mean_ci95, noise_verdict, within_noise
 from cookbook import tracking as t
 from cookbook.tracking import SNAPSHOT_ARTIFACT
 from experiments.pruning import PRUNED_TAG
@@ -74,6 +75,44 @@ def test_stats_by_hand():
     assert lr_sensitivity([0.5, 0.2, float("inf")], math.log(10)) == pytest.approx((0.5 + 0.2 + math.log(10)) / 3 - 0.2)
     assert lr_sensitivity([3.0, 0.2], 2.0) == pytest.approx((2.0 + 0.2) / 2 - 0.2)  # capped at the loss at init
     assert layer_spread([0.5, 2.0]) == 4.0
+
+
+def test_seed_noise_needs_two_seeds_a_side_and_a_diverged_seed_counts_as_the_loss_at_init():
+    assert within_noise([0.1, 0.12], [0.5, 0.52]) is False and within_noise([0.1, 0.3], [0.12, 0.32]) is True
+    assert within_noise([0.1], [0.5]) is None and noise_verdict([0.1], [0.5]) == "seed noise unknown (fewer than 2 seeds)"
+    assert capped_losses([0.1, 0.05, float("nan"), 3.0], [False, True, False, False], 2.0).tolist() == [0.1, 2.0, 2.0, 2.0]
+
+
+def test_size_table_scores_each_lr_on_all_its_seeds():
+    """One seed of two diverged at LR 0.1: its survivor's 0.05 must not make 0.1 the best LR."""
+    init = math.log(10)
+    sized = pd.DataFrame({"params": 1000, "warmup": "no warmup", "width": 1.0, "depth": 3, "seed": [0, 1, 0, 1],
+                          "lr": [1e-3, 1e-3, 1e-1, 1e-1], "final_loss": [0.3, 0.3, 0.05, float("nan")],
+                          "diverged": [False, False, False, True]})
+    row = size_table(sized, init).iloc[0]
+    assert row["best LR"] == 1e-3 and row["best final loss"] == 0.3
+    assert row["sensitivity"] == pytest.approx((0.3 + (0.05 + init) / 2) / 2 - 0.3)
+    every_lr_failed = size_table(sized.assign(diverged=True), init).iloc[0]
+    assert math.isnan(every_lr_failed["best LR"]) and every_lr_failed["sensitivity"] == 0
+
+
+def test_a_rerun_stress_study_replaces_the_older_one():
+    newest_first = [{"config": "no_tricks", "boundary_lr": 0.5}, {"config": "no_tricks", "boundary_lr": 0.05},
+                    {"config": "batchnorm", "boundary_lr": 1.0}]
+    assert {c: r["boundary_lr"] for c, r in latest_per_config(newest_first).items()} == {"no_tricks": 0.5, "batchnorm": 1.0}
+
+
+def test_tuned_comparison_takes_no_lr_where_a_seed_diverged(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("tuned")
+    for seed in (0, 1):
+        make_run(client, exp, "no_tricks", seed, 0.3)
+        make_run(client, exp, "no_tricks", seed, 0.4, lr=3e-3, name=f"no_tricks seed={seed} lr=0.003")
+        make_run(client, exp, "no_tricks", seed, 0.05 if seed == 0 else float("nan"), lr=1e-2, diverged=seed == 1,
+                 name=f"no_tricks seed={seed} lr=0.01")
+    assert main(["--experiment", "tuned", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
+    isolation = pd.read_csv(tmp_path / "isolation.csv").set_index("config")
+    assert isolation.loc["no_tricks", "best LR"] == 1e-3 and isolation.loc["no_tricks", "seeds"] == 2
 
 
 def test_report_numbers_and_figures(known, tmp_path, capsys):

@@ -109,3 +109,13 @@ def test_a_range_test_that_never_blew_up_leaves_the_default_range(tracking, tmp_
         study = stress.start_study(args, "no_tricks", [0], {}, parent.info)
     assert search_range(study.user_attrs) == pytest.approx((-3.0, 0.0)) and study.user_attrs["lr_find_run_id"] == "its-run-id"
     assert "from its LR: the LR range test never blew up" in stress.format_report(stress.report(study))
+
+
+def test_a_trial_that_diverged_after_an_epoch_keeps_no_final_loss():
+    from cookbook.train import TrainResult
+    from experiments.stress import trial_outcome
+    diverged = TrainResult(steps_run=20, total_steps=32, diverged=True, diverged_step=20, final={"epoch/train_loss": 0.5})
+    assert trial_outcome(diverged, 2.3, 0.5) == {"diverged": True, "steps_run": 20, "initial_loss": 2.3, "final_loss": None,
+                                                 "converged": False}
+    done = TrainResult(steps_run=32, total_steps=32, final={"epoch/train_loss": 0.5})
+    assert trial_outcome(done, 2.3, 0.5)["final_loss"] == 0.5 and trial_outcome(done, 2.3, 0.5)["converged"] is True

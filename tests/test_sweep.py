@@ -196,3 +196,17 @@ def test_a_stopped_stacked_worker_fails_every_cell_it_claimed_not_only_the_group
     with pytest.raises(KeyboardInterrupt):
         sweep.run_stacked(study, sweep.claim(study, 4), "stopped", None)  # two groups of two seeds
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 4
+
+
+def test_the_sweep_summary_takes_no_final_loss_from_a_diverged_cell():
+    """A cell that diverged in epoch 2 kept epoch 1's loss: averaged in, it would pass for a result."""
+    from experiments.sweep_summary import summary
+    study = optuna.create_study()
+    for seed, loss, diverged in ((0, 0.3, False), (1, 0.9, True)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"cell": f"no_tricks seed={seed}"}, value=loss,
+            distributions={"cell": optuna.distributions.CategoricalDistribution([f"no_tricks seed={seed}"])},
+            user_attrs={"config": "no_tricks", "seed": seed, "epoch/train_loss": loss, "test/acc": 0.9, "diverged": diverged}))
+    table = summary(study)
+    assert table.final_loss.tolist()[0] == 0.3 and table.final_loss.isna().tolist() == [False, True]
+    assert table.test_acc.isna().tolist() == [False, True]
