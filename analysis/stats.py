@@ -22,8 +22,8 @@ def lr_sensitivity(final_losses, init_loss: float) -> float:
 
     A diverged or non-finite final loss counts as the loss at init.
     """
-    capped = [min(x, init_loss) if x is not None and math.isfinite(x) else init_loss for x in final_losses]
-    return float(np.mean(capped) - min(capped))
+    capped = capped_losses(final_losses, np.zeros(len(final_losses), dtype=bool), init_loss)
+    return float(capped.mean() - capped.min())
 
 
 def layer_spread(norms) -> float:
