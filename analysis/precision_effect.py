@@ -1,9 +1,12 @@
-"""bf16 autocast vs fp32: final train loss and test accuracy per config over seeds, and whether the gap is within seed noise.
+"""bf16 autocast vs fp32: final train loss and test accuracy per config, paired by seed, and whether the gap is within
+seed noise.
 
     python -m analysis.precision_effect --experiment precision
 
-Reads only MLflow (analysis.load): finished, non-diverged runs whose resolved config says fp32 or bf16.
-A gap counts as "within seed noise" by the report's rule (analysis.stats.within_noise: < 2 Welch SE).
+Reads only MLflow (analysis.load): the latest finished run of each config, setting, seed and precision. A run is paired
+with the run of the other precision that has the same config, setting and seed (same initialisation and data order), so
+the gap is judged against the spread of the per-seed differences (analysis.stats.within_noise, paired: < 2 SE). A
+diverged run has no final metrics: it leaves its pair out and is counted in its own column, never hidden.
 """
 from __future__ import annotations
 
@@ -15,33 +18,48 @@ from scipy import stats as scipy_stats
 
 from analysis import load
 from analysis.load import AnalysisError
-from analysis.stats import mean_difference, noise_verdict
+from analysis.stats import noise_verdict, paired_difference
 
 METRICS = ("final_loss", "test_acc")
+PRECISIONS = ("fp32", "bf16")
+# Everything that must match for two runs to differ only in precision; the seed is matched on its own.
+SETTING = ["config", "lr", "width", "depth", "warmup_epochs", "max_norm", "norm", "epochs", "batch_size", "train_subset",
+           "test_subset"]
 
 
 def precision_runs(experiment: str) -> pd.DataFrame:
-    """config, seed, precision and the two final metrics of every finished, non-diverged run."""
+    """The latest finished fp32 or bf16 run of each setting, seed and precision in the experiment."""
     runs = load.training_runs(experiment)
-    runs = runs[~runs.diverged & runs.precision.isin(["fp32", "bf16"])]
+    runs = runs[runs.precision.isin(PRECISIONS)]
     if runs.empty:
-        raise AnalysisError(f"no finished, non-diverged fp32 or bf16 runs in '{experiment}'")
-    return runs[["config", "seed", "precision", *METRICS]].dropna()
+        raise AnalysisError(f"no finished fp32 or bf16 runs in '{experiment}'")
+    return latest(runs)
+
+
+def latest(runs: pd.DataFrame) -> pd.DataFrame:
+    """One run per setting, seed and precision: the latest (a rerun replaces the older run)."""
+    return runs.sort_values("start_time").drop_duplicates([*SETTING, "seed", "precision"], keep="last")
 
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per config and metric: fp32 and bf16 mean ± std, the difference, 2 x its standard error, Welch p, verdict."""
+    """Per config, setting and metric: pairs, diverged runs a side, fp32 and bf16 mean ± std over the pairs, the mean
+    paired difference, 2 x its standard error, the paired t-test's p and the verdict. A `setting` column names the
+    setting keys that vary, if any."""
+    fp32, bf16 = (runs[runs.precision == p] for p in PRECISIONS)
+    both = fp32.merge(bf16, on=[*SETTING, "seed"], suffixes=("_fp32", "_bf16"))  # NaN keys (no subset) match NaN
+    varying = [k for k in SETTING[1:] if both[k].nunique(dropna=False) > 1]
     rows = []
-    for config, g in runs.groupby("config"):
+    for key, g in both.groupby(SETTING, dropna=False, sort=False):
+        config = key[0] if not varying else f"{key[0]} ({', '.join(f'{k}={g[k].iloc[0]}' for k in varying)})"
+        diverged = f"{int(g.diverged_fp32.sum())}/{int(g.diverged_bf16.sum())}"
+        ok = g[~g.diverged_fp32 & ~g.diverged_bf16]
         for metric in METRICS:
-            fp32, bf16 = g[g.precision == "fp32"][metric], g[g.precision == "bf16"][metric]
-            if len(fp32) < 2 or len(bf16) < 2:
-                continue
-            diff, se = mean_difference(fp32, bf16)
-            rows.append({"config": config, "metric": metric, "seeds": f"{len(fp32)}/{len(bf16)}",
-                         "fp32": f"{fp32.mean():.4f} ± {fp32.std():.4f}", "bf16": f"{bf16.mean():.4f} ± {bf16.std():.4f}",
-                         "bf16 - fp32": diff, "2 SE": 2 * se, "welch_p": scipy_stats.ttest_ind(bf16, fp32, equal_var=False).pvalue,
-                         "verdict": noise_verdict(fp32, bf16)})
+            a, b = ok[f"{metric}_fp32"], ok[f"{metric}_bf16"]
+            diff, se = paired_difference(a, b)
+            p = scipy_stats.ttest_rel(b, a).pvalue if len(ok) >= 2 and (b - a).std() > 0 else float("nan")
+            rows.append({"config": config, "metric": metric, "pairs": len(ok), "diverged fp32/bf16": diverged,
+                         "fp32": f"{a.mean():.4f} ± {a.std():.4f}", "bf16": f"{b.mean():.4f} ± {b.std():.4f}",
+                         "bf16 - fp32": diff, "2 SE": 2 * se, "paired_p": p, "verdict": noise_verdict(a, b, paired=True)})
     return pd.DataFrame(rows)
 
 
@@ -52,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = compare(precision_runs(args.experiment))
         if table.empty:
-            raise AnalysisError(f"no config in '{args.experiment}' has >= 2 seeds in both precisions")
+            raise AnalysisError(f"no config in '{args.experiment}' has a seed trained in both fp32 and bf16 at one setting")
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

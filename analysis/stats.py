@@ -40,19 +40,28 @@ def mean_difference(a, b) -> tuple[float, float]:
     return float(b.mean() - a.mean()), math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
 
 
-def within_noise(a, b) -> bool | None:
-    """Two samples' means differ by less than 2 standard errors of the difference (Welch); None where a side has fewer
-    than 2 values: there is no estimate of the noise to say either."""
-    diff, se = mean_difference(a, b)
-    return None if math.isnan(se) else bool(abs(diff) < 2 * se)
+def paired_difference(a, b) -> tuple[float, float]:
+    """mean(b - a) over pairs (a[i], b[i]: the same seed) and its standard error; nan SE for fewer than 2 pairs."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), float("nan")
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def within_noise(a, b, paired: bool = False) -> bool | None:
+    """Two samples' means differ by less than 2 standard errors of the difference (Welch, or of the paired differences);
+    None where there are fewer than 2 values a side: there is no estimate of the noise to say either. No difference at
+    all is within any noise, even none."""
+    diff, se = (paired_difference if paired else mean_difference)(a, b)
+    return None if math.isnan(se) else bool(abs(diff) < 2 * se or diff == 0)
 
 
 NOISE_VERDICTS = {True: "within seed noise", False: "outside seed noise", None: "seed noise unknown (fewer than 2 seeds)"}
 
 
-def noise_verdict(a, b) -> str:
+def noise_verdict(a, b, paired: bool = False) -> str:
     """within_noise in words."""
-    return NOISE_VERDICTS[within_noise(a, b)]
+    return NOISE_VERDICTS[within_noise(a, b, paired)]
 
 
 def capped_losses(final_losses, diverged, init_loss: float) -> np.ndarray:

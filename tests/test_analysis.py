@@ -80,6 +80,8 @@ def test_stats_by_hand():
 def test_seed_noise_needs_two_seeds_a_side_and_a_diverged_seed_counts_as_the_loss_at_init():
     assert within_noise([0.1, 0.12], [0.5, 0.52]) is False and within_noise([0.1, 0.3], [0.12, 0.32]) is True
     assert within_noise([0.1], [0.5]) is None and noise_verdict([0.1], [0.5]) == "seed noise unknown (fewer than 2 seeds)"
+    assert within_noise([0.1, 0.1], [0.1, 0.1]) is True  # no difference is within noise, even none
+    assert within_noise([0.1, 0.3], [0.2, 0.4], paired=True) is False and within_noise([0.1, 0.3], [0.2, 0.4]) is True
     assert capped_losses([0.1, 0.05, float("nan"), 3.0], [False, True, False, False], 2.0).tolist() == [0.1, 2.0, 2.0, 2.0]
 
 
@@ -296,7 +298,7 @@ def test_precision_effect_without_precision_pairs_is_one_line(known, capsys):
     from analysis.precision_effect import main as precision_effect
 
     assert precision_effect(["--experiment", known]) == 2  # fp32 runs only
-    assert capsys.readouterr().err.strip() == "error: no config in 'known' has >= 2 seeds in both precisions"
+    assert capsys.readouterr().err.strip() == "error: no config in 'known' has a seed trained in both fp32 and bf16 at one setting"
 
 
 def test_range_test_blow_up_beside_the_stress_boundary(tracking, tmp_path):

@@ -1,28 +1,53 @@
-"""The bf16-vs-fp32 comparison on hand-made runs: differences, standard errors and verdicts as computed by hand."""
+"""The bf16-vs-fp32 comparison on hand-made runs: pairs by seed, reruns, divergence and verdicts as computed by hand."""
 import math
+import statistics
 
 import pandas as pd
 import pytest
 
-from analysis.precision_effect import compare
+from analysis.precision_effect import SETTING, compare, latest
+from analysis.stats import NOISE_VERDICTS
 
 
-def runs(fp32_loss, bf16_loss, acc=(0.9, 0.91, 0.92)):
-    rows = [{"config": "c", "seed": s, "precision": p, "final_loss": v, "test_acc": acc[s]}
+def runs(fp32_loss, bf16_loss, acc=(0.9, 0.91, 0.92), **setting):
+    """One run per seed and precision; a None loss is a diverged run."""
+    base = {k: None for k in SETTING} | {"config": "c", "lr": 1e-3, "epochs": 3} | setting
+    rows = [base | {"seed": s, "precision": p, "final_loss": v, "test_acc": None if v is None else acc[s],
+                    "diverged": v is None, "start_time": pd.Timestamp(0)}
             for p, values in (("fp32", fp32_loss), ("bf16", bf16_loss)) for s, v in enumerate(values)]
     return pd.DataFrame(rows)
 
 
-def test_gap_within_and_outside_seed_noise():
-    table = compare(runs([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])).set_index("metric")
+def test_gap_is_judged_on_the_per_seed_differences():
+    # Seeds vary widely but bf16 is 0.1 above fp32 on each: Welch would call it noise, the pairs do not.
+    table = compare(runs([1.0, 2.0, 3.0], [1.1, 2.1, 3.12])).set_index("metric")
     loss = table.loc["final_loss"]
-    assert loss["bf16 - fp32"] == pytest.approx(1.0)
-    assert loss["2 SE"] == pytest.approx(2 * math.sqrt(1 / 3 + 1 / 3))
-    assert loss["verdict"] == "within seed noise" and loss["fp32"] == "2.0000 ± 1.0000"
-    assert table.loc["test_acc", "bf16 - fp32"] == pytest.approx(0.0)
-    far = compare(runs([1.0, 1.1, 1.2], [3.0, 3.1, 3.2])).set_index("metric").loc["final_loss"]
-    assert far["verdict"] == "outside seed noise" and far["welch_p"] < 0.001
+    assert loss["bf16 - fp32"] == pytest.approx(0.32 / 3)
+    assert loss["2 SE"] == pytest.approx(2 * statistics.stdev([0.1, 0.1, 0.12]) / math.sqrt(3))
+    assert loss["verdict"] == NOISE_VERDICTS[False] and loss["paired_p"] < 0.01
+    assert loss["fp32"] == "2.0000 ± 1.0000" and loss["pairs"] == 3
+    assert table.loc["test_acc", "verdict"] == NOISE_VERDICTS[True]  # identical: within any noise
+    mixed = compare(runs([1.0, 2.0, 3.0], [1.1, 1.9, 3.05])).set_index("metric").loc["final_loss"]
+    assert mixed["verdict"] == NOISE_VERDICTS[True]
 
 
-def test_configs_with_fewer_than_two_seeds_per_side_are_skipped():
-    assert compare(runs([1.0], [2.0])).empty
+def test_only_the_latest_run_of_a_seed_and_only_matching_settings_pair():
+    old = runs([1.0, 2.0], [9.0, 9.0])
+    new = runs([1.0, 2.0], [1.1, 2.1]).assign(start_time=pd.Timestamp(1))
+    other_setting = runs([5.0, 5.0], [0.0, 0.0], epochs=1)
+    loss = compare(latest(pd.concat([new, old, other_setting]))).set_index("config")
+    loss = loss[loss.metric == "final_loss"]
+    assert list(loss.pairs) == [2, 2]  # one row per setting, none mixed, no rerun counted twice
+    assert loss.loc["c (epochs=3)", "bf16 - fp32"] == pytest.approx(0.1)
+    assert loss.loc["c (epochs=1)", "bf16 - fp32"] == pytest.approx(-5.0)
+
+
+def test_diverged_runs_leave_their_pair_out_and_are_counted():
+    loss = compare(runs([1.0, 2.0, 3.0], [1.1, None, 3.1])).set_index("metric").loc["final_loss"]
+    assert loss["pairs"] == 2 and loss["diverged fp32/bf16"] == "0/1"
+    one = compare(runs([1.0], [2.0])).set_index("metric").loc["final_loss"]
+    assert one["pairs"] == 1 and one["verdict"] == NOISE_VERDICTS[None]
+
+
+def test_a_seed_in_one_precision_only_is_not_paired():
+    assert compare(runs([1.0, 2.0], [])).empty
