@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, Metric, RunTag
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 SPOOL_DIR = os.environ.get("COOKBOOK_SPOOL_DIR", "mlflow-spool")  # relative to where the command runs
 FLUSH_TIMEOUT = float(os.environ.get("COOKBOOK_FLUSH_TIMEOUT", "60"))  # seconds a run's end waits for the store
 NOT_STORED_TAG = "metrics_not_stored"  # on a FAILED run: metric values the store refused (1 for any other refused write)
+MODEL_STEPS_TAG = "trained_steps"  # on a LoggedModel: the training steps behind it (with its run, which model it is)
 TEST_METRICS = "test/"  # metric names measured on the test set; the others on the training set
 MAX_BATCH = 1000  # log_batch accepts at most 1000 metrics per call
 # Store errors that retrying cannot cure: stop training and say so.
@@ -60,21 +61,43 @@ def send(client: MlflowClient, run_id: str, op: Op) -> None:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()], synchronous=True)
     elif op["op"] == "text":
         client.log_text(run_id, op["text"], op["path"])
-    elif op["op"] == "model":  # an MLflow 3 LoggedModel from a saved model folder, linked to the run as its output
-        if not Path(op["path"]).is_dir():  # MLflow would upload nothing and call the empty model READY
-            raise MlflowException(f"model folder {op['path']} is gone", error_code=INVALID_PARAMETER_VALUE)
-        model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model", source_run_id=run_id)
-        client.log_model_artifacts(model.model_id, op["path"])
-        client.finalize_logged_model(model.model_id, "READY")
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, op["step"])])
-        client.log_batch(run_id, metrics=linked_metrics(op.get("metrics", []), model.model_id, op.get("datasets", {})),
-                         synchronous=True)
+    elif op["op"] == "model":
+        send_model(client, run_id, op)
     elif op["op"] == "end":
         status, not_stored = op["status"], op.get("not_stored", 0)
         if not_stored:
             client.log_batch(run_id, tags=[RunTag(NOT_STORED_TAG, str(not_stored))], synchronous=True)
             status = "FAILED" if status == "FINISHED" else status
         client.set_terminated(run_id, status)
+
+
+def send_model(client: MlflowClient, run_id: str, op: Op) -> None:
+    """An MLflow 3 LoggedModel from a saved model folder, linked to the run as its output. Sent again (the writer finished
+    it after the run's end had spooled it), it links the model already stored instead of storing a second one."""
+    run = client.get_run(run_id)
+    model_id = stored_model(client, run, op["step"])
+    if model_id is None:
+        if not Path(op["path"]).is_dir():  # MLflow would upload nothing and call the empty model READY
+            raise MlflowException(f"model folder {op['path']} is gone", error_code=INVALID_PARAMETER_VALUE)
+        model_id = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                              tags={MODEL_STEPS_TAG: str(op["step"])}).model_id
+        client.log_model_artifacts(model_id, op["path"])
+        client.finalize_logged_model(model_id, "READY")
+    if model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, op["step"])])
+    client.log_batch(run_id, metrics=linked_metrics(op.get("metrics", []), model_id, op.get("datasets", {})), synchronous=True)
+
+
+def stored_model(client: MlflowClient, run, steps: int) -> str | None:
+    """The READY model of the run after `steps` training steps, if one is stored; a half-stored one (its sender stopped
+    before it was READY) is marked FAILED, so that nobody takes it for a model."""
+    query = f"source_run_id = '{run.info.run_id}' AND tags.{MODEL_STEPS_TAG} = '{steps}'"
+    for model in client.search_logged_models([run.info.experiment_id], filter_string=query):
+        if model.status == LoggedModelStatus.READY:
+            return model.model_id
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    return None
 
 
 def verdict(error: Exception) -> str:

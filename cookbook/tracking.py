@@ -26,6 +26,7 @@ from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
 from .logged import dataset_ids, dataset_inputs, save_model
 from .resources import gpu_label
+from .sampler import start_sampler, stop_sampler
 from .stop import gone, process_id
 from .ui import mark_training
 
@@ -121,11 +122,8 @@ class MlflowTracker(Hook):
                     self.client.set_terminated(self.run_id, "FAILED")
             raise StoreUnusable(f"tracking store {self.uri} cannot start the run ({first_line(e)})") from None
         self.writer = StoreWriter(self.client, self.run_id)
-        if self.system_metrics:  # MLflow's own sampler (best effort: it drops samples while the store is away)
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.sampler = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
-            self.sampler.start()
+        if self.system_metrics:  # best effort: it drops samples while the store is away
+            self.sampler = start_sampler(self.run_id, self.uri)
         return self
 
     def _log_identity(self) -> None:
@@ -159,7 +157,7 @@ class MlflowTracker(Hook):
         interrupt = None
         try:
             if self.sampler:
-                self.sampler.finish()
+                stop_sampler(self.sampler)
         except KeyboardInterrupt as e:
             interrupt = e
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"

@@ -2,11 +2,11 @@
 import shutil
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
-from cookbook.delivery import NOT_STORED_TAG, StoreWriter, metrics_op, replay, verdict, write_spool
+from cookbook.delivery import MODEL_STEPS_TAG, NOT_STORED_TAG, StoreWriter, metrics_op, replay, send, verdict, write_spool
 from cookbook.tracking import MlflowTracker
 
 
@@ -92,6 +92,29 @@ def test_a_spooled_model_is_stored_from_any_folder_and_a_gone_one_fails_the_run(
     [model] = client.search_logged_models([experiment])
     assert model.source_run_id == kept and client.list_logged_model_artifacts(model.model_id)
     assert client.get_run(lost).data.tags[NOT_STORED_TAG] == "1" and not (tmp_path / "mlflow-spool" / f"{kept}.model").exists()
+
+
+def test_a_model_the_writer_finished_after_its_spool_is_not_stored_twice(tracking, tmp_path, monkeypatch):
+    """close() hands the op being sent to the spool; when the writer then finishes it, `sync` links that model instead of
+    storing a second. A model whose sender stopped before it was READY is marked FAILED."""
+    import torch
+
+    from cookbook.logged import save_model
+    client = MlflowClient()
+    experiment = client.create_experiment("models")
+    run_id = client.create_run(experiment).info.run_id
+    monkeypatch.chdir(tmp_path)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    op = {"op": "model", "path": str(save_model(net, run_id)), "step": 3, "metrics": [["test/acc", 0.5, 1000, 3]],
+          "datasets": {"evaluation": ["mnist-test", "abcd"]}}
+    half = client.create_logged_model(experiment, name="model", source_run_id=run_id, tags={MODEL_STEPS_TAG: "3"})
+    send(client, run_id, op)  # the writer, after close()
+    write_spool(tmp_path / "run.jsonl", tracking, run_id, [op, {"op": "end", "status": "FINISHED"}])
+    assert replay(tmp_path / "run.jsonl") == (2, 0, "FINISHED")
+    [ready] = [m for m in client.search_logged_models([experiment]) if m.status == LoggedModelStatus.READY]
+    assert client.get_logged_model(half.model_id).status == LoggedModelStatus.FAILED
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [ready.model_id]
+    assert [(m.key, m.value) for m in client.get_logged_model(ready.model_id).metrics] == [("test/acc", 0.5)]
 
 
 def test_verdicts():

@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 from cookbook.config import merge, validate
 from cookbook.hooks import Hook
 from cookbook.resources import visible_gpus
+from cookbook.sampler import STOP_TIMEOUT
 from cookbook.tracking import GPU_TAG, MlflowTracker
 from cookbook.train import train
 
@@ -56,3 +57,16 @@ def test_a_cuda_run_has_gpu_system_metrics_and_the_gpu_tag(tracking, tiny_cfg, t
     assert {"system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes"} <= gpu_metrics, sorted(run.data.metrics)
     assert run.data.tags[GPU_TAG] == f"{torch.cuda.get_device_name(0)} (CUDA_VISIBLE_DEVICES={visible_gpus()[0]})"
     assert run.data.tags["device"] == "cuda" and run.info.status == "FINISHED"
+
+
+def test_the_end_of_a_run_does_not_wait_on_a_sampler_whose_store_is_away(tracking, tiny_cfg, tiny_data, monkeypatch):
+    # MLflow's sampler thread asks the store for the run after each sample; against a store that refuses connections it
+    # retries for minutes (MLflow's default retries), and its finish() joins that thread with no limit.
+    monkeypatch.setenv(INTERVAL, "0.1")
+    tracker = MlflowTracker(tiny_cfg, tiny_data.md5, experiment="away", log_model=False)
+    tracker.uri = "http://127.0.0.1:9"  # the run is made in the SQLite store, the sampler writes to a store that is away
+    start = time.monotonic()
+    with tracker:
+        time.sleep(0.3)
+    assert time.monotonic() - start < STOP_TIMEOUT + 15
+    assert MlflowClient().get_run(tracker.run_id).info.status == "FINISHED"
