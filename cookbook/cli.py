@@ -14,7 +14,7 @@ from .checkpoint import checkpoint_path
 from .config import CONFIGS_DIR, DEFAULT_EXPERIMENT, FLAG_KEYS, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
-from .lr_find import END_LR, START_LR, STEPS
+from .lr_find import END_LR, START_LR, STEPS, UNUSED_KEYS
 from .progress import Progress
 from .stop import exit_code
 from .train import resolve_device, train
@@ -32,13 +32,18 @@ def parse_value(text: str):
 
 def overrides_from(args: argparse.Namespace) -> dict:
     """Nested override dict from the flags that were given (non-empty) and --set KEY=VALUE pairs."""
+    return unflatten(flat_overrides(args))
+
+
+def flat_overrides(args: argparse.Namespace) -> dict:
+    """{dotted key: value} of the flags that were given (non-empty) and --set KEY=VALUE pairs."""
     flat = {FLAG_KEYS[flag]: parse_value(getattr(args, flag)) for flag in FLAG_KEYS if getattr(args, flag) not in (None, "")}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r} must look like KEY=VALUE (e.g. monitor.layer_every=10)")
         flat[key] = parse_value(value)
-    return unflatten(flat)
+    return flat
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -213,6 +218,10 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
     if not 0 < args.start_lr < args.end_lr or args.steps < 3:
         raise ConfigError(f"need 0 < --start-lr < --end-lr and --steps >= 3; got {args.start_lr}, {args.end_lr}, {args.steps}")
+    unused = [key for key in flat_overrides(args) if key.startswith(UNUSED_KEYS)]
+    if unused:
+        raise ConfigError(f"lr-find sets each update's LR itself and runs --steps updates: {', '.join(unused)} would be "
+                          f"ignored; drop it (unused here: {', '.join(k + '*' * k.endswith('.') for k in UNUSED_KEYS)})")
     cfg = load_config(args.config, args.configs_dir, overrides_from(args))
     resources.check(cfg)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)

@@ -60,6 +60,9 @@ class DataConfig:
     test_subset: int | None = None  # first N test images; None = all 10k
 
 
+MAX_FLUSH_EVERY = 10_000  # monitor.flush_every's ceiling: the monitor allocates that many steps of buffers up front
+
+
 @dataclass
 class MonitorConfig:
     layer_every: int = 50  # per-layer grad norms every N steps
@@ -167,11 +170,14 @@ def validate(cfg: Config) -> Config:
     checks = [
         (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr), "optim.lr", cfg.optim.lr, "must be a positive number"),
         (cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1"),
+        (0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in 0..2**63-1 (torch's seed range)"),
         (cfg.model.width > 0, "model.width", cfg.model.width, "must be > 0"),
         (1 <= cfg.model.depth <= 5, "model.depth", cfg.model.depth, "must be in 1..5 (28x28 input)"),
         (cfg.optim.max_norm is None or cfg.optim.max_norm > 0, "optim.max_norm", cfg.optim.max_norm, "must be > 0 or none"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "must be >= 0"),
-        (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, "must be >= 0"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum", cfg.optim.momentum, "must be in [0, 1)"),
+        (0 <= cfg.schedule.warmup_epochs <= cfg.epochs, "schedule.warmup_epochs", cfg.schedule.warmup_epochs,
+         "must be in [0, epochs] (a longer warmup never reaches optim.lr)"),
         (0 <= cfg.schedule.lr_min <= cfg.optim.lr, "schedule.lr_min", cfg.schedule.lr_min, "must be in [0, optim.lr]"),
         (cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1"),
         (cfg.data.train_subset is None or 2 <= cfg.data.train_subset <= TRAIN_SIZE, "data.train_subset", cfg.data.train_subset,
@@ -179,7 +185,10 @@ def validate(cfg: Config) -> Config:
         (cfg.data.test_subset is None or 1 <= cfg.data.test_subset <= TEST_SIZE, "data.test_subset", cfg.data.test_subset,
          f"must be in 1..{TEST_SIZE} (MNIST's test images) or none"),
         (cfg.monitor.layer_every >= 1, "monitor.layer_every", cfg.monitor.layer_every, "must be >= 1"),
-        (cfg.monitor.flush_every >= 1, "monitor.flush_every", cfg.monitor.flush_every, "must be >= 1"),
+        (1 <= cfg.monitor.flush_every <= MAX_FLUSH_EVERY, "monitor.flush_every", cfg.monitor.flush_every,
+         f"must be in 1..{MAX_FLUSH_EVERY} (its buffers are allocated up front)"),
+        (all(s >= 0 for s in cfg.monitor.snapshot_steps), "monitor.snapshot_steps", cfg.monitor.snapshot_steps,
+         "must be steps >= 0"),
         (cfg.monitor.diverge_factor > 1, "monitor.diverge_factor", cfg.monitor.diverge_factor, "must be > 1"),
         (cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.split(":")[0] == "cuda",
          "device", cfg.device, "must be one of auto, cpu, cuda, cuda:N, mps"),

@@ -10,10 +10,14 @@ import torch
 
 from .config import Config
 from .data import MNIST, batches
+from .determinism import configure
 from .schedule import set_lr
 from .train import build_parts, resolve_device, single_update
 
 START_LR, END_LR, STEPS, STOP_FACTOR, BETA = 1e-6, 10.0, 100, 4.0, 0.98  # fastai's defaults, Smith's stop rule
+# Config keys the range test has no use for: it sets each update's LR itself, runs a number of updates (not epochs) and
+# stops on its own rule, with no monitor and no CUDA graph. Given on purpose, they would be silently ignored.
+UNUSED_KEYS = ("optim.lr", "epochs", "schedule.", "monitor.", "compute.cuda_graphs")
 
 
 @dataclass
@@ -55,6 +59,7 @@ def lr_range_test(cfg: Config, data: MNIST, start: float = START_LR, end: float 
                   stop_factor: float = STOP_FACTOR, beta: float = BETA) -> RangeTest:
     """Train cfg's model for up to `steps` updates, the i-th at exponential_lrs(...)[i]; stop at the blow-up."""
     device = resolve_device(cfg.device)
+    configure(cfg.compute.deterministic, device)
     data = data.to(device)
     parts = build_parts(cfg, len(data.train_y), device)
     update = single_update(parts, data, cfg.optim.max_norm)

@@ -44,8 +44,8 @@ def check(cfg: Config) -> torch.device:
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    if index and not index.isdigit():
+    kind, colon, index = name.partition(":")
+    if colon and not index.isdigit():
         raise ConfigError(f"device={cfg.device!r}: the index after ':' must be a number, e.g. cuda:0")
     if kind == "cuda" and (not torch.cuda.is_available() or (index and int(index) >= torch.cuda.device_count())):
         raise ConfigError(f"device={cfg.device!r} is not available here ({torch.cuda.device_count()} CUDA devices); "

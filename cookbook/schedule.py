@@ -21,6 +21,13 @@ def lr_at(step: int, *, lr_max: float, lr_min: float, warmup_steps: int, total_s
     return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Updates in a warmup of `warmup_epochs` epochs: the nearest whole number, and at least 1 when any warmup is asked
+    (0.4 epochs of a 1-step epoch would otherwise round to none)."""
+    steps = round(warmup_epochs * steps_per_epoch)
+    return max(steps, 1) if warmup_epochs > 0 else 0
+
+
 class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     """torch scheduler whose every value is lr_at(step); step it after optimizer.step().
 

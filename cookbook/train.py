@@ -19,7 +19,7 @@ from .determinism import configure
 from .hooks import Hook, Hooks, Rows
 from .model import build_model, parameter_count
 from .monitor import Monitor, host_sync
-from .schedule import WarmupCosineLR, set_lr
+from .schedule import WarmupCosineLR, set_lr, warmup_steps
 from .step import StepRunner, step_stats
 from .stop import uninterrupted
 
@@ -136,7 +136,7 @@ def build_parts(cfg: Config, n_train: int, device: torch.device, model: nn.Modul
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = WarmupCosineLR(optimizer, lr_max=[cfg.optim.lr], lr_min=cfg.schedule.lr_min, kind=cfg.schedule.kind,
                                total_steps=total_steps,
-                               warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch))
+                               warmup_steps=warmup_steps(cfg.schedule.warmup_epochs, steps_per_epoch))
     monitor = Monitor(model, cfg.monitor, device, members=getattr(model, "members", 1))
     return Parts(model, autocast(cfg, device), optimizer, scheduler, monitor, steps_per_epoch, total_steps)
 

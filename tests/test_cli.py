@@ -109,6 +109,7 @@ def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
     (["--train-subset", "100000"], "data.train_subset=100000 must be in 2..60000 (MNIST's training images) or none"),
     (["--test-subset", "10001"], "data.test_subset=10001 must be in 1..10000 (MNIST's test images) or none"),
     (["--device", "cuda:x"], "device='cuda:x': the index after ':' must be a number"),
+    (["--set", 'device="cuda:"'], "device='cuda:': the index after ':' must be a number"),
     (["--device", "cpu", "--set", "compute.stacked_conv=fused"],
      "compute.stacked_conv='fused' runs Triton kernels on a CUDA GPU, not on cpu; choose one of: auto, gemm, hybrid, grouped"),
     (["--device", "cpu", "--set", "compute.stacked_conv=gemm+fused+grouped"],

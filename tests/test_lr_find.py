@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY_FLAGS
+from conftest import DATA_DIR
 from cookbook.cli import main
 from cookbook.lr_find import exponential_lrs, lr_range_test, smooth, suggest
+
+RANGE_FLAGS = ["--batch-size", "32", "--train-subset", "256", "--test-subset", "200", "--data-dir", str(DATA_DIR)]
 
 
 def test_schedule_is_exponential_from_start_to_end():
@@ -36,8 +38,7 @@ def test_range_test_stops_at_the_blow_up_and_suggests_inside_its_range(tiny_cfg,
 
 
 def test_lr_find_command_tracks_one_run(mnist_dir, tracking, capsys):
-    flags = [f for f in TINY_FLAGS if f != "--no-system-metrics"]
-    assert main(["lr-find", "--config", "no_tricks", *flags, "--steps", "30", "--experiment", "lr"]) == 0
+    assert main(["lr-find", "--config", "no_tricks", *RANGE_FLAGS, "--steps", "30", "--experiment", "lr"]) == 0
     out = capsys.readouterr().out
     assert "suggested LR: steepest descent" in out and "minimum/10" in out
     client = MlflowClient()
@@ -50,6 +51,16 @@ def test_lr_find_command_tracks_one_run(mnist_dir, tracking, capsys):
     assert main(["lr-find", "--config", "no_tricks", "--start-lr", "1", "--end-lr", "0.1"]) == 2
 
 
+@pytest.mark.parametrize("flags,named", [(["--lr", "1e-7"], "optim.lr"), (["--epochs", "2"], "epochs"),
+                                         (["--warmup-epochs", "1", "--set", "monitor.flush_every=3"],
+                                          "schedule.warmup_epochs, monitor.flush_every")])
+def test_a_setting_the_range_test_would_ignore_is_one_line_before_any_run(tracking, capsys, flags, named):
+    assert main(["lr-find", "--config", "no_tricks", *flags, "--experiment", "lr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: lr-find sets each update's LR itself and runs --steps updates: {named} would be ignored")
+    assert MlflowClient().get_experiment_by_name("lr") is None
+
+
 def test_a_store_failing_while_the_curve_is_written_ends_the_run_failed_in_one_line(mnist_dir, tracking, capsys,
                                                                                      monkeypatch):
     from mlflow.exceptions import MlflowException
@@ -60,8 +71,7 @@ def test_a_store_failing_while_the_curve_is_written_ends_the_run_failed_in_one_l
         raise MlflowException("API request to http://127.0.0.1:5000 failed with exception Connection refused")
 
     monkeypatch.setattr(tracking_module, "send", store_away)
-    flags = [f for f in TINY_FLAGS if f != "--no-system-metrics"]
-    assert main(["lr-find", "--config", "no_tricks", *flags, "--steps", "10", "--experiment", "lr"]) == 1
+    assert main(["lr-find", "--config", "no_tricks", *RANGE_FLAGS, "--steps", "10", "--experiment", "lr"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow's own INFO line about the new experiment before it)
     assert last.startswith("error: tracking store ") and last.endswith("Connection refused")
     client = MlflowClient()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
-from cookbook.schedule import WarmupCosineLR, lr_at
+from cookbook.schedule import WarmupCosineLR, lr_at, warmup_steps
 
 LR_MAX, LR_MIN, W, T = 1e-3, 1e-6, 10, 50
 
@@ -84,3 +84,8 @@ def test_scheduler_drives_optimizer_with_lr_at_and_round_trips_state():
         assert opt2.param_groups[0]["lr"] == at(t)
         opt2.step()
         sched2.step()
+
+
+def test_warmup_steps_round_and_never_drop_an_asked_warmup():
+    assert warmup_steps(0, 469) == 0 and warmup_steps(1, 469) == 469 and warmup_steps(0.5, 3) == 2
+    assert warmup_steps(0.4, 1) == 1 and warmup_steps(0.5, 1) == 1  # round() alone gives 0 for both
