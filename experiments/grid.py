@@ -57,6 +57,11 @@ def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str
     lists = [config_names(configs), parse_list(seeds, int, "seeds"), parse_list(lrs, float, "lrs"), parse_list(widths, float, "widths"),
              parse_list(depths, int, "depths"), parse_list(warmups, float, "warmup_epochs")]
     cells = [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
+    keys = [cell_key(c) for c in cells]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated:  # the queue holds one trial per key: the second could never be done, and the sweep never finished
+        raise SweepError(f"the grid has cell '{repeated}' more than once (a repeated value, or two equal to 6 digits); "
+                         "give each value once")
     for cell in cells:
         load_config(cell["config"], CONFIGS_DIR, overrides(cell, {}))
     return cells

@@ -154,8 +154,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], dict, list[int]]:
     if args.workers < 1:
         raise SweepError(f"workers={args.workers} must be >= 1")
     seeds = parse_list(args.seeds, int, "seeds")
-    if args.n_trials < 2 * len(seeds) or args.factor <= 100 or not 0 < args.converge_ratio < 1:
-        raise SweepError(f"need n_trials >= 2 x seeds ({2 * len(seeds)}), factor > 100, 0 < converge_ratio < 1; got "
+    if args.n_trials < 2 * len(seeds) or not 100 < args.factor < math.inf or not 0 < args.converge_ratio < 1:
+        raise SweepError(f"need n_trials >= 2 x seeds ({2 * len(seeds)}), a finite factor > 100, 0 < converge_ratio < 1; got "
                          f"n_trials={args.n_trials}, factor={args.factor}, converge_ratio={args.converge_ratio}")
     args.pruner = check_pruner(args.pruner, STRESS_PRUNER, ranking=False)
     check_cells([{"config": name, "lr": 1.0} for name in configs], settings)

@@ -21,12 +21,13 @@ def summary(study: optuna.Study) -> pd.DataFrame:
 
 
 def print_summary(table: pd.DataFrame, counts: dict, seconds: float) -> None:
-    """One screen: mean final loss over seeds per config and LR, diverged and pruned cells counted."""
+    """One screen: mean final loss over seeds per cell of the grid but the seed, diverged and pruned cells counted."""
     print(f"\n{counts['done']}/{counts['total']} cells done in {seconds / 60:.1f} min")
     if table.empty:
         return
-    table = table.assign(lr=table.lr.fillna("config"), diverged=table.diverged.astype(bool))
-    grouped = table.groupby(["config", "lr"], dropna=False).agg(
+    by = [k for k in GRID if k != "seed"]
+    table = table.assign(**{k: table[k].fillna("config") for k in by[1:]}, diverged=table.diverged.astype(bool))
+    grouped = table.groupby(by, dropna=False).agg(
         seeds=("cell", "count"), final_loss=("final_loss", "mean"), test_acc=("test_acc", "mean"),
         diverged=("diverged", "sum"), pruned=("pruned", "sum"))
-    print(grouped.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(grouped.reset_index().to_string(index=False, formatters={k: "{:.4f}".format for k in ("final_loss", "test_acc")}))

@@ -22,6 +22,8 @@ TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--bat
     (["--configs", "nope"], "unknown config 'nope' in configs"),
     (["--n-trials", "3"], "need n_trials >= 2 x seeds (4)"),
     (["--factor", "10"], "factor > 100"),
+    (["--factor", "nan"], "a finite factor > 100"),
+    (["--factor", "inf"], "a finite factor > 100"),
     (["--converge-ratio", "1.5"], "0 < converge_ratio < 1"),
     (["--storage", "redis://x"], "unknown scheme 'redis'"),
     (["--pruner", "median"], "pruner='median'; choose one of none, threshold (a stress study maximises"),

@@ -1,5 +1,6 @@
 """Sweeps on Optuna: grid validation, resumability, parallel workers, a worker killed with SIGKILL mid-cell."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import time
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -14,6 +16,7 @@ from optuna.trial import TrialState
 from conftest import DATA_DIR, ROOT
 from cookbook.config import ConfigError
 from experiments.grid import cell_key, make_cells, overrides, parse_list, study_name
+from experiments.queue import open_study
 from experiments.storage import SweepError, open_storage
 from experiments.sweep import main
 from postgres import postgres_server
@@ -37,11 +40,35 @@ def test_grid_is_the_product_of_the_lists():
     ({"lrs": ","}, "lrs=',' is an empty list"),
     ({"lrs": "-1"}, "optim.lr=-1.0 must be a positive number"),
     ({"seeds": "0.5"}, "seeds='0.5': every value must be a int"),
+    ({"seeds": "0,1,0"}, "the grid has cell 'no_tricks seed=0 lr=0.001' more than once"),
+    ({"lrs": "1e-3,0.001"}, "the grid has cell 'no_tricks seed=0 lr=0.001' more than once"),
+    ({"lrs": "0.001,0.0010000001"}, "(a repeated value, or two equal to 6 digits)"),
 ])
 def test_bad_grids_fail_before_any_work(kwargs, message):
     args = {"configs": "no_tricks", "seeds": "0", "lrs": "1e-3", **kwargs}
-    with pytest.raises((SweepError, ConfigError), match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises((SweepError, ConfigError), match=re.escape(message)):
         make_cells(**args)
+
+
+def test_a_study_name_given_again_with_another_grid_or_settings_is_one_line(tmp_path):
+    """Loaded as it is, the study would run its old grid and report it as the new one."""
+    storage = str(tmp_path / "journal.log")
+    open_study(storage, "named", make_cells("no_tricks", "0", "1e-3"), {"epochs": 2}, "none")
+    assert open_study(storage, "named", make_cells("no_tricks", "0", "1e-3"), {"epochs": 2}, "none").user_attrs["cells"]
+    for cells, settings in ((make_cells("no_tricks", "0", "1e-3,1e-2"), {"epochs": 2}), (make_cells("no_tricks", "0", "1e-3"), {})):
+        with pytest.raises(SweepError, match=r"^study 'named' holds another sweep \(1 cells, settings \{'epochs': 2\}\); run it"):
+            open_study(storage, "named", cells, settings, "none")
+
+
+def test_the_sweep_summary_keeps_widths_and_warmups_apart(capsys):
+    from experiments.sweep_summary import print_summary
+    cells = make_cells("no_tricks", "0,1", "", widths="0.5,2", warmups="0,1")
+    table = pd.DataFrame([{**c, "cell": cell_key(c), "final_loss": 1.0 + c["width"] + c["warmup_epochs"] / 10,
+                           "test_acc": 0.9, "diverged": False, "pruned": False} for c in cells])
+    print_summary(table, {"done": 8, "total": 8}, 60)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("no_tricks")]
+    assert [(r[2], r[4], r[5], r[6]) for r in rows] == [("0.5", "0.0", "2", "1.5000"), ("0.5", "1.0", "2", "1.6000"),
+                                                        ("2.0", "0.0", "2", "3.0000"), ("2.0", "1.0", "2", "3.1000")]
 
 
 def test_an_empty_list_means_as_the_config_says():
