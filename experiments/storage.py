@@ -36,8 +36,12 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
     """A journal file path (default) or an RDB URL with heartbeats; one-line SweepError if unusable."""
     if "://" not in spec:
         path = Path(spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:  # a folder, a file where a folder should be, no permission
+            raise SweepError(f"storage '{spec}' cannot be a journal file here ({e.strerror}); give a file path or an "
+                             "RDB URL") from None
     scheme = spec.split("://", 1)[0].split("+", 1)[0]
     if scheme not in RDB_SCHEMES:
         raise SweepError(f"storage '{spec}': unknown scheme '{scheme}'; use a journal file path or one of: "

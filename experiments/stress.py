@@ -45,7 +45,7 @@ from experiments.pruning import (
 from experiments.storage import DEFAULT_STORAGE, PRUNED_ATTR, SweepError, open_storage, recover_dead_workers
 from experiments.stress_range import RANGE_ATTR, RANGE_FACTOR, base_log_lr, range_from_blowup, run_range_test, search_range
 from experiments.study_figures import log_stress_history
-from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
+from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker, worker_index
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
@@ -97,7 +97,8 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
     config's study, with its pruner."""
     if spec is not None:
         name = spec_name(f"stress-{config}", spec, 8)
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
+    # Each worker its own seed: with one, parallel workers drew the same random points and trained them twice.
+    sampler = optuna.samplers.TPESampler(seed=worker_index(), n_startup_trials=4)
     if spec is None:
         return attach_pruner(optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler))
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
@@ -188,26 +189,36 @@ def run_stress(args: argparse.Namespace) -> int:
     configs, settings, seeds = check_args(args)
     open_storage(args.storage)
     ready_store()
-    reports = []
+    reports, short = [], []
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(args.experiment)
     with mlflow.start_run(run_name=STRESS_RUN) as parent:
         for name in configs:
             study = start_study(args, name, seeds, settings, parent.info)
-            run_workers(args, study.study_name)
+            if not run_workers(args, study):
+                short.append(name)
             reports.append(report(study))
             log_stress_history(study, done_trials(study), reports[-1])
             print(format_report(reports[-1]), file=sys.stderr, flush=True)
         mlflow.log_text(json.dumps(reports, indent=1, default=str), STRESS_REPORT)
     print("\n".join(format_report(r) for r in reports))
-    return 0
+    if short:  # the report above is from fewer trials than asked: say so, and let a rerun finish them
+        print(f"error: {', '.join(short)}: workers failed before {args.n_trials} trials finished; "
+              "the same command resumes", file=sys.stderr)
+    return 1 if short else 0
 
 
-def run_workers(args: argparse.Namespace, name: str) -> None:
-    """Worker processes sharing the study's trial budget (threads split between them)."""
-    procs = spawn("experiments.stress", ["--study", name, "--storage", args.storage, "--n-trials", str(args.n_trials),
-                                         "--experiment", args.experiment], args.workers, args.device)
-    join_workers(procs, lambda ps: [p.wait() for p in ps])
+def run_workers(args: argparse.Namespace, study: optuna.Study) -> bool:
+    """Worker processes sharing the study's trial budget (threads split between them), in rounds until it is spent: a
+    killed worker's trial fails (its run KILLED) and is queued again. True when the study holds n_trials finished ones."""
+    for _ in range(3):
+        procs = spawn("experiments.stress", ["--study", study.study_name, "--storage", args.storage, "--n-trials",
+                                             str(args.n_trials), "--experiment", args.experiment], args.workers, args.device)
+        join_workers(procs, lambda ps: [p.wait() for p in ps])
+        recover_dead_workers(study)
+        if len(study.get_trials(deepcopy=False, states=DONE)) >= args.n_trials:
+            return True
+    return False
 
 
 def format_report(r: dict) -> str:

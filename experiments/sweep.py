@@ -179,12 +179,13 @@ def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], start
 
 
 def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
-    """The sweep's parent MLflow run: the `mlflow run` project run, else the one an earlier invocation made, else new."""
+    """The sweep's parent MLflow run: the `mlflow run` project run, else the one an earlier invocation made in this
+    experiment, else new (an earlier one in another experiment, e.g. `mlflow run`'s Default, cannot be resumed here)."""
     if os.environ.get("MLFLOW_RUN_ID"):
         return mlflow.start_run()
     mlflow.set_experiment(experiment)
     earlier = study.user_attrs.get("mlflow_parent_run_id")
-    if earlier and mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id = '{earlier}'").shape[0]:
+    if earlier and mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_id = '{earlier}'").shape[0]:
         return mlflow.start_run(run_id=earlier)
     return mlflow.start_run(run_name=study.study_name)
 

@@ -17,11 +17,20 @@ from cookbook.resources import visible_gpus
 from cookbook.tracking import REPO, ready_store
 from experiments.storage import give_back
 
+WORKER_INDEX_ENV = "COOKBOOK_WORKER_INDEX"  # which of the coordinator's workers a process is (0, 1, ...)
 
-def worker_env(gpu: str | None = None) -> dict[str, str]:
-    """Environment for worker processes: this tracking URI and code, not the parent's run; given `gpu`, that GPU alone."""
+
+def worker_index() -> int:
+    """This worker's number among its coordinator's (0 outside a worker): what makes its random draws its own."""
+    return int(os.environ.get(WORKER_INDEX_ENV, "0"))
+
+
+def worker_env(gpu: str | None = None, index: int = 0) -> dict[str, str]:
+    """Environment for worker number `index`: this tracking URI and code, not the parent's run; given `gpu`, that GPU
+    alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    env[WORKER_INDEX_ENV] = str(index)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -40,7 +49,8 @@ def spawn(module: str, args: list[str], n: int, device: str | None = None) -> li
     threads = max(1, (os.cpu_count() or 1) // n)
     cmd = [sys.executable, "-m", module, "work", *args, "--threads", str(threads)]
     pinned = ":" in (device or "")
-    return [subprocess.Popen(cmd, env=worker_env(gpu)) for gpu in gpu_assignment(n, [] if pinned else visible_gpus())]
+    gpus = gpu_assignment(n, [] if pinned else visible_gpus())
+    return [subprocess.Popen(cmd, env=worker_env(gpu, i)) for i, gpu in enumerate(gpus)]
 
 
 def join_workers(procs: list[subprocess.Popen], wait: Callable[[list[subprocess.Popen]], object]) -> None:

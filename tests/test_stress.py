@@ -1,6 +1,10 @@
 """The divergence-boundary study on a tiny slice: probes, pruning, range from an LR range test, report, figure, runs."""
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import optuna
@@ -8,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, ROOT
 from cookbook.lr_find import START_LR, RangeTest
 from experiments import stress
 from experiments.storage import open_storage
@@ -121,3 +125,45 @@ def test_a_trial_that_diverged_after_an_epoch_keeps_no_final_loss():
                                                  "converged": False}
     done = TrainResult(steps_run=32, total_steps=32, final={"epoch/train_loss": 0.5})
     assert trial_outcome(done, 2.3, 0.5)["final_loss"] == 0.5 and trial_outcome(done, 2.3, 0.5)["converged"] is True
+
+
+@pytest.mark.slow
+def test_a_sigkilled_stress_worker_is_replaced_and_its_trial_ends_killed(mnist_dir, tracking, tmp_path):
+    """One worker, killed mid-trial: the coordinator fails that trial (its run KILLED), runs another round to finish the
+    budget and exits 0; nothing is left RUNNING."""
+    storage = str(tmp_path / "journal.log")
+    slow = ["--epochs", "2", "--train-subset", "1024", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
+    coordinator = subprocess.Popen([sys.executable, "-m", "experiments.stress", "run", "--configs", "no_tricks", "--seeds", "0",
+                                    "--n-trials", "2", "--storage", storage, *slow], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    victim = None
+    while victim is None and coordinator.poll() is None:
+        time.sleep(0.5)
+        summaries = optuna.get_all_study_summaries(open_storage(storage)) if os.path.exists(storage) else []
+        trials = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(storage)).get_trials(
+            states=(TrialState.RUNNING,)) if summaries else []
+        victim = next((t for t in trials if "mlflow_run_id" in t.user_attrs), None)
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    assert coordinator.wait(timeout=600) == 0
+    study = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(storage))
+    assert study.trials[victim.number].state == TrialState.FAIL
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
+    assert MlflowClient().get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * (len(runs) - 1) + ["KILLED"]
+
+
+def test_each_worker_samples_its_own_points(tmp_path, monkeypatch):
+    """Workers seeded alike drew the same random (LR, seed) pairs while TPE starts up, and trained each twice."""
+    from optuna.distributions import FloatDistribution
+
+    from experiments.workers import WORKER_INDEX_ENV
+    storage = str(tmp_path / "journal.log")
+    name = stress.open_stress_study(storage, "no_tricks", {"config": "no_tricks", "seeds": [0], "settings": {},
+                                                           "factor": 1000, "converge_ratio": 0.5}).study_name
+    draws = []
+    for index in ("0", "1", "0"):
+        monkeypatch.setenv(WORKER_INDEX_ENV, index)
+        study = stress.open_stress_study(storage, config="", name=name)
+        draws.append(study.sampler.sample_independent(study, None, "log10_lr", FloatDistribution(-3, 0)))
+    assert draws[0] != draws[1] and draws[0] == draws[2]

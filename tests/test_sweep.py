@@ -93,6 +93,14 @@ def test_bad_storage_is_one_line(url, message):
         open_storage(url)
 
 
+def test_a_journal_path_that_cannot_be_a_file_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SweepError, match=r"^storage '.*' cannot be a journal file here \(Is a directory\)"):
+        open_storage(str(tmp_path))
+    with pytest.raises(SweepError, match=r"cannot be a journal file here \(File exists\)"):  # its folder is a file
+        open_storage(str(tmp_path / "a_file" / "journal.log"))
+
+
 def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
     storage = tmp_path / "journal.log"
     assert main(["run", "--configs", "no_tricks,nope", "--storage", str(storage), *TINY]) == 2
@@ -237,3 +245,15 @@ def test_the_sweep_summary_takes_no_final_loss_from_a_diverged_cell():
     table = summary(study)
     assert table.final_loss.tolist()[0] == 0.3 and table.final_loss.isna().tolist() == [False, True]
     assert table.test_acc.isna().tolist() == [False, True]
+
+
+def test_a_rerun_in_another_experiment_gets_a_parent_run_there(tracking, tmp_path):
+    """The earlier parent (e.g. `mlflow run`'s, in Default) cannot be resumed in another experiment: MLflow refuses."""
+    from experiments.sweep import start_parent_run
+    study = open_study(str(tmp_path / "journal.log"), "moved", make_cells("no_tricks", "0", ""), {}, "none")
+    with start_parent_run(study, "first") as first:
+        study.set_user_attr("mlflow_parent_run_id", first.info.run_id)
+    with start_parent_run(study, "first") as again:
+        assert again.info.run_id == first.info.run_id
+    with start_parent_run(study, "second") as second:
+        assert second.info.experiment_id == mlflow.get_experiment_by_name("second").experiment_id

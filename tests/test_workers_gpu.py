@@ -1,9 +1,9 @@
 """Workers spread over the GPUs (one each, round robin) and the `gpu` label naming the physical card, on CPU."""
 from cookbook.resources import gpu_label, visible_gpus
-from experiments.workers import gpu_assignment, spawn
+from experiments.workers import WORKER_INDEX_ENV, gpu_assignment, spawn
 
 PROBE = "import os, sys\nopen(os.path.join(sys.argv[sys.argv.index('--out') + 1], str(os.getpid())), 'w')" \
-        ".write(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))\n"  # a worker that only says which GPUs it sees
+        ".write(os.environ.get(sys.argv[sys.argv.index('--var') + 1], 'unset'))\n"  # a worker that says what it was given
 
 
 def test_workers_take_the_gpus_round_robin():
@@ -32,13 +32,14 @@ def test_gpu_label_names_the_card_and_its_physical_id(gpus):
     assert gpu_label("cpu") is None and gpu_label("mps") is None
 
 
-def started_workers_see(tmp_path, monkeypatch, n: int, device: str | None = None) -> list[str]:
-    """CUDA_VISIBLE_DEVICES as each of n workers that spawn started saw it."""
+def started_workers_see(tmp_path, monkeypatch, n: int, device: str | None = None,
+                        variable: str = "CUDA_VISIBLE_DEVICES") -> list[str]:
+    """An environment variable as each of n workers that spawn started saw it."""
     (tmp_path / "gpuprobe.py").write_text(PROBE)
-    out = tmp_path / f"seen-{n}-{device}"
+    out = tmp_path / f"seen-{n}-{device}-{variable}"
     out.mkdir()
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    for proc in spawn("gpuprobe", ["--out", str(out)], n, device):
+    for proc in spawn("gpuprobe", ["--out", str(out), "--var", variable], n, device):
         assert proc.wait(timeout=60) == 0
     return sorted(path.read_text() for path in out.iterdir())
 
@@ -49,3 +50,4 @@ def test_spawn_gives_each_worker_one_of_the_parents_gpus(gpus, tmp_path, monkeyp
     assert started_workers_see(tmp_path, monkeypatch, 2, "cuda:1") == ["GPU-aaa,GPU-bbb"] * 2  # pinned: all visible
     gpus(0)
     assert started_workers_see(tmp_path, monkeypatch, 2) == ["unset", "unset"]
+    assert started_workers_see(tmp_path, monkeypatch, 3, variable=WORKER_INDEX_ENV) == ["0", "1", "2"]  # its own seed
