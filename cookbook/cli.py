@@ -77,6 +77,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     run, path = resumable(MlflowClient(), args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
+    resources.check(cfg)  # its device (say cuda:3) may not be here: one line before the run is reopened
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     label, started = f"{cfg.name} s{cfg.seed}", time.time()
     with ResumedTracker(cfg, data.md5, args.run_id, system_metrics=not args.no_system_metrics,
@@ -135,6 +136,7 @@ def match_recorded(cfg, tags: dict[str, str]):
     import torch
 
     from .resources import gpu_label
+    from .stacked import STACKED_CONV_TAG
     from .tracking import GPU_TAG
 
     threads = tags.get("torch_threads", "")
@@ -151,6 +153,8 @@ def match_recorded(cfg, tags: dict[str, str]):
     here_card = card(gpu_label(str(resolve_device(cfg.device))))
     if GPU_TAG in tags and card(tags[GPU_TAG]) != here_card:
         differ.append(f"gpu (tracked {card(tags[GPU_TAG])}, here {here_card})")
+    if STACKED_CONV_TAG in tags:  # other kernels compute the same maths: equal up to float rounding, not bit for bit
+        differ.append(f"stacked (tracked as a member of a stacked model, stacked_conv={tags[STACKED_CONV_TAG]}; here alone)")
     if differ:
         print(f"differs from the tracked run, so an exact match is not expected: {', '.join(differ)}")
     return cfg
@@ -163,6 +167,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     client = MlflowClient()
     run = recorded_run(client, args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
+    resources.check(cfg)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     recorder = Recorder()
     result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder])

@@ -19,7 +19,7 @@ class ResumedTracker(MlflowTracker):
 
     def __init__(self, cfg, data_md5, run_id: str, **kwargs):
         super().__init__(cfg, data_md5, **kwargs)
-        self.resumed_id, self.stored_through = run_id, -1
+        self.resumed_id, self.stored_through, self.first_summary = run_id, -1, True
 
     def _start_run(self) -> str:
         self.client.update_run(self.resumed_id, status="RUNNING")  # a KILLED run takes no metrics until reopened
@@ -37,7 +37,23 @@ class ResumedTracker(MlflowTracker):
         super().on_metrics([(step, m) for step, m in rows if step > self.stored_through])
 
     def on_epoch_end(self, epoch, metrics):
-        MlflowTracker.on_epoch_end(self, epoch, metrics)  # epoch summaries are keyed by epoch, not by step: all new
+        # Only the first epoch trained here can have its summary stored already: the process was killed after sending
+        # it and before the checkpoint. Sent again, each value would be a second point at that epoch.
+        stored = self._stored_summary(epoch, metrics) if self.first_summary else {}
+        self.first_summary = False
+        missing = {key: value for key, value in metrics.items() if key not in stored}
+        if missing:
+            MlflowTracker.on_epoch_end(self, epoch, missing)
+        self.final_values = [[k, m.value, m.timestamp, epoch] for k, m in stored.items()] + (self.final_values if missing else [])
+
+    def _stored_summary(self, epoch: int, keys) -> dict:
+        """{key: Metric} of the epoch's summary values the store already holds."""
+        stored = {}
+        for key in keys:
+            at = [m for m in self.client.get_metric_history(self.run_id, key) if m.step == epoch]
+            if at:
+                stored[key] = at[-1]
+        return stored
 
 
 def recorded_run(client: MlflowClient, run_id: str):

@@ -24,6 +24,8 @@ from .stacked_conv import StackedConv2d
 from .step import StepRunner, step_stats
 from .train import DivergenceCheck, Parts, TrainResult, build_parts, epoch_summary, resolve_device, run_epoch, uses_graphs
 
+STACKED_CONV_TAG = "stacked_conv"  # on a run trained as one member of a stacked model: its convs' kind
+
 
 class StackedLinear(nn.Module):
     """K linear layers applied to K feature groups: [B, K*C] -> [B, K, out]."""
@@ -193,7 +195,7 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     for fan, result in zip(fans, results):
         fan.on_start({"total_steps": total, "steps_per_epoch": steps_per_epoch, "param_count": result.param_count,
                       "param_names": parts.monitor.names, "device": str(device), "stacked_members": k,
-                      "tags": {**tags, "cuda_graphs": str(runner.graphs).lower(), "stacked_conv": conv}})
+                      "tags": {**tags, "cuda_graphs": str(runner.graphs).lower(), STACKED_CONV_TAG: conv}})
     for epoch in range(1, cfg.epochs + 1):
         alive = [i for i, r in enumerate(results) if not r.diverged]
         if not alive:

@@ -4,10 +4,9 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from cookbook.stop import process_id
 from experiments.grid import cell_key, group_key
 from experiments.pruning import PRUNER_ATTR, SWEEP_PRUNER, attach_pruner, stored_pruner
-from experiments.storage import SweepError, open_storage, recorded_trials
+from experiments.storage import SweepError, open_storage, recorded_trials, stamp_owner
 
 
 def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, settings: dict | None = None,
@@ -57,7 +56,7 @@ def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
 
 def take_cell(trial: optuna.Trial) -> dict:
     """Mark the trial as this worker's, name its cell as the trial's param; prune strays and duplicates."""
-    trial.set_user_attr("worker", process_id())
+    stamp_owner(trial)
     if "queued_cell" not in trial.user_attrs:  # the queue was empty when this trial started: nothing to do
         raise optuna.TrialPruned("not a queued cell")
     cells = {cell_key(c): c for c in trial.study.user_attrs["cells"]}

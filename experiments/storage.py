@@ -1,6 +1,7 @@
 """Optuna storages for sweeps: a journal file by default (many processes, one machine), any RDB URL for many machines."""
 from __future__ import annotations
 
+import datetime
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ DEFAULT_STORAGE = "optuna/journal.log"  # the embedded default, in the project f
 RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
 HEARTBEAT_SECONDS, GRACE_SECONDS = 5, 20  # RDB: a worker silent for GRACE_SECONDS is dead
 RETRIES = 3
+OWNER_ATTR, OWNER_TRIAL_ATTR = "worker", "worker_trial"  # trial attrs: the process running it, and for which trial
 
 
 class SweepError(ValueError):
@@ -55,15 +57,29 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
         raise SweepError(f"storage '{spec}' is unreachable or invalid: {str(e).splitlines()[0]}") from None
 
 
+def stamp_owner(trial: optuna.Trial) -> None:
+    """Mark the trial as this process's, with its number: a retry copies its failed original's attrs, owner included."""
+    trial.set_user_attr(OWNER_ATTR, process_id())
+    trial.set_user_attr(OWNER_TRIAL_ATTR, trial.number)
+
+
+def owner(trial: FrozenTrial) -> str | None:
+    """The process (host:pid) running the trial; None while none has claimed it (what a retry carries is not its own)."""
+    return trial.user_attrs.get(OWNER_ATTR) if trial.user_attrs.get(OWNER_TRIAL_ATTR) == trial.number else None
+
+
 def recover_dead_workers(study: optuna.Study) -> int:
-    """Fail and requeue RUNNING trials whose worker process on this host is gone; return how many.
+    """Fail and requeue RUNNING trials whose worker process on this host is gone, or that no worker claimed within
+    GRACE_SECONDS of starting (one stopped inside Optuna's ask(), before it could); return how many.
 
     The journal storage has no heartbeat, but all its workers share one machine, so a dead
     worker is exactly a pid that no longer exists.
     """
-    recovered = 0
+    recovered, now = 0, datetime.datetime.now()  # Optuna's datetime_start is naive local time
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not gone(str(trial.user_attrs.get("worker", ""))):
+        who = owner(trial)
+        unclaimed = who is None and (now - trial.datetime_start).total_seconds() > GRACE_SECONDS
+        if not (unclaimed or (who is not None and gone(who))):
             continue
         failed = fail_running(study, trial)
         if failed:
@@ -126,7 +142,7 @@ def check_records(study: optuna.Study) -> int:
 
 def give_back(study: optuna.Study) -> int:
     """Queue again what this worker was running when it was stopped (its trials failed): same params; return how many."""
-    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("worker") == process_id()]
+    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if owner(t) == process_id()]
     for trial in mine:  # a sweep cell keeps its queue key; a stress trial its (LR, seed) point
         queued = {"queued_cell": trial.user_attrs["queued_cell"]} if "queued_cell" in trial.user_attrs else None
         study.enqueue_trial(trial.params, user_attrs=queued)

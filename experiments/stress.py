@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
-from cookbook.stop import exit_code, process_id
+from cookbook.stop import exit_code
 from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
@@ -42,7 +42,7 @@ from experiments.pruning import (
     prunable,
     stored_pruner,
 )
-from experiments.storage import DEFAULT_STORAGE, PRUNED_ATTR, SweepError, open_storage, recover_dead_workers
+from experiments.storage import DEFAULT_STORAGE, PRUNED_ATTR, SweepError, open_storage, recover_dead_workers, stamp_owner
 from experiments.stress_range import RANGE_ATTR, RANGE_FACTOR, base_log_lr, range_from_blowup, run_range_test, search_range
 from experiments.study_figures import log_stress_history
 from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker, worker_index
@@ -60,7 +60,7 @@ def set_attrs(trial: optuna.Trial, attrs: dict) -> None:
 def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float:
     """Train one (LR, seed); prune it if it diverges or the pruner stops it; value = log10 LR if it converged, else below
     the range."""
-    trial.set_user_attr("worker", process_id())
+    stamp_owner(trial)
     spec = trial.study.user_attrs
     lo, hi = search_range(spec)
     log_lr = trial.suggest_float("log10_lr", lo, hi)

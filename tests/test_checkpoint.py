@@ -180,6 +180,24 @@ def test_a_run_with_spooled_writes_is_synced_before_it_resumes(tracking, tmp_pat
         resumable(client, run_id)
 
 
+def test_an_epoch_summary_stored_before_the_kill_is_not_stored_twice(tracking, tiny_cfg):
+    """Killed after the epoch's summary was sent and before its checkpoint: the resume trains that epoch again."""
+    from mlflow.entities import Metric
+
+    from cookbook.resume import ResumedTracker
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    client.log_batch(run_id, metrics=[Metric("test/acc", 0.5, 111, 2), Metric("time/epoch_seconds", 3.0, 111, 2)],
+                     synchronous=True)
+    client.set_terminated(run_id, "KILLED")
+    with ResumedTracker(tiny_cfg, {}, run_id, system_metrics=False, log_model=False) as tracker:
+        tracker.on_epoch_end(2, {"test/acc": 0.5, "time/epoch_seconds": 4.0, "epoch/train_loss": 0.3})
+        tracker.on_epoch_end(3, {"test/acc": 0.6, "time/epoch_seconds": 4.0, "epoch/train_loss": 0.2})
+    points = lambda key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]  # noqa: E731
+    assert points("test/acc") == [(2, 0.5), (3, 0.6)] and points("time/epoch_seconds") == [(2, 3.0), (3, 4.0)]
+    assert points("epoch/train_loss") == [(2, 0.3), (3, 0.2)]  # the value the store lacked is sent
+
+
 @pytest.mark.parametrize("stored_steps, summary, resumes", [(16, True, True), (12, True, False), (16, False, False)])
 def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, summary, resumes, tracking, tmp_path,
                                                                 monkeypatch):
@@ -201,3 +219,24 @@ def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, sum
     else:
         with pytest.raises(ConfigError, match=r"after epoch 2 \(step 16\) but the store has .* train it again"):
             resumable(client, run_id)
+
+
+@pytest.mark.parametrize("command", ["resume", "reproduce"])
+def test_a_run_that_cannot_run_here_is_one_line_before_its_run_is_touched(command, tracking, tmp_path, monkeypatch, capsys):
+    """A run tracked on a bigger machine (here: 1000x wider) is refused as `train` would refuse it, not trained into OOM."""
+    from mlflow.entities import Metric, Param
+
+    from cookbook.checkpoint import checkpoint_path, save
+    from cookbook.cli import main
+    from cookbook.config import Config, to_params
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("big")).info.run_id
+    cfg = validate(merge(Config(name="no_tricks"), {"model": {"width": 1000.0}}))
+    client.log_batch(run_id, params=[Param(k, v) for k, v in to_params(cfg).items()], synchronous=True)
+    client.log_batch(run_id, metrics=[Metric("train/loss", 1.0, 0, 0), Metric("test/acc", 0.5, 0, 1)], synchronous=True)
+    client.set_terminated(run_id, "KILLED")
+    save(checkpoint_path(run_id), {"epoch": 1, "steps_run": 1, "final": {"test/acc": 0.5}})
+    assert main([command, run_id]) == 2
+    assert "model.width=1000 model.depth=3 needs about" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert client.get_run(run_id).info.status == "KILLED"

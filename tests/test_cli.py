@@ -76,6 +76,11 @@ def test_reproduce_reports_exact_match(mnist_dir, tracking, capsys):
     out = capsys.readouterr().out
     assert "train/loss" in out and "metrics reproduced exactly" in out and "MISMATCH" not in out
     assert re.search(r"^outcome \(tags\) +exact$", out, re.M)  # diverged and steps_run as tracked
+    assert "differs from the tracked run" not in out
+    MlflowClient().set_tag(run_id, "stacked_conv", "grouped")  # as if trained as a member of a stacked sweep cell
+    main(["reproduce", run_id])
+    assert "an exact match is not expected: stacked (tracked as a member of a stacked model, stacked_conv=grouped; here " \
+           "alone)" in capsys.readouterr().out
 
 
 def test_reproduce_unknown_run_is_one_line_error(tracking, capsys):

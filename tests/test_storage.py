@@ -1,4 +1,8 @@
 """The Optuna private API behind experiments/storage.py still works on the pinned Optuna (fails on an upgrade that moves it)."""
+import socket
+import subprocess
+import sys
+
 import optuna
 from optuna.trial import TrialState
 
@@ -43,3 +47,32 @@ def test_requeue_of_a_cell_whose_run_is_in_another_store_queues_it_again(trackin
     study.tell(trial, state=TrialState.FAIL)
     requeue(study, study.trials[-1])
     assert MlflowClient().get_run(running).info.status == "KILLED"  # a run in this store is closed
+
+
+def dead_process() -> str:
+    """host:pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{socket.gethostname()}:{proc.pid}"
+
+
+def test_a_retry_is_not_failed_for_its_originals_dead_worker_and_an_unclaimed_trial_is_after_the_grace(tracking, tmp_path,
+                                                                                                      monkeypatch):
+    """A retry carries its failed original's attrs, owner included: until its own worker stamps it, that owner's death
+    is not its own. A trial no worker claimed (one stopped inside ask()) would stay RUNNING for ever: failed after the grace."""
+    from experiments import storage
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
+    study.enqueue_trial({}, user_attrs={storage.OWNER_ATTR: dead_process(), storage.OWNER_TRIAL_ATTR: 7})  # a retry of 7
+    study.ask()  # popped by a live worker that has not stamped it yet
+    assert storage.recover_dead_workers(study) == 0 and study.trials[0].state == TrialState.RUNNING
+    monkeypatch.setattr(storage, "GRACE_SECONDS", -1)
+    assert storage.recover_dead_workers(study) == 1  # now it is past the grace, unclaimed: failed and queued again
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    mine = study.ask()
+    storage.stamp_owner(mine)
+    assert storage.owner(study.trials[-1]) == storage.process_id()
+    assert storage.recover_dead_workers(study) == 0  # claimed by a live process
+    gone = study.ask()
+    gone.set_user_attr(storage.OWNER_ATTR, dead_process())
+    gone.set_user_attr(storage.OWNER_TRIAL_ATTR, gone.number)
+    assert storage.recover_dead_workers(study) == 1 and study.trials[gone.number].state == TrialState.FAIL
