@@ -68,7 +68,7 @@ def test_without_a_checkpoint_file_the_run_starts_from_step_zero(tiny_cfg, tiny_
     assert rec.history["train/loss"][0][0] == 0 and not (tmp_path / "none.pt").exists()
 
 
-RUN = ["--config", "all_tricks", "--epochs", "3", "--train-subset", "2048", "--test-subset", "200", "--batch-size", "32",
+RUN = ["--config", "all_tricks", "--epochs", "3", "--train-subset", "2048", "--test-subset", "200", "--batch-size", "32", "--width", "0.5",
        "--data-dir", str(DATA_DIR), "--no-system-metrics", "--no-log-model", "--set", "monitor.flush_every=4",
        "--set", "monitor.layer_every=10", "--set", "monitor.snapshot_steps=[5, 70]"]  # 64 steps an epoch
 PER_EPOCH = 64
