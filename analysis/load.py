@@ -15,8 +15,11 @@ from experiments.stress import STRESS_REPORT, STRESS_RUN
 
 KEYS = {"lr": "optim.lr", "width": "model.width", "depth": "model.depth", "warmup_epochs": "schedule.warmup_epochs",
         "max_norm": "optim.max_norm", "norm": "model.norm", "epochs": "epochs", "precision": "compute.precision",
-        "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset"}
-NUMERIC = ("lr", "width", "depth", "warmup_epochs", "epochs", "batch_size", "train_subset", "test_subset")
+        "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset",
+        "init": "model.init", "optimizer": "optim.name", "weight_decay": "optim.weight_decay", "momentum": "optim.momentum",
+        "schedule": "schedule.kind", "lr_min": "schedule.lr_min"}
+NUMERIC = ("lr", "width", "depth", "warmup_epochs", "epochs", "batch_size", "train_subset", "test_subset", "weight_decay",
+           "momentum", "lr_min")
 
 
 class AnalysisError(RuntimeError):

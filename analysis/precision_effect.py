@@ -5,8 +5,9 @@ seed noise.
 
 Reads only MLflow (analysis.load): the latest finished run of each config, setting, seed and precision. A run is paired
 with the run of the other precision that has the same config, setting and seed (same initialisation and data order), so
-the gap is judged against the spread of the per-seed differences (analysis.stats.within_noise, paired: < 2 SE). A
-diverged run has no final metrics: it leaves its pair out and is counted in its own column, never hidden.
+the gap is judged against the spread of the per-seed differences (analysis.stats.within_noise, paired: inside the 95%
+t-interval, the same verdict as the paired t-test at p = 0.05). A diverged run has no final metrics: it leaves its pair
+out and is counted in its own column, never hidden.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ from scipy import stats as scipy_stats
 
 from analysis import load
 from analysis.load import AnalysisError
-from analysis.stats import noise_verdict, paired_difference
+from analysis.stats import noise_verdict, paired_difference, paired_half_width
 
 METRICS = ("final_loss", "test_acc")
 PRECISIONS = ("fp32", "bf16")
 # Everything that must match for two runs to differ only in precision; the seed is matched on its own.
-SETTING = ["config", "lr", "width", "depth", "warmup_epochs", "max_norm", "norm", "epochs", "batch_size", "train_subset",
-           "test_subset"]
+SETTING = ["config", "lr", "width", "depth", "warmup_epochs", "max_norm", "norm", "init", "optimizer", "weight_decay",
+           "momentum", "schedule", "lr_min", "epochs", "batch_size", "train_subset", "test_subset"]
 
 
 def precision_runs(experiment: str) -> pd.DataFrame:
@@ -54,12 +55,14 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
         diverged = f"{int(g.diverged_fp32.sum())}/{int(g.diverged_bf16.sum())}"
         ok = g[~g.diverged_fp32 & ~g.diverged_bf16]
         for metric in METRICS:
-            a, b = ok[f"{metric}_fp32"], ok[f"{metric}_bf16"]
+            both_ok = ok[[f"{metric}_fp32", f"{metric}_bf16"]].dropna()  # a pair lacking the value says nothing of it
+            a, b = both_ok[f"{metric}_fp32"], both_ok[f"{metric}_bf16"]
             diff, se = paired_difference(a, b)
-            p = scipy_stats.ttest_rel(b, a).pvalue if len(ok) >= 2 and (b - a).std() > 0 else float("nan")
-            rows.append({"config": config, "metric": metric, "pairs": len(ok), "diverged fp32/bf16": diverged,
+            p = scipy_stats.ttest_rel(b, a).pvalue if len(a) >= 2 and (b - a).std() > 0 else float("nan")
+            rows.append({"config": config, "metric": metric, "pairs": len(a), "diverged fp32/bf16": diverged,
                          "fp32": f"{a.mean():.4f} ± {a.std():.4f}", "bf16": f"{b.mean():.4f} ± {b.std():.4f}",
-                         "bf16 - fp32": diff, "2 SE": 2 * se, "paired_p": p, "verdict": noise_verdict(a, b, paired=True)})
+                         "bf16 - fp32": diff, "95% half-width": paired_half_width(se, len(a)), "paired_p": p,
+                         "verdict": noise_verdict(a, b, paired=True)})
     return pd.DataFrame(rows)
 
 

@@ -49,11 +49,18 @@ def paired_difference(a, b) -> tuple[float, float]:
 
 
 def within_noise(a, b, paired: bool = False) -> bool | None:
-    """Two samples' means differ by less than 2 standard errors of the difference (Welch, or of the paired differences);
+    """Two samples' means differ by less than 2 standard errors of the difference (Welch), or, paired, by less than the
+    95% half-width of the mean paired difference (its t-test at p = 0.05: with 2 or 3 seeds, 2 SE is far too narrow);
     None where there are fewer than 2 values a side: there is no estimate of the noise to say either. No difference at
     all is within any noise, even none."""
     diff, se = (paired_difference if paired else mean_difference)(a, b)
-    return None if math.isnan(se) else bool(abs(diff) < 2 * se or diff == 0)
+    bound = paired_half_width(se, len(a)) if paired else 2 * se
+    return None if math.isnan(se) else bool(abs(diff) < bound or diff == 0)
+
+
+def paired_half_width(se: float, pairs: int) -> float:
+    """95% half-width of a mean paired difference over `pairs` pairs with standard error `se` (t, pairs - 1 df)."""
+    return float(stats.t.ppf(0.975, pairs - 1) * se) if pairs >= 2 else float("nan")
 
 
 NOISE_VERDICTS = {True: "within seed noise", False: "outside seed noise", None: "seed noise unknown (fewer than 2 seeds)"}

@@ -77,7 +77,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     run, path = resumable(MlflowClient(), args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
-    resources.check(cfg)  # its device (say cuda:3) may not be here: one line before the run is reopened
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     label, started = f"{cfg.name} s{cfg.seed}", time.time()
     with ResumedTracker(cfg, data.md5, args.run_id, system_metrics=not args.no_system_metrics,
@@ -132,7 +131,8 @@ def compare(tracked: dict[str, list[tuple[int, float]]], rerun: dict[str, list[t
 
 
 def match_recorded(cfg, tags: dict[str, str]):
-    """The config set up to run as the tracked run did (its torch threads and device); print what still differs."""
+    """The config set up to run as the tracked run did (its torch threads and device), if it fits here (one-line
+    ConfigError if not); print what still differs."""
     import torch
 
     from .resources import gpu_label
@@ -145,6 +145,7 @@ def match_recorded(cfg, tags: dict[str, str]):
     device = tags.get("device", "")
     if device and not (device.startswith("cuda") and not torch.cuda.is_available()):
         cfg = dataclasses.replace(cfg, device=device)
+    resources.check(cfg)  # as train checks it, before the run is reopened (a cuda:3 tracked elsewhere may not be here)
     here = {"torch_threads": str(torch.get_num_threads()), "torch_version": torch.__version__, "device": cfg.device}
     print(f"reproducing with {here['torch_threads']} torch thread(s), device {cfg.device}, torch {torch.__version__}, "
           f"precision {cfg.compute.precision}")
@@ -167,7 +168,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     client = MlflowClient()
     run = recorded_run(client, args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
-    resources.check(cfg)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     recorder = Recorder()
     result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder])

@@ -170,7 +170,7 @@ def validate(cfg: Config) -> Config:
     checks = [
         (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr), "optim.lr", cfg.optim.lr, "must be a positive number"),
         (cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1"),
-        (0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in 0..2**63-1 (torch's seed range)"),
+        (0 <= cfg.seed < 2**64, "seed", cfg.seed, "must be in 0..2**64-1 (torch's seeds; a negative one aliases one of them)"),
         (cfg.model.width > 0, "model.width", cfg.model.width, "must be > 0"),
         (1 <= cfg.model.depth <= 5, "model.depth", cfg.model.depth, "must be in 1..5 (28x28 input)"),
         (cfg.optim.max_norm is None or cfg.optim.max_norm > 0, "optim.max_norm", cfg.optim.max_norm, "must be > 0 or none"),

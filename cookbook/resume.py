@@ -47,12 +47,16 @@ class ResumedTracker(MlflowTracker):
         self.final_values = [[k, m.value, m.timestamp, epoch] for k, m in stored.items()] + (self.final_values if missing else [])
 
     def _stored_summary(self, epoch: int, keys) -> dict:
-        """{key: Metric} of the epoch's summary values the store already holds."""
+        """{key: Metric} of the epoch's summary values the store already holds; none if it cannot say (away: the writer
+        spools what it cannot send, and a value sent twice is a duplicate point, not a loss)."""
         stored = {}
-        for key in keys:
-            at = [m for m in self.client.get_metric_history(self.run_id, key) if m.step == epoch]
-            if at:
-                stored[key] = at[-1]
+        try:
+            for key in keys:
+                at = [m for m in self.client.get_metric_history(self.run_id, key) if m.step == epoch]
+                if at:
+                    stored[key] = at[-1]
+        except MlflowException:
+            return {}
         return stored
 
 

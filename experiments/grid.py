@@ -52,8 +52,10 @@ def train_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str = "", warmups: str = "") -> list[dict]:
-    """Every combination of the lists, each checked by resolving its config (bad values fail here, before any work)."""
+def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str = "", warmups: str = "",
+               settings: dict | None = None) -> list[dict]:
+    """Every combination of the lists, each checked by resolving its config with the sweep's training settings (bad
+    values fail here, before any work; a warmup is checked against the epochs the sweep trains, not the file's)."""
     lists = [config_names(configs), parse_list(seeds, int, "seeds"), parse_list(lrs, float, "lrs"), parse_list(widths, float, "widths"),
              parse_list(depths, int, "depths"), parse_list(warmups, float, "warmup_epochs")]
     cells = [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
@@ -63,7 +65,7 @@ def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str
         raise SweepError(f"the grid has cell '{repeated}' more than once (a repeated value, or two equal to 6 digits); "
                          "give each value once")
     for cell in cells:
-        load_config(cell["config"], CONFIGS_DIR, overrides(cell, {}))
+        load_config(cell["config"], CONFIGS_DIR, overrides(cell, settings or {}))
     return cells
 
 

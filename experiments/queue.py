@@ -24,7 +24,7 @@ def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, se
         study.set_user_attr("settings", settings)
         study.set_user_attr(PRUNER_ATTR, pruner)
     held = sorted(cell_key(c) for c in study.user_attrs["cells"])
-    if held != sorted(cell_key(c) for c in cells) or study.user_attrs["settings"] != settings:
+    if held != sorted(cell_key(c) for c in cells) or study.user_attrs.get("settings", settings) != settings:
         raise SweepError(f"study '{name}' holds another sweep ({len(held)} cells, settings {study.user_attrs['settings']}); "
                          "run it with the flags that made it, or name a new one with --study")
     made_with = stored_pruner(study)

@@ -97,10 +97,11 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
     config's study, with its pruner."""
     if spec is not None:
         name = spec_name(f"stress-{config}", spec, 8)
-    # Each worker its own seed: with one, parallel workers drew the same random points and trained them twice.
-    sampler = optuna.samplers.TPESampler(seed=worker_index(), n_startup_trials=4)
-    if spec is None:
-        return attach_pruner(optuna.load_study(study_name=name, storage=open_storage(storage), sampler=sampler))
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
+    if spec is None:  # a worker: its own seed, by its index and the trials so far (alike, parallel workers or a later
+        study = optuna.load_study(study_name=name, storage=open_storage(storage))  # round drew the same points again)
+        study.sampler = optuna.samplers.TPESampler(seed=worker_index() + 1000 * len(study.trials), n_startup_trials=4)
+        return attach_pruner(study)
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
                                 sampler=sampler, load_if_exists=True)
     if "config" not in study.user_attrs:
@@ -195,12 +196,14 @@ def run_stress(args: argparse.Namespace) -> int:
     with mlflow.start_run(run_name=STRESS_RUN) as parent:
         for name in configs:
             study = start_study(args, name, seeds, settings, parent.info)
-            if not run_workers(args, study):
-                short.append(name)
-            reports.append(report(study))
+            complete = run_workers(args, study)
+            short += [] if complete else [name]
+            reports.append({**report(study), "trials_asked": args.n_trials, "complete": complete})
             log_stress_history(study, done_trials(study), reports[-1])
             print(format_report(reports[-1]), file=sys.stderr, flush=True)
         mlflow.log_text(json.dumps(reports, indent=1, default=str), STRESS_REPORT)
+        if short:  # a report from fewer trials than asked is no result: the analysis reads FINISHED stress runs only
+            mlflow.end_run("FAILED")
     print("\n".join(format_report(r) for r in reports))
     if short:  # the report above is from fewer trials than asked: say so, and let a rerun finish them
         print(f"error: {', '.join(short)}: workers failed before {args.n_trials} trials finished; "

@@ -192,8 +192,8 @@ def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """Validate, create or resume the study, enqueue missing cells, run workers, summarise."""
-    cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs)
     settings = train_settings(args)
+    cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs, settings)
     check_cells(cells, settings)
     name = args.study or study_name(cells, settings, args.pruner)
     study = open_study(args.storage, name, cells, settings, args.pruner)  # a bad storage fails here, before the MLflow store is made

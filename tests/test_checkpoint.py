@@ -183,6 +183,7 @@ def test_a_run_with_spooled_writes_is_synced_before_it_resumes(tracking, tmp_pat
 def test_an_epoch_summary_stored_before_the_kill_is_not_stored_twice(tracking, tiny_cfg):
     """Killed after the epoch's summary was sent and before its checkpoint: the resume trains that epoch again."""
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
     from cookbook.resume import ResumedTracker
     client = MlflowClient()
@@ -196,6 +197,13 @@ def test_an_epoch_summary_stored_before_the_kill_is_not_stored_twice(tracking, t
     points = lambda key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]  # noqa: E731
     assert points("test/acc") == [(2, 0.5), (3, 0.6)] and points("time/epoch_seconds") == [(2, 3.0), (3, 4.0)]
     assert points("epoch/train_loss") == [(2, 0.3), (3, 0.2)]  # the value the store lacked is sent
+    client.set_terminated(run_id, "KILLED")
+    with ResumedTracker(tiny_cfg, {}, run_id, system_metrics=False, log_model=False) as tracker:
+        def away(*args):
+            raise MlflowException("API request to http://127.0.0.1:5000 failed with exception Connection refused")
+        tracker.client.get_metric_history = away  # the store cannot say what it holds: send it all, never lose it
+        tracker.on_epoch_end(4, {"test/acc": 0.7})
+    assert points("test/acc") == [(2, 0.5), (3, 0.6), (4, 0.7)]
 
 
 @pytest.mark.parametrize("stored_steps, summary, resumes", [(16, True, True), (12, True, False), (16, False, False)])
@@ -240,3 +248,25 @@ def test_a_run_that_cannot_run_here_is_one_line_before_its_run_is_touched(comman
     assert main([command, run_id]) == 2
     assert "model.width=1000 model.depth=3 needs about" in capsys.readouterr().err.strip().splitlines()[-1]
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_run_tracked_on_a_gpu_this_machine_lacks_is_one_line(tracking, gpus, monkeypatch, capsys):
+    """Tracked on cuda:3 of a bigger machine; here one GPU: torch would assert on naming card 3, before any check."""
+    from mlflow.entities import Param
+
+    from cookbook.cli import main
+    from cookbook.config import Config, to_params
+    gpus(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def name(i):
+        assert i < 1, "Invalid device id"  # as torch.cuda.get_device_name fails for a card that is not there
+        return "Fake GPU 0"
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("elsewhere")).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in to_params(Config(name="no_tricks")).items()], synchronous=True)
+    client.set_tag(run_id, "device", "cuda:3")
+    client.set_terminated(run_id, "FINISHED")
+    assert main(["reproduce", run_id]) == 2
+    assert "device='cuda:3' is not available here (1 CUDA devices)" in capsys.readouterr().err.strip().splitlines()[-1]

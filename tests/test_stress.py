@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from analysis.load import stress_reports
 from conftest import DATA_DIR, ROOT
 from cookbook.lr_find import START_LR, RangeTest
 from experiments import stress
@@ -167,3 +168,17 @@ def test_each_worker_samples_its_own_points(tmp_path, monkeypatch):
         study = stress.open_stress_study(storage, config="", name=name)
         draws.append(study.sampler.sample_independent(study, None, "log10_lr", FloatDistribution(-3, 0)))
     assert draws[0] != draws[1] and draws[0] == draws[2]
+    study.enqueue_trial({"log10_lr": -2.0, "seed": 0})  # a later round: worker 0 must not draw its first points again
+    again = stress.open_stress_study(storage, config="", name=name)
+    assert again.sampler.sample_independent(again, None, "log10_lr", FloatDistribution(-3, 0)) != draws[0]
+
+
+def test_a_budget_left_unspent_ends_the_stress_run_failed_and_the_command_1(tracking, tmp_path, monkeypatch, capsys):
+    """Workers that kept failing leave a report of fewer trials than asked: not a result the analysis may read."""
+    monkeypatch.setattr(stress, "run_workers", lambda args, study: False)  # every round's workers died
+    assert main(["run", "--configs", "no_tricks", "--seeds", "0", "--n-trials", "2", "--storage", str(tmp_path / "j.log"),
+                 *TINY]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("error: no_tricks: workers failed before 2 trials "
+                                                                "finished; the same command resumes")
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
+    assert run.info.status == "FAILED" and stress_reports("stability-cookbook") == []

@@ -50,6 +50,12 @@ def test_bad_grids_fail_before_any_work(kwargs, message):
         make_cells(**args)
 
 
+def test_a_warmup_is_checked_against_the_epochs_the_sweep_trains(tracking, capsys):
+    assert len(make_cells("no_tricks", "0", "", warmups="0,10", settings={"epochs": 20})) == 2
+    assert main(["run", "--configs", "no_tricks", "--epochs", "20", "--warmup-epochs", "0,10", "--storage", "redis://x"]) == 2
+    assert "unknown scheme 'redis'" in capsys.readouterr().err  # the grid passed: its 10 warmup epochs fit in 20
+
+
 def test_a_study_name_given_again_with_another_grid_or_settings_is_one_line(tmp_path):
     """Loaded as it is, the study would run its old grid and report it as the new one."""
     storage = str(tmp_path / "journal.log")
