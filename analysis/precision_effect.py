@@ -48,9 +48,10 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     setting keys that vary, if any."""
     fp32, bf16 = (runs[runs.precision == p] for p in PRECISIONS)
     both = fp32.merge(bf16, on=[*SETTING, "seed"], suffixes=("_fp32", "_bf16"))  # NaN keys (no subset) match NaN
-    varying = [k for k in SETTING[1:] if both[k].nunique(dropna=False) > 1]
     rows = []
     for key, g in both.groupby(SETTING, dropna=False, sort=False):
+        mine = both[both.config == key[0]]  # name the setting keys that vary within the config, if any
+        varying = [k for k in SETTING[1:] if mine[k].nunique(dropna=False) > 1]
         config = key[0] if not varying else f"{key[0]} ({', '.join(f'{k}={g[k].iloc[0]}' for k in varying)})"
         diverged = f"{int(g.diverged_fp32.sum())}/{int(g.diverged_bf16.sum())}"
         ok = g[~g.diverged_fp32 & ~g.diverged_bf16]
