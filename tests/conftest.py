@@ -62,10 +62,12 @@ def tracking(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture
 def gpus(monkeypatch):
-    """pretend(n, listed): n GPUs named 'Fake GPU i' (the last one current), CUDA_VISIBLE_DEVICES=listed (None: unset)."""
+    """pretend(n, listed): n GPUs named 'Fake GPU i' with 80 GB free each (the last one current),
+    CUDA_VISIBLE_DEVICES=listed (None: unset)."""
     def pretend(n: int, listed: str | None = None):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
         monkeypatch.setattr(torch.cuda, "current_device", lambda: n - 1)
         if listed is None:
             monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
