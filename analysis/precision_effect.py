@@ -19,6 +19,7 @@ from scipy import stats as scipy_stats
 
 from analysis import load
 from analysis.load import AnalysisError
+from analysis.select import latest
 from analysis.stats import noise_verdict, paired_difference, paired_half_width
 
 METRICS = ("final_loss", "test_acc")
@@ -34,18 +35,13 @@ def precision_runs(experiment: str) -> pd.DataFrame:
     runs = runs[runs.precision.isin(PRECISIONS)]
     if runs.empty:
         raise AnalysisError(f"no finished fp32 or bf16 runs in '{experiment}'")
-    return latest(runs)
-
-
-def latest(runs: pd.DataFrame) -> pd.DataFrame:
-    """One run per setting, seed and precision: the latest (a rerun replaces the older run)."""
-    return runs.sort_values("start_time").drop_duplicates([*SETTING, "seed", "precision"], keep="last")
+    return latest(runs, [*SETTING, "seed", "precision"])
 
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
     """Per config, setting and metric: pairs, diverged runs a side, fp32 and bf16 mean ± std over the pairs, the mean
-    paired difference, 2 x its standard error, the paired t-test's p and the verdict. A `setting` column names the
-    setting keys that vary, if any."""
+    paired difference, its 95% half-width, the paired t-test's p and the verdict. Where a config has several settings,
+    its label names the keys that vary."""
     fp32, bf16 = (runs[runs.precision == p] for p in PRECISIONS)
     both = fp32.merge(bf16, on=[*SETTING, "seed"], suffixes=("_fp32", "_bf16"))  # NaN keys (no subset) match NaN
     rows = []

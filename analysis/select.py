@@ -44,7 +44,12 @@ def largest_scale(runs: pd.DataFrame) -> pd.DataFrame:
     size = runs.epochs * runs.train_images
     top = runs[size == size.max()]
     top = top[top.scale == top.sort_values("start_time").scale.iloc[-1]]
-    return top.sort_values("start_time").drop_duplicates(CELL, keep="last")
+    return latest(top, CELL)
+
+
+def latest(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One run per value of `keys`: the latest (a rerun replaces the older run)."""
+    return runs.sort_values("start_time").drop_duplicates(keys, keep="last")
 
 
 def classified(runs: pd.DataFrame, allowed: set[str], required: set[str] = frozenset()) -> pd.DataFrame:

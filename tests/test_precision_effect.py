@@ -5,7 +5,8 @@ import statistics
 import pandas as pd
 import pytest
 
-from analysis.precision_effect import SETTING, compare, latest
+from analysis.precision_effect import SETTING, compare
+from analysis.select import latest
 from analysis.stats import NOISE_VERDICTS
 
 
@@ -40,7 +41,7 @@ def test_only_the_latest_run_of_a_seed_and_only_matching_settings_pair():
     new = runs([1.0, 2.0], [1.1, 2.1]).assign(start_time=pd.Timestamp(1))
     other_setting = runs([5.0, 5.0], [0.0, 0.0], epochs=1)
     sgd = runs([7.0, 7.0], [7.5, 7.5], optimizer="sgd")  # not a rerun of the Adam runs: its own setting
-    loss = compare(latest(pd.concat([new, old, other_setting, sgd]))).set_index("config")
+    loss = compare(latest(pd.concat([new, old, other_setting, sgd]), [*SETTING, "seed", "precision"])).set_index("config")
     loss = loss[loss.metric == "final_loss"]
     assert list(loss.pairs) == [2, 2, 2]  # one row per setting, none mixed, no rerun counted twice
     assert loss.loc["c (optimizer=sgd, epochs=3)", "bf16 - fp32"] == pytest.approx(0.5)
