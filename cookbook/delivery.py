@@ -29,6 +29,7 @@ NOT_STORED_TAG = "metrics_not_stored"  # on a FAILED run: metric values the stor
 MODEL_STEPS_TAG = "trained_steps"  # on a LoggedModel: the training steps behind it (with its run, which model it is)
 TEST_METRICS = "test/"  # metric names measured on the test set; the others on the training set
 MAX_BATCH = 1000  # log_batch accepts at most 1000 metrics per call
+SQLALCHEMY_NOTE = "(raised as a result of "  # how SQLAlchemy's note on a failed autoflush starts its line
 # Store errors that retrying cannot cure: stop training and say so.
 FATAL = ("database or disk is full", "readonly database", "read-only file system", "no space left on device")
 # MLflow's SQL store logs each failed write with a full traceback; the writer reports store errors in one line itself.
@@ -111,9 +112,10 @@ def verdict(error: Exception) -> str:
 
 
 def first_line(error: Exception) -> str:
-    """The error's first line without SQLAlchemy's '(module.Error) ' prefix."""
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return re.sub(r"^\([\w.]+\)\s*", "", line)[:200]
+    """The error's first line without SQLAlchemy's '(module.Error) ' prefix, nor the note on autoflush SQLAlchemy may put
+    on a line before it (the line then named no cause: "cannot take writes ((raised as a result of Query-invoked...))")."""
+    lines = [line for line in str(error).strip().splitlines() if not line.startswith(SQLALCHEMY_NOTE)]
+    return re.sub(r"^\([\w.]+\)\s*", "", (lines or [type(error).__name__])[0])[:200]
 
 
 class StoreWriter:

@@ -6,7 +6,17 @@ from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
-from cookbook.delivery import MODEL_STEPS_TAG, NOT_STORED_TAG, StoreWriter, metrics_op, replay, send, verdict, write_spool
+from cookbook.delivery import (
+    MODEL_STEPS_TAG,
+    NOT_STORED_TAG,
+    StoreWriter,
+    first_line,
+    metrics_op,
+    replay,
+    send,
+    verdict,
+    write_spool,
+)
 from cookbook.tracking import MlflowTracker
 
 
@@ -124,3 +134,7 @@ def test_verdicts():
     assert verdict(MlflowException("API request failed: Connection refused")) == "retry"
     assert verdict(MlflowException("slow down", error_code=RESOURCE_EXHAUSTED)) == "retry"
     assert verdict(ConnectionError("reset")) == "retry"
+    autoflush = MlflowException("(raised as a result of Query-invoked autoflush; consider using a session.no_autoflush "
+                                "block if this flush is occurring prematurely)\n(sqlite3.OperationalError) database or disk "
+                                "is full\n[SQL: INSERT INTO metrics]")
+    assert verdict(autoflush) == "fatal" and first_line(autoflush) == "database or disk is full"
