@@ -13,6 +13,7 @@ if not torch.cuda.is_available():  # cookbook.fused_conv's Triton kernels on CPU
 
 from cookbook.config import CONFIGS_DIR, Config, merge, validate  # noqa: F401  (CONFIGS_DIR: tests import it from here)
 from cookbook.data import ensure_mnist, load_mnist
+from cookbook.tracking import ready_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"
@@ -58,6 +59,13 @@ def tracking(tmp_path, monkeypatch) -> str:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it for child processes
+
+
+def created_store(uri: str) -> str:
+    """uri, its tables made under ready_store's lock: MlflowClient opens a store when built, outside that lock, so a
+    test reading a store its subprocess is still creating raced MLflow's migrations (CircularDependencyError in CI)."""
+    ready_store(uri)
+    return uri
 
 
 @pytest.fixture

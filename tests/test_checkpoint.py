@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT, created_store
 from cookbook.checkpoint import load
 from cookbook.config import merge, validate
 from cookbook.hooks import Hook, Recorder
@@ -124,7 +124,7 @@ def test_sweep_cell_of_a_sigkilled_worker_resumes_from_its_checkpoint(mnist_dir,
     from experiments.queue import enqueue_missing, open_study
     from experiments.storage import open_storage
 
-    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "journal.log")
+    uri, storage = created_store(f"sqlite:///{tmp_path}/mlflow.db"), str(tmp_path / "journal.log")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     settings = {"epochs": 3, "train_subset": 2048, "test_subset": 200, "batch_size": 32, "data_dir": str(DATA_DIR)}
     enqueue_missing(open_study(storage, "resume", make_cells("no_tricks", "0", ""), settings))

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT, created_store
 from experiments.grid import make_cells
 from experiments.queue import enqueue_missing, open_study
 from experiments.storage import open_storage
@@ -77,7 +77,7 @@ def assert_given_back(storage: str, name: str, client: MlflowClient, run_id: str
 @pytest.mark.parametrize("role", ["worker", "coordinator"])
 def test_sigterm_ends_runs_killed_and_gives_the_cell_back(mnist_dir, tracking, tmp_path, role):
     storage, env = str(tmp_path / "journal.log"), {**os.environ, "PYTHONPATH": str(ROOT)}
-    sweep = [sys.executable, "-m", "experiments.sweep"]
+    sweep, client = [sys.executable, "-m", "experiments.sweep"], MlflowClient(created_store(tracking))
     if role == "worker":  # a worker alone on a queue made here
         long = {"epochs": 3000, "train_subset": 256, "test_subset": 100, "batch_size": 32, "data_dir": str(DATA_DIR)}
         enqueue_missing(open_study(storage, "long", make_cells("no_tricks", "0", ""), long))
@@ -85,7 +85,6 @@ def test_sigterm_ends_runs_killed_and_gives_the_cell_back(mnist_dir, tracking, t
     else:  # `timeout` or a scheduler stopping the whole sweep: the coordinator stops its worker
         proc = subprocess.Popen([*sweep, "run", "--configs", "no_tricks", "--study", "long", "--storage", storage, *LONG],
                                 env=env, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient()
     run_id = wait_for_training(storage, "long", client, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
