@@ -20,7 +20,7 @@ from scipy import stats as scipy_stats
 from analysis import load
 from analysis.load import AnalysisError
 from analysis.select import latest
-from analysis.stats import noise_verdict, paired_difference, paired_half_width
+from analysis.stats import noise_verdict, paired_difference
 
 METRICS = ("final_loss", "test_acc")
 PRECISIONS = ("fp32", "bf16")
@@ -54,11 +54,11 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
         for metric in METRICS:
             both_ok = ok[[f"{metric}_fp32", f"{metric}_bf16"]].dropna()  # a pair lacking the value says nothing of it
             a, b = both_ok[f"{metric}_fp32"], both_ok[f"{metric}_bf16"]
-            diff, se = paired_difference(a, b)
+            diff, half_width = paired_difference(a, b)
             p = scipy_stats.ttest_rel(b, a).pvalue if len(a) >= 2 and (b - a).std() > 0 else float("nan")
             rows.append({"config": config, "metric": metric, "pairs": len(a), "diverged fp32/bf16": diverged,
                          "fp32": f"{a.mean():.4f} ± {a.std():.4f}", "bf16": f"{b.mean():.4f} ± {b.std():.4f}",
-                         "bf16 - fp32": diff, "95% half-width": paired_half_width(se, len(a)), "paired_p": p,
+                         "bf16 - fp32": diff, "95% half-width": half_width, "paired_p": p,
                          "verdict": noise_verdict(a, b, paired=True)})
     return pd.DataFrame(rows)
 

@@ -32,35 +32,34 @@ def layer_spread(norms) -> float:
     return float(v.max() / v.min())
 
 
-def mean_difference(a, b) -> tuple[float, float]:
-    """mean(b) - mean(a) and the standard error of that difference (Welch); nan SE for fewer than 2 values a side."""
+def welch_difference(a, b) -> tuple[float, float]:
+    """mean(b) - mean(a) and the 95% half-width of that difference (Welch's t, Welch-Satterthwaite df); nan half-width
+    for fewer than 2 values a side."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return float(b.mean() - a.mean()) if len(a) and len(b) else float("nan"), float("nan")
-    return float(b.mean() - a.mean()), math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return float(b.mean() - a.mean()), 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return float(b.mean() - a.mean()), float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
 
 
 def paired_difference(a, b) -> tuple[float, float]:
-    """mean(b - a) over pairs (a[i], b[i]: the same seed) and its standard error; nan SE for fewer than 2 pairs."""
+    """mean(b - a) over pairs (a[i], b[i]: the same seed) and its 95% t half-width (pairs - 1 df); nan half-width for
+    fewer than 2 pairs."""
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     if len(d) < 2:
         return float(d.mean()) if len(d) else float("nan"), float("nan")
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    return float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def within_noise(a, b, paired: bool = False) -> bool | None:
-    """Two samples' means differ by less than 2 standard errors of the difference (Welch), or, paired, by less than the
-    95% half-width of the mean paired difference (its t-test at p = 0.05: with 2 or 3 seeds, 2 SE is far too narrow);
-    None where there are fewer than 2 values a side: there is no estimate of the noise to say either. No difference at
-    all is within any noise, even none."""
-    diff, se = (paired_difference if paired else mean_difference)(a, b)
-    bound = paired_half_width(se, len(a)) if paired else 2 * se
-    return None if math.isnan(se) else bool(abs(diff) < bound or diff == 0)
-
-
-def paired_half_width(se: float, pairs: int) -> float:
-    """95% half-width of a mean paired difference over `pairs` pairs with standard error `se` (t, pairs - 1 df)."""
-    return float(stats.t.ppf(0.975, pairs - 1) * se) if pairs >= 2 else float("nan")
+    """The difference of the means lies inside its 95% t-interval (Welch's, or paired by seed): the same verdict as the
+    t-test at p = 0.05, where a flat "2 SE" would be far too narrow with 2-5 seeds. None where there are fewer than 2
+    values a side: there is no estimate of the noise to say either. No difference at all is within any noise, even none."""
+    diff, half_width = (paired_difference if paired else welch_difference)(a, b)
+    return None if math.isnan(half_width) else bool(abs(diff) < half_width or diff == 0)
 
 
 NOISE_VERDICTS = {True: "within seed noise", False: "outside seed noise", None: "seed noise unknown (fewer than 2 seeds)"}

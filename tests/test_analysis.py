@@ -3,10 +3,12 @@ import json
 import math
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from scipy import stats as scipy_stats
 
 from analysis import load
 from analysis.cli import main
@@ -83,6 +85,18 @@ def test_seed_noise_needs_two_seeds_a_side_and_a_diverged_seed_counts_as_the_los
     assert within_noise([0.1, 0.1], [0.1, 0.1]) is True  # no difference is within noise, even none
     assert within_noise([0.1, 0.3], [0.2, 0.4], paired=True) is False and within_noise([0.1, 0.3], [0.2, 0.4]) is True
     assert capped_losses([0.1, 0.05, float("nan"), 3.0], [False, True, False, False], 2.0).tolist() == [0.1, 2.0, 2.0, 2.0]
+
+
+def test_seed_noise_is_the_t_test_at_five_percent_welch_or_paired():
+    """The verdict agrees with scipy's Welch and paired t-tests on random samples of 2-5 seeds, and a gap of 2.8 SE
+    with 2 seeds a side (p = 0.11) is within noise, where a flat "2 SE" rule called it outside."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(2, 6))
+        a, b = rng.normal(0, 1, n), rng.normal(rng.uniform(0, 3), rng.uniform(0.2, 2), n)
+        assert within_noise(a, b) == (scipy_stats.ttest_ind(a, b, equal_var=False).pvalue >= 0.05)
+        assert within_noise(a, b, paired=True) == (scipy_stats.ttest_rel(a, b).pvalue >= 0.05)
+    assert within_noise([0.1, 0.3], [0.5, 0.7]) is True
 
 
 def test_size_table_scores_each_lr_on_all_its_seeds():
