@@ -13,10 +13,12 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from analysis import layers, load, lr, report, sections
 from analysis.load import AnalysisError
 from analysis.select import with_scale
+from cookbook.delivery import first_line
 
 ANALYSIS_EXPERIMENT = "analysis"
 
@@ -93,13 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_inputs(output: Path) -> None:
+    """Refuse, before reading anything, a report folder that cannot be one and a SQLite store that does not exist
+    (MLflow would create an empty one there and report no experiment)."""
+    blocker = next((p for p in (output, *output.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise AnalysisError(f"--output {output}: {blocker} is a file, not a folder")
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?")[0]).is_file():
+        raise AnalysisError(f"no tracking store at {uri}; point MLFLOW_TRACKING_URI at the store the runs are in")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output = Path(args.output or f"reports/{args.experiment}")
     try:
+        check_inputs(output)
         path = analyse(args.experiment, output, not args.no_mlflow_log)
-    except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (AnalysisError, MlflowException, OSError) as e:  # a store that cannot be read or a folder that cannot be written
+        print(f"error: {e if isinstance(e, AnalysisError) else first_line(e)}", file=sys.stderr)
         return 2
     print(f"report: {path.resolve()}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis import figures, load
-from analysis.sections import Section, Skip, fmt_ci, scale_note
+from analysis.sections import Section, Skip, fmt_ci, not_diverged, scale_note
 from analysis.select import baseline_runs
 from analysis.stats import layer_spread, mean_ci95
 
@@ -57,7 +57,7 @@ def describe(config: str, rows: pd.DataFrame) -> str:
 
 def layer_norms(runs: pd.DataFrame) -> Section:
     """3. Per-layer pre-clip grad norms at the snapshot steps, per config, and how far from uniform they are."""
-    base = baseline_runs(runs)
+    base, note = not_diverged(baseline_runs(runs))
     frames = [load.snapshots(r.run_id).assign(config=r.config, seed=r.seed, run_id=r.run_id) for r in base.itertuples()]
     snap = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step"])
     snap = snap[snap.step.isin(SNAPSHOT_STEPS)]
@@ -72,7 +72,7 @@ def layer_norms(runs: pd.DataFrame) -> Section:
             f"Pre-clip gradient norm of each conv and linear weight at steps {', '.join(map(str, sorted(set(snap.step))))} "
             f"(mean ± 95% CI over seeds), and the ratio of the largest to the smallest layer norm (1 = uniform; called "
             f"uniform below {UNIFORM_WITHIN:g}x).\n\n" + "\n".join(describe(c, g) for c, g in spread.groupby("config"))
-            + (f"\n\nSteps {missing} were not reached by these runs." if missing else ""))
+            + (f"\n\nSteps {missing} were not reached by these runs." if missing else "") + note)
     spread_table = spread.assign(**{"max/min": [fmt_ci(m, h, 2) for m, h in zip(spread["max/min"], spread.ci95)]}).drop(columns="ci95")
     return Section("Gradient norms across layers", text,
                    {"layer_grad_norms": norms.rename(columns=lambda c: f"step {c}" if isinstance(c, (int, float)) else c),

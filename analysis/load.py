@@ -44,7 +44,8 @@ def training_runs(experiment: str) -> pd.DataFrame:
     table = pd.DataFrame({
         "run_id": runs["run_id"], "run_name": col("tags.mlflow.runName"), "config": runs[config_col],
         "start_time": runs["start_time"], "overrides": col(f"tags.{t.OVERRIDES_TAG}"),
-        "seed": col(f"tags.{t.SEED_TAG}").astype(int), "param_count": pd.to_numeric(col(f"tags.{t.PARAM_COUNT_TAG}")),
+        "seed": col(f"tags.{t.SEED_TAG}").map(int),  # Python ints: a seed may exceed int64 (up to 2**64-1)
+        "param_count": pd.to_numeric(col(f"tags.{t.PARAM_COUNT_TAG}")),
         "diverged": col(f"tags.{t.DIVERGED_TAG}") == "true", "diverged_step": pd.to_numeric(col(f"tags.{t.DIVERGED_STEP_TAG}")),
         "steps_run": pd.to_numeric(col(f"tags.{t.STEPS_RUN_TAG}")), "total_steps": pd.to_numeric(col(f"tags.{t.TOTAL_STEPS_TAG}")),
         "sweep": col("tags.sweep"), "stress": col("tags.stress"),

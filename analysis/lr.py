@@ -6,7 +6,7 @@ import pandas as pd
 
 from analysis import figures, load
 from analysis.sections import Section, Skip, fmt_ci, scale_note
-from analysis.select import LR_KEY, classified, largest_scale, lr_grid, outcome, own_lr, size_sweep
+from analysis.select import LR_KEY, classified, lr_grid, main_scale, outcome, own_lr, size_sweep, sized_runs
 from analysis.stats import capped_losses, lr_sensitivity, mean_ci95, noise_verdict
 from cookbook.config import TRAIN_SIZE
 from experiments.boundary import CHANCE_LOSS, CONVERGE_RATIO
@@ -28,11 +28,11 @@ def converge_ratio(reports: list[dict]) -> float:
 
 
 def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows, the runs they came from): every config's runs at x100 its own LR at the largest scale, else the stress probes."""
+    """(rows, the runs they came from): every config's runs at x100 its own LR at one scale (main_scale), else the stress probes."""
     grid = classified(runs, {LR_KEY})
     own = {c: own_lr(runs, c) for c in grid.config.unique()}  # once per config, not once per run
     hit = grid[[np.isclose(r.lr, X100 * own[r.config]) for r in grid.itertuples()]] if len(grid) else grid
-    hit = largest_scale(hit)
+    hit = main_scale(hit)
     if len(hit):
         hit = hit.assign(initial_loss=[load.history(r, "train/loss").get(0, np.nan) for r in hit.run_id])
         return pd.DataFrame({"config": hit.config, "LR": hit.lr, "seed": hit.seed, "outcome": [outcome(r, ratio) for r in hit.itertuples()],
@@ -61,7 +61,7 @@ def boundaries(runs: pd.DataFrame, reports: list[dict]) -> str:
     """The stress studies' boundaries in words, with the scale their trials ran at (read off the trial runs)."""
     trials = runs[runs.stress.notna()]
     lines = []
-    for r in reports:
+    for r in latest_per_config(reports).values():  # a rerun study replaces the earlier one, as in the figure
         at = ", ".join(sorted(trials[trials.config == r["config"]].scale.unique())) or "not found"
         found = (f"boundary {r['boundary_lr']:.3g}" + (f" [90% CI {r['boundary_lr_90ci'][0]:.3g}, {r['boundary_lr_90ci'][1]:.3g}]"
                                                        if r.get("boundary_lr_90ci") else "")
@@ -193,9 +193,10 @@ def warmup_size(runs: pd.DataFrame) -> Section:
     table = size_table(sized, CHANCE_LOSS)  # the loss of a uniform prediction over 10 classes: the loss at init
     wide = table.pivot(index="params", columns="warmup", values="sensitivity")
     rule = "no-warmup LR sensitivity more than 25% and 0.01 nats above warmup's"
-    answer = f"Within the sizes tried warmup never mattered by the rule ({rule})."
-    if {"warmup", "no warmup"} <= set(wide.columns):
-        both = wide.dropna()
+    both = wide.dropna() if {"warmup", "no warmup"} <= set(wide.columns) else wide.iloc[:0]
+    answer = (f"Within the sizes tried warmup never mattered by the rule ({rule})." if len(both) else
+              "Warmup cannot be judged here: no size was run both with and without warmup.")
+    if len(both):
         gap = both["no warmup"] - both["warmup"]
         matters = list(gap[(gap > 0.01) & (both["no warmup"] > 1.25 * both["warmup"])].index)
         if matters and matters == list(both.index):
@@ -205,7 +206,9 @@ def warmup_size(runs: pd.DataFrame) -> Section:
             answer = (f"Warmup starts to matter at **{min(matters):,} parameters** (the smallest size where the {rule}; "
                       f"it holds at {', '.join(f'{m:,}' for m in matters)}).")
     sens = table[["params", "warmup", "sensitivity"]]
+    others = sorted(set(sized_runs(runs).config) - set(sized.config))
     text = (scale_note(sized) + f"Config {', '.join(sorted(sized.config.unique()))}; LR sensitivity = mean over the LR grid "
-            "of min(final loss, ln 10) minus the best final loss (Wortsman et al. 2023). " + answer)
+            "of min(final loss, ln 10) minus the best final loss (Wortsman et al. 2023). " + answer
+            + (f" Size runs of {', '.join(others)} are not drawn: one config per section." if others else ""))
     return Section("Warmup vs model size", text, {"size_table": table.round(4), "lr_sensitivity_values": sens},
                    {"warmup_vs_size": figures.warmup_vs_size(sized), "sensitivity_vs_size": figures.sensitivity_vs_size(sens)})

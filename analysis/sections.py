@@ -42,6 +42,10 @@ def scale_note(runs: pd.DataFrame) -> str:
     return f"*Scale: {'; '.join(sorted(runs.scale.unique()))}; seeds {seeds}.*\n\n"
 
 
+RESULT_KEYS = ("epoch1_loss", "final_loss", "test_loss", "test_acc", "grad_norm_mean", "grad_norm_cv", "clip_fraction")
+HISTORY_KEYS = ("epoch1_loss", "grad_norm_mean", "grad_norm_cv", "clip_fraction")  # the ones run_summary reads off histories
+
+
 def run_summary(run: pd.Series) -> dict:
     """Per-run numbers for the results table, from the run's metric histories."""
     epoch_loss = load.history(run.run_id, "epoch/train_loss")
@@ -52,48 +56,71 @@ def run_summary(run: pd.Series) -> dict:
             "clip_fraction": clip.mean() if len(clip) else np.nan}
 
 
+def not_diverged(base: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The runs a mean is taken over (diverged ones left out) and a note saying how many were left out, if any."""
+    bad = base[base.diverged]
+    note = f" {len(bad)} diverged runs left out (see Diverged runs)." if len(bad) else ""
+    return base[~base.diverged], note
+
+
 def results_table(runs: pd.DataFrame) -> Section:
-    """1. One row per config: mean and 95% interval over seeds, the seed's claim beside it."""
+    """1. One row per config (every config, even one whose every seed diverged): mean and 95% interval over the seeds
+    that did not diverge, the seed's claim beside it."""
     base = baseline_runs(runs)
-    done = base[~base.diverged]
-    if done.empty:
-        raise Skip("no finished, non-diverged run at a config's own settings")
-    per_run = pd.concat([done.reset_index(drop=True), pd.DataFrame([run_summary(r) for _, r in done.iterrows()])], axis=1)
+    if base.empty:
+        raise Skip("no finished run at a config's own settings")
+    done, _ = not_diverged(base)
+    summaries = pd.DataFrame([run_summary(r) for _, r in done.iterrows()], columns=list(HISTORY_KEYS))
+    per_run = pd.concat([done.reset_index(drop=True), summaries], axis=1)
     rows, numeric = [], []
-    for config, g in per_run.groupby("config"):
-        stats = {k: mean_ci95(g[k]) for k in ("epoch1_loss", "final_loss", "test_loss", "test_acc", "grad_norm_mean",
-                                               "grad_norm_cv", "clip_fraction")}
+    for config, g in base.groupby("config"):
+        ok = per_run[per_run.config == config]
+        stats = {k: mean_ci95(ok[k]) for k in RESULT_KEYS}
         claim = SEED_CLAIMS.get(config, {})
-        rows.append({"config": config, "seeds": len(g), "diverged runs": int(base[base.config == config].diverged.sum()),
+        rows.append({"config": config, "seeds": len(g), "diverged runs": int(g.diverged.sum()),
                      "epoch-1 loss": fmt_ci(*stats["epoch1_loss"]), "seed claims": claim.get("epoch1_loss", ""),
                      "final train loss": fmt_ci(*stats["final_loss"]), "seed claims ": claim.get("final_loss", ""),
                      "test loss": fmt_ci(*stats["test_loss"]), "test acc": fmt_ci(*stats["test_acc"], digits=4),
                      "grad norm mean": fmt_ci(*stats["grad_norm_mean"]), "grad norm CV": fmt_ci(*stats["grad_norm_cv"]),
                      "seed claims  ": claim.get("grad_norm", ""), "clipped steps": fmt_ci(*stats["clip_fraction"])})
-        numeric.append({"config": config, "seeds": len(g), **{f"{k}_mean": v[0] for k, v in stats.items()},
+        numeric.append({"config": config, "seeds": len(ok), **{f"{k}_mean": v[0] for k, v in stats.items()},
                         **{f"{k}_ci95": v[1] for k, v in stats.items()}})
-    table, values = pd.DataFrame(rows), pd.DataFrame(numeric).set_index("config")
-    fastest, lowest = values.epoch1_loss_mean.idxmin(), values.final_loss_mean.idxmin()
-    runner_up = values.final_loss_mean.drop(lowest).idxmin() if len(values) > 1 else None
-    tie = runner_up is not None and within_noise(per_run[per_run.config == lowest].final_loss,
-                                                  per_run[per_run.config == runner_up].final_loss)
-    behind = {True: "within seed noise of it.", False: "behind it by more than seed noise.",
-              None: "behind it; seed noise unknown (fewer than 2 seeds)."}
-    text = (scale_note(done) + f"{len(done)} runs, every config at its own settings (no model, optim or schedule key "
-            f"overridden). **Fastest first epoch:** {fastest} (epoch-1 loss {values.epoch1_loss_mean[fastest]:.3f}). "
-            f"**Lowest final loss:** {lowest} ({values.final_loss_mean[lowest]:.4f})"
-            + (f"; {runner_up} ({values.final_loss_mean[runner_up]:.4f}) is "
-               + behind[tie] if runner_up else "."))
-    return Section("Results table", text, {"results": table, "results_values": values.reset_index()})
+    values = pd.DataFrame(numeric).set_index("config")
+    text = (scale_note(base) + f"{len(base)} runs, every config at its own settings (no model, optim or schedule key "
+            "overridden). " + ranking(base, per_run, values))
+    return Section("Results table", text, {"results": pd.DataFrame(rows), "results_values": values.reset_index()})
+
+
+def ranking(base: pd.DataFrame, per_run: pd.DataFrame, values: pd.DataFrame) -> str:
+    """Fastest first epoch and lowest final loss in words, among configs none of whose seeds diverged (a mean over a
+    config's survivors would flatter it), and whether the runner-up is within seed noise."""
+    unranked = base[base.diverged].groupby("config").size()
+    ranked = values.drop(index=unranked.index)
+    epoch1, final = ranked.epoch1_loss_mean.dropna(), ranked.final_loss_mean.dropna()
+    parts = [f"**Fastest first epoch:** {epoch1.idxmin()} (epoch-1 loss {epoch1.min():.3f})." if len(epoch1) else ""]
+    if len(final):
+        lowest = final.idxmin()
+        parts.append(f"**Lowest final loss:** {lowest} ({final[lowest]:.4f})")
+        if len(final) > 1:
+            runner_up = final.drop(lowest).idxmin()
+            tie = within_noise(per_run[per_run.config == lowest].final_loss, per_run[per_run.config == runner_up].final_loss)
+            behind = {True: "within seed noise of it", False: "behind it by more than seed noise",
+                      None: "behind it; seed noise unknown (fewer than 2 seeds)"}
+            parts[-1] += f"; {runner_up} ({final[runner_up]:.4f}) is {behind[tie]}"
+        parts[-1] += "."
+    if len(unranked):
+        parts.append("Not ranked, a seed diverged: " + ", ".join(
+            f"{c} ({n} of {int((base.config == c).sum())} seeds)" for c, n in unranked.items()) + ".")
+    return " ".join(p for p in parts if p)
 
 
 def loss_curves(runs: pd.DataFrame) -> Section:
-    """2. All configs' per-step training loss on one axis."""
-    base = baseline_runs(runs)
+    """2. All configs' per-step training loss on one axis (runs that diverged left out: their loss leaves the axis)."""
+    base, note = not_diverged(baseline_runs(runs))
     if base.empty:
-        raise Skip("no run at a config's own settings")
+        raise Skip("no non-diverged run at a config's own settings")
     hist = load.histories(list(base.run_id), "train/loss").merge(base[["run_id", "config", "seed"]], on="run_id")
-    return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.",
+    return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.{note}",
                    figures={"loss_curves": figures.loss_curves(hist)})
 
 
@@ -108,16 +135,15 @@ def diverged(runs: pd.DataFrame) -> Section:
                           "of steps": bad.total_steps, "stress study": bad.stress.notna(), "scale": bad.scale})
     text = (f"{len(bad)} of {len(runs)} runs diverged ({', '.join(f'{c}: {n}' for c, n in counts.items())}): "
             "a non-finite loss or one above the divergence factor x the loss of step 0. They are marked in the LR "
-            "figures and left out of means.")
+            "figures, left out of means and curves, and count as the loss at init in LR sensitivity.")
     return Section("Diverged runs", text, {"diverged_runs": table})
 
 
 def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Section:
     """4. Pre-clip grad norm over training, the clip threshold against the 90th percentile."""
-    base = baseline_runs(runs)
-    base = base[base.config.isin(configs)]
+    base, note = not_diverged(baseline_runs(runs).query("config in @configs"))
     if base.empty:
-        raise Skip(f"no run of {' or '.join(configs)} at its own settings")
+        raise Skip(f"no non-diverged run of {' or '.join(configs)} at its own settings")
     hist = load.histories(list(base.run_id), "opt/grad_norm_preclip").merge(base[["run_id", "config", "seed"]], on="run_id")
     p90 = hist.groupby("config").value.quantile(0.9).to_dict()
     cv = hist.groupby("config").value.agg(lambda v: v.std() / v.mean()).to_dict()
@@ -129,5 +155,5 @@ def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Secti
         clipped = {c: (hist[hist.config == c].value > max_norm).mean() for c in p90}
         text += (f". Clip threshold {max_norm:g}: " + ", ".join(f"{c} above it on {v:.0%} of steps" for c, v in clipped.items())
                  + ". The usual advice sets max_norm near the 90th percentile of pre-clip norms")
-    return Section("Gradient norms: no_tricks vs all_tricks", scale_note(base) + text + ".",
+    return Section("Gradient norms: no_tricks vs all_tricks", scale_note(base) + text + "." + note,
                    figures={"grad_norm_over_training": figures.grad_norm_over_training(hist, max_norm, p90)})

@@ -11,6 +11,7 @@ from experiments.boundary import CONVERGE_RATIO, converged
 # data subsets, device, precision, monitoring) changes how or how long it is trained, which is the scale.
 TREATMENT_SECTIONS = ("model.", "optim.", "schedule.")
 LR_KEY, SIZE_KEYS, WARMUP_KEY = "optim.lr", ("model.width", "model.depth"), "schedule.warmup_epochs"
+SIZE_ALLOWED = {LR_KEY, WARMUP_KEY, *SIZE_KEYS}  # what a size sweep's run may override
 SCALE = ["epochs", "train_images", "test_images", "batch_size", "precision"]
 MIN_GRID_LRS = 3  # an LR curve needs 3 points to show a minimum: prefer the largest scale that has them
 CELL = ["config", "lr", "width", "depth", "warmup_epochs", "seed"]
@@ -37,14 +38,16 @@ def scale_label(run) -> str:
             f"batch {int(run.batch_size)}, {run.precision}")
 
 
-def largest_scale(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs made at the largest scale present (most images seen in training), one run per cell (the latest)."""
+def main_scale(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs made at one scale, one run per cell (the latest): the scale that covers the most configs, then the
+    largest (most images seen in training), then the latest. Coverage first: one longer run of one config must not hide
+    every other config's runs."""
     if runs.empty:
         return runs
-    size = runs.epochs * runs.train_images
-    top = runs[size == size.max()]
-    top = top[top.scale == top.sort_values("start_time").scale.iloc[-1]]
-    return latest(top, CELL)
+    by_scale = runs.assign(size=runs.epochs * runs.train_images).groupby("scale").agg(
+        configs=("config", "nunique"), size=("size", "max"), last=("start_time", "max"))
+    top = by_scale.sort_values(["configs", "size", "last"]).index[-1]
+    return latest(runs[runs.scale == top], CELL)
 
 
 def latest(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -60,8 +63,8 @@ def classified(runs: pd.DataFrame, allowed: set[str], required: set[str] = froze
 
 
 def baseline_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every config at its own settings (whatever the seed or scale), at the largest scale."""
-    return largest_scale(classified(runs, set()))
+    """Every config at its own settings (whatever the seed or scale), at one scale (main_scale)."""
+    return main_scale(classified(runs, set()))
 
 
 def lr_grid(runs: pd.DataFrame, min_lrs: int = MIN_GRID_LRS) -> pd.DataFrame:
@@ -70,23 +73,28 @@ def lr_grid(runs: pd.DataFrame, min_lrs: int = MIN_GRID_LRS) -> pd.DataFrame:
     scales = sorted(grid.groupby("scale"), key=lambda g: -(g[1].epochs * g[1].train_images).max())
     for need in (min_lrs, 2):
         for _, at in scales:
-            at = largest_scale(at)
+            at = main_scale(at)
             if at.groupby("config").lr.nunique().max() >= need:
                 return at
-    return largest_scale(grid)
+    return main_scale(grid)
+
+
+def sized_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that change the model size (and maybe LR and warmup), of any config and scale."""
+    return classified(runs, SIZE_ALLOWED, set(SIZE_KEYS))
 
 
 def size_sweep(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that change the model size (and maybe LR and warmup), with the same-config runs at its own size, one scale."""
-    allowed = {LR_KEY, WARMUP_KEY, *SIZE_KEYS}
-    sized = classified(runs, allowed, set(SIZE_KEYS))
-    if sized.empty:
-        return sized
-    at = largest_scale(sized)
-    same = classified(runs, allowed)
+    """One config's size-changing runs, with its runs at its own size, one scale: the config with the most of them
+    (two configs' sizes can share a parameter count, so they are never pooled)."""
+    at = main_scale(sized_runs(runs))
+    if at.empty:
+        return at
+    at = at[at.config == at.config.value_counts().idxmax()]
+    same = classified(runs, SIZE_ALLOWED)
     same = same[same.config.isin(at.config) & same.scale.isin(at.scale) & same.seed.isin(at.seed) & same.lr.isin(at.lr)
                 & same.warmup_epochs.isin(at.warmup_epochs)]  # the sweep's own grid at the config's own size
-    return largest_scale(same)
+    return main_scale(same)
 
 
 def own_lr(runs: pd.DataFrame, config: str) -> float:

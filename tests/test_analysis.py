@@ -248,10 +248,10 @@ def test_report_names_the_store_as_given(tracking, tmp_path, monkeypatch):
 
 
 def test_missing_experiment_and_no_finished_runs(tracking, tmp_path, capsys):
-    assert main(["--experiment", "nope", "--output", str(tmp_path)]) == 2
     client = MlflowClient()
     exp = client.create_experiment("empty")
     client.create_run(exp)  # still running: nothing finished
+    assert main(["--experiment", "nope", "--output", str(tmp_path)]) == 2
     assert main(["--experiment", "empty", "--output", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors[0].startswith("error: no experiment 'nope'") and errors[1] == "error: experiment 'empty' has no finished training runs"

@@ -1,0 +1,91 @@
+"""Which runs each report section compares, and how the analysis refuses bad input: every config shown, none ranked
+on its survivors, one scale that covers the configs, one config per size sweep."""
+import pandas as pd
+from mlflow import MlflowClient
+from test_analysis import make_run
+
+from analysis.cli import main
+from analysis.lr import boundaries, warmup_size
+from analysis.select import with_scale
+
+
+def report(tmp_path, experiment: str) -> str:
+    assert main(["--experiment", experiment, "--output", str(tmp_path), "--no-mlflow-log"]) == 0
+    return (tmp_path / "report.md").read_text()
+
+
+def test_every_config_has_a_row_and_none_is_ranked_on_its_survivors(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("survivors")
+    for seed in (0, 1):
+        make_run(client, exp, "no_tricks", seed, 0.3 + seed / 100)
+        make_run(client, exp, "batchnorm", seed, float("nan"), diverged=True)  # every seed diverged
+    for seed, final in ((0, 0.01), (1, float("nan")), (2, float("nan"))):
+        make_run(client, exp, "all_tricks", seed, final, diverged=seed > 0)  # one lucky survivor
+    text = report(tmp_path, "survivors")
+    results = pd.read_csv(tmp_path / "results.csv").set_index("config")
+    assert results.loc[["all_tricks", "batchnorm", "no_tricks"], "seeds"].tolist() == [3, 2, 2]
+    assert results.loc[["all_tricks", "batchnorm", "no_tricks"], "diverged runs"].tolist() == [2, 2, 0]
+    assert "**Lowest final loss:** no_tricks (0.3050)." in text
+    assert "Not ranked, a seed diverged: all_tricks (2 of 3 seeds), batchnorm (2 of 2 seeds)." in text
+    assert "4 diverged runs left out (see Diverged runs)." in text  # the loss curves' and grad norms' means
+
+
+def test_one_longer_run_does_not_hide_the_other_configs_and_a_huge_seed_is_read(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("scales")
+    for config in ("no_tricks", "batchnorm", "layernorm"):
+        for seed in (0, 2**64 - 1):  # the largest seed a run may have: above int64
+            make_run(client, exp, config, seed, 0.2)
+    make_run(client, exp, "no_tricks", 5, 0.1, epochs=3)  # one run at a larger scale
+    report(tmp_path, "scales")
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(results.config) == ["batchnorm", "layernorm", "no_tricks"] and set(results.seeds) == {2}
+
+
+def test_a_rerun_stress_study_is_reported_once():
+    trials = with_scale(pd.DataFrame([{"config": "no_tricks", "stress": "s", "epochs": 2, "train_subset": 256.0,
+                                       "test_subset": 100.0, "batch_size": 64, "precision": "fp32"}]))
+    newest_first = [{"config": "no_tricks", "trials": 8, "largest_converged_lr": 0.3, "boundary_lr": 0.5, "pruning_saved": 0},
+                    {"config": "no_tricks", "trials": 8, "largest_converged_lr": 0.03, "boundary_lr": 0.05, "pruning_saved": 0}]
+    text = boundaries(trials, newest_first)
+    assert "boundary 0.5;" in text and "boundary 0.05" not in text
+
+
+def sized(config: str, width: float, params: int, warmup: float, lr: float, loss: float, seed: int = 0) -> dict:
+    return {"config": config, "seed": seed, "lr": lr, "width": width, "depth": 3, "warmup_epochs": warmup,
+            "param_count": params, "final_loss": loss, "diverged": False, "stress": None, "start_time": 0,
+            "overrides": "model.width,optim.lr,schedule.warmup_epochs", "epochs": 2, "train_subset": None,
+            "test_subset": None, "batch_size": 128, "precision": "fp32"}
+
+
+def test_warmup_is_not_judged_without_runs_both_with_and_without_it():
+    runs = [sized("no_tricks", w, p, 0.0, lr, 0.2) for w, p in ((0.5, 10_000), (2.0, 100_000)) for lr in (1e-3, 1e-2)]
+    assert "Warmup cannot be judged here: no size was run both with and without warmup." in warmup_size(
+        with_scale(pd.DataFrame(runs))).text
+
+
+def test_two_configs_of_equal_parameter_counts_are_never_pooled():
+    """BatchNorm and GroupNorm nets of one width have the same parameter count: the section draws the config with the
+    most size runs (layernorm, 2 seeds) and names the other, instead of averaging batchnorm's 0.05 into its rows."""
+    runs = [sized(config, w, p, warmup, lr, loss, seed) for config, loss, seed in
+            (("batchnorm", 0.05, 0), ("layernorm", 2.0, 0), ("layernorm", 2.0, 1))
+            for w, p in ((0.5, 10_000), (2.0, 100_000)) for warmup in (0.0, 1.0) for lr in (1e-3, 1e-2)]
+    section = warmup_size(with_scale(pd.DataFrame(runs)))
+    table = section.tables["size_table"]
+    assert "Config layernorm;" in section.text and "Size runs of batchnorm are not drawn" in section.text
+    assert set(table["best final loss"]) == {2.0} and set(table.seeds) == {2}
+
+
+def test_bad_output_and_missing_store_are_one_line_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    assert main(["--experiment", "x", "--output", str(tmp_path / "a_file" / "sub")]) == 2
+    assert main(["--experiment", "x", "--output", str(tmp_path / "out")]) == 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    assert main(["--experiment", "x", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: --output {tmp_path / 'a_file' / 'sub'}: {tmp_path / 'a_file'} is a file, not a folder"
+    assert err[1] == f"error: no tracking store at sqlite:///{missing}; point MLFLOW_TRACKING_URI at the store the runs are in"
+    assert err[2].startswith("error: ") and len(err) == 3 and not missing.parent.exists()
