@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from cookbook import tracking as t
 from cookbook.config import PARAM_PREFIX
 from experiments.pruning import PRUNED_TAG
+from experiments.storage import STRESS_TAG, SWEEP_TAG
 from experiments.stress import STRESS_REPORT, STRESS_RUN
 
 KEYS = {"lr": "optim.lr", "width": "model.width", "depth": "model.depth", "warmup_epochs": "schedule.warmup_epochs",
@@ -48,7 +49,7 @@ def training_runs(experiment: str) -> pd.DataFrame:
         "param_count": pd.to_numeric(col(f"tags.{t.PARAM_COUNT_TAG}")),
         "diverged": col(f"tags.{t.DIVERGED_TAG}") == "true", "diverged_step": pd.to_numeric(col(f"tags.{t.DIVERGED_STEP_TAG}")),
         "steps_run": pd.to_numeric(col(f"tags.{t.STEPS_RUN_TAG}")), "total_steps": pd.to_numeric(col(f"tags.{t.TOTAL_STEPS_TAG}")),
-        "sweep": col("tags.sweep"), "stress": col("tags.stress"),
+        "sweep": col(f"tags.{SWEEP_TAG}"), "stress": col(f"tags.{STRESS_TAG}"),
         **{k: col(f"params.{PARAM_PREFIX}{v}") for k, v in KEYS.items()},
         "final_loss": col("metrics.epoch/train_loss"), "test_loss": col("metrics.test/loss"),
         "test_acc": col("metrics.test/acc"),
@@ -107,6 +108,6 @@ def range_tests(experiment: str) -> pd.DataFrame:
     runs = runs[runs[tag].notna()]
     param = lambda key: pd.to_numeric(runs[f"params.{PARAM_PREFIX}{key}"].replace({"null": None}), errors="coerce")  # noqa: E731
     return pd.DataFrame({"run_id": runs.run_id, "config": runs[tag],
-                         "blowup_lr": pd.to_numeric(runs[f"{tag}.blowup_lr"], errors="coerce"),  # "none": NaN
+                         "blowup_lr": pd.to_numeric(runs[f"tags.{t.LR_FIND_BLOWUP_TAG}"], errors="coerce"),  # "none": NaN
                          "train_subset": param("data.train_subset"), "batch_size": param("data.batch_size"),
                          "start_time": runs.start_time}).reset_index(drop=True)

@@ -252,6 +252,7 @@ def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tu
 
 
 LR_FIND_TAG = "lr_find"  # on a range-test run: its config's name (not CONFIG_TAG: the analysis must not read it as a training)
+LR_FIND_BLOWUP_TAG = f"{LR_FIND_TAG}.blowup_lr"  # the LR where its loss blew up; "none" if it never did
 
 
 def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: str, parent_run_id: str | None = None) -> str:
@@ -279,7 +280,7 @@ def log_range_run(client: MlflowClient, run_id: str, cfg: Config, data_md5: dict
 
     mark_training(client, run_id)
     tags = {LR_FIND_TAG: cfg.name, SEED_TAG: cfg.seed, PROCESS_TAG: process_id(), "lr_find.steepest_lr": result.steepest_lr,
-            "lr_find.min_over_10_lr": result.min_over_10_lr, "lr_find.blowup_lr": result.blowup_lr or "none",
+            "lr_find.min_over_10_lr": result.min_over_10_lr, LR_FIND_BLOWUP_TAG: result.blowup_lr or "none",
             **{f"data_md5.{k}": v for k, v in data_md5.items()}}
     client.log_batch(run_id, params=[Param(k, v) for k, v in to_params(cfg).items()],
                      tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)

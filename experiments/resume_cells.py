@@ -5,6 +5,7 @@ from mlflow import MlflowClient
 
 from cookbook.config import ConfigError
 from cookbook.resume import resumable
+from experiments.storage import CELL_TAG, SWEEP_TAG
 
 
 def stopped_run(client: MlflowClient, experiment: str, sweep: str, cell: str) -> str | None:
@@ -12,8 +13,8 @@ def stopped_run(client: MlflowClient, experiment: str, sweep: str, cell: str) ->
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.sweep = '{sweep}' and tags.cell = '{cell}' and attributes.status != 'FINISHED'")
+    unfinished = f"tags.{SWEEP_TAG} = '{sweep}' and tags.{CELL_TAG} = '{cell}' and attributes.status != 'FINISHED'"
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], filter_string=unfinished)
     for run in runs:
         try:
             resumable(client, run.info.run_id)

@@ -19,6 +19,8 @@ DEFAULT_STORAGE = "optuna/journal.log"  # the embedded default, in the project f
 RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
 HEARTBEAT_SECONDS, GRACE_SECONDS = 5, 20  # RDB: a worker silent for GRACE_SECONDS is dead
 RETRIES = 3
+# MLflow tags on a study's runs: the sweep or stress study, the Optuna trial number, the sweep cell's key
+SWEEP_TAG, STRESS_TAG, TRIAL_TAG, CELL_TAG = "sweep", "stress", "trial", "cell"
 OWNER_ATTR, OWNER_TRIAL_ATTR = "worker", "worker_trial"  # trial attrs: the process running it, and for which trial
 
 

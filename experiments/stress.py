@@ -42,7 +42,16 @@ from experiments.pruning import (
     prunable,
     stored_pruner,
 )
-from experiments.storage import DEFAULT_STORAGE, PRUNED_ATTR, SweepError, open_storage, recover_dead_workers, stamp_owner
+from experiments.storage import (
+    DEFAULT_STORAGE,
+    PRUNED_ATTR,
+    STRESS_TAG,
+    TRIAL_TAG,
+    SweepError,
+    open_storage,
+    recover_dead_workers,
+    stamp_owner,
+)
 from experiments.stress_range import RANGE_ATTR, RANGE_FACTOR, base_log_lr, range_from_blowup, run_range_test, search_range
 from experiments.study_figures import log_stress_history
 from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker, worker_index
@@ -70,7 +79,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
     recorder = Recorder()
     # what a trial the pruner stops keeps (training below overwrites it): it did not converge
     set_attrs(trial, {"lr": 10**log_lr, "seed": seed, "diverged": False, "converged": False})
-    tags = {"stress": trial.study.study_name, "trial": str(trial.number)}
+    tags = {STRESS_TAG: trial.study.study_name, TRIAL_TAG: str(trial.number)}
     with prunable(MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
                                 log_model=False, extra_tags=tags, parent_run_id=parent,
                                 base=load_config(spec["config"], CONFIGS_DIR))) as tracker:

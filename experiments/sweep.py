@@ -36,7 +36,16 @@ from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
 from experiments.queue import enqueue_missing, open_study, state_counts, take_cell
 from experiments.resume_cells import stopped_run
-from experiments.storage import DEFAULT_STORAGE, SweepError, check_records, heartbeat, recover_dead_workers
+from experiments.storage import (
+    CELL_TAG,
+    DEFAULT_STORAGE,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    SweepError,
+    check_records,
+    heartbeat,
+    recover_dead_workers,
+)
 from experiments.study_figures import log_study_figures
 from experiments.sweep_summary import print_summary, summary
 from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
@@ -66,7 +75,7 @@ def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: st
     cfg = load_config(cell["config"], CONFIGS_DIR, overrides(cell, study.user_attrs["settings"]))
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     key = cell_key(cell)
-    tags = {"sweep": study.study_name, "trial": str(trial.number), "cell": key}
+    tags = {SWEEP_TAG: study.study_name, TRIAL_TAG: str(trial.number), CELL_TAG: key}
     stopped = stopped_run(MlflowClient(), experiment, study.study_name, key) if resume else None
     make = functools.partial(ResumedTracker, run_id=stopped) if stopped else MlflowTracker
     tracker = make(cfg, data.md5, experiment=experiment, run_name=key, log_model=False,
