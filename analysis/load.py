@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from cookbook import tracking as t
 from cookbook.config import PARAM_PREFIX
+from cookbook.train import EPOCH_LOSS, TEST_ACC, TEST_LOSS
 from experiments.pruning import PRUNED_TAG
 from experiments.storage import STRESS_TAG, SWEEP_TAG
 from experiments.stress import STRESS_REPORT, STRESS_RUN
@@ -51,8 +52,8 @@ def training_runs(experiment: str) -> pd.DataFrame:
         "steps_run": pd.to_numeric(col(f"tags.{t.STEPS_RUN_TAG}")), "total_steps": pd.to_numeric(col(f"tags.{t.TOTAL_STEPS_TAG}")),
         "sweep": col(f"tags.{SWEEP_TAG}"), "stress": col(f"tags.{STRESS_TAG}"),
         **{k: col(f"params.{PARAM_PREFIX}{v}") for k, v in KEYS.items()},
-        "final_loss": col("metrics.epoch/train_loss"), "test_loss": col("metrics.test/loss"),
-        "test_acc": col("metrics.test/acc"),
+        "final_loss": col(f"metrics.{EPOCH_LOSS}"), "test_loss": col(f"metrics.{TEST_LOSS}"),
+        "test_acc": col(f"metrics.{TEST_ACC}"),
     })
     for name in NUMERIC:
         table[name] = pd.to_numeric(table[name].replace({"null": None}), errors="coerce")

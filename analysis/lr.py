@@ -9,6 +9,7 @@ from analysis.sections import Section, Skip, fmt_ci, scale_note
 from analysis.select import LR_KEY, classified, lr_grid, main_scale, outcome, own_lr, size_sweep, sized_runs
 from analysis.stats import capped_losses, lr_sensitivity, mean_ci95, noise_verdict
 from cookbook.config import TRAIN_SIZE
+from cookbook.monitor import STEP_LOSS
 from experiments.boundary import CHANCE_LOSS, CONVERGE_RATIO
 
 X100 = 100  # the seed's stress test: each config at 100 x its own LR
@@ -34,7 +35,7 @@ def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[p
     hit = grid[[np.isclose(r.lr, X100 * own[r.config]) for r in grid.itertuples()]] if len(grid) else grid
     hit = main_scale(hit)
     if len(hit):
-        hit = hit.assign(initial_loss=[load.history(r, "train/loss").get(0, np.nan) for r in hit.run_id])
+        hit = hit.assign(initial_loss=[load.history(r, STEP_LOSS).get(0, np.nan) for r in hit.run_id])
         return pd.DataFrame({"config": hit.config, "LR": hit.lr, "seed": hit.seed, "outcome": [outcome(r, ratio) for r in hit.itertuples()],
                              "final loss": hit.final_loss.round(4), "step-0 loss": hit.initial_loss.round(4),
                              "source": "LR grid"}), hit

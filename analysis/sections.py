@@ -9,6 +9,8 @@ import pandas as pd
 from analysis import figures, load
 from analysis.select import baseline_runs
 from analysis.stats import mean_ci95, within_noise
+from cookbook.monitor import STEP_GRAD_NORM, STEP_LOSS
+from cookbook.train import CLIP_FRACTION, EPOCH_LOSS
 
 SEED_CLAIMS = {  # the seed document's table, shown beside the measurements, never used in a computation
     "no_tricks": {"epoch1_loss": "~0.8", "final_loss": "~0.15", "grad_norm": "Highly variable"},
@@ -48,9 +50,9 @@ HISTORY_KEYS = ("epoch1_loss", "grad_norm_mean", "grad_norm_cv", "clip_fraction"
 
 def run_summary(run: pd.Series) -> dict:
     """Per-run numbers for the results table, from the run's metric histories."""
-    epoch_loss = load.history(run.run_id, "epoch/train_loss")
-    norms = load.history(run.run_id, "opt/grad_norm_preclip")
-    clip = load.history(run.run_id, "epoch/clip_fraction")
+    epoch_loss = load.history(run.run_id, EPOCH_LOSS)
+    norms = load.history(run.run_id, STEP_GRAD_NORM)
+    clip = load.history(run.run_id, CLIP_FRACTION)
     return {"epoch1_loss": epoch_loss.get(1, np.nan), "grad_norm_mean": norms.mean(),
             "grad_norm_cv": norms.std() / norms.mean() if len(norms) else np.nan,
             "clip_fraction": clip.mean() if len(clip) else np.nan}
@@ -119,7 +121,7 @@ def loss_curves(runs: pd.DataFrame) -> Section:
     base, note = not_diverged(baseline_runs(runs))
     if base.empty:
         raise Skip("no non-diverged run at a config's own settings")
-    hist = load.histories(list(base.run_id), "train/loss").merge(base[["run_id", "config", "seed"]], on="run_id")
+    hist = load.histories(list(base.run_id), STEP_LOSS).merge(base[["run_id", "config", "seed"]], on="run_id")
     return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.{note}",
                    figures={"loss_curves": figures.loss_curves(hist)})
 
@@ -144,7 +146,7 @@ def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Secti
     base, note = not_diverged(baseline_runs(runs).query("config in @configs"))
     if base.empty:
         raise Skip(f"no non-diverged run of {' or '.join(configs)} at its own settings")
-    hist = load.histories(list(base.run_id), "opt/grad_norm_preclip").merge(base[["run_id", "config", "seed"]], on="run_id")
+    hist = load.histories(list(base.run_id), STEP_GRAD_NORM).merge(base[["run_id", "config", "seed"]], on="run_id")
     p90 = hist.groupby("config").value.quantile(0.9).to_dict()
     cv = hist.groupby("config").value.agg(lambda v: v.std() / v.mean()).to_dict()
     max_norms = base.max_norm.dropna().unique()

@@ -30,7 +30,7 @@ from cookbook.config import CONFIGS_DIR, ConfigError, load_config
 from cookbook.data import load_mnist
 from cookbook.hooks import Hook
 from cookbook.tracking import MlflowTracker
-from cookbook.train import resolve_device, train
+from cookbook.train import EPOCH_LOSS, resolve_device, train
 
 # Our loop's modes and the compute settings each changes (eager / nondet: what CUDA graphs and determinism buy or cost).
 MODE_COMPUTE = {"ours": {}, "ours+mlflow": {}, "ours-bf16": {"precision": "bf16"}, "ours-eager": {"cuda_graphs": False},
@@ -66,7 +66,7 @@ class EpochTimes(Hook):
 
     def on_epoch_end(self, epoch, metrics):
         self.seconds.append(metrics["time/epoch_seconds"])
-        self.losses.append(metrics["epoch/train_loss"])
+        self.losses.append(metrics[EPOCH_LOSS])
 
 
 class TimedHook(Hook):
@@ -99,7 +99,7 @@ def run_reference(cfg, epochs: int, device: str) -> tuple[list[float], list[floa
     train_seed_loop(norm_type=cfg.model.norm, use_warmup=cfg.schedule.warmup_epochs > 0,
                     use_clipping=cfg.optim.max_norm is not None, max_norm=cfg.optim.max_norm or 1.0, epochs=epochs,
                     lr=cfg.optim.lr, batch_size=cfg.data.batch_size, data_dir=cfg.data.data_dir, device=device,
-                    on_epoch=lambda e, s, loss: times.on_epoch_end(e, {"time/epoch_seconds": s, "epoch/train_loss": loss}))
+                    on_epoch=lambda e, s, loss: times.on_epoch_end(e, {"time/epoch_seconds": s, EPOCH_LOSS: loss}))
     return times.seconds, times.losses, 0.0
 
 

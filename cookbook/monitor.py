@@ -9,6 +9,9 @@ from torch import nn
 from .config import MonitorConfig
 from .hooks import Rows
 
+# logged at every step; the last stored step of a run is the last step of STEP_LOSS
+STEP_LOSS, STEP_LR, STEP_GRAD_NORM = "train/loss", "opt/lr", "opt/grad_norm_preclip"
+
 
 @contextlib.contextmanager
 def host_sync():
@@ -77,7 +80,7 @@ class Monitor:
         for k in range(k_all):
             rows: dict[int, dict[str, float]] = {}
             for r, (step, lr) in enumerate(self.pending):
-                rows[step] = {"train/loss": at(2 * r, k), "opt/lr": lr, "opt/grad_norm_preclip": at(2 * r + 1, k)}
+                rows[step] = {STEP_LOSS: at(2 * r, k), STEP_LR: lr, STEP_GRAD_NORM: at(2 * r + 1, k)}
             for j, (step, _) in enumerate(self.layer_norms):
                 first = 2 * n + j * len(self.names)
                 rows.setdefault(step, {}).update({f"grads/{name}": at(first + p, k) for p, name in enumerate(self.names)})

@@ -6,6 +6,7 @@ import sys
 from tqdm import tqdm
 
 from .hooks import Hook
+from .monitor import STEP_LOSS, STEP_LR
 
 
 class Progress(Hook):
@@ -29,10 +30,10 @@ class Progress(Hook):
                             file=self.stream, leave=False, dynamic_ncols=True)
 
     def on_metrics(self, rows):
-        steps = [m for _, m in rows if "train/loss" in m]
+        steps = [m for _, m in rows if STEP_LOSS in m]
         if not steps:
             return
-        loss, lr = sum(m["train/loss"] for m in steps) / len(steps), steps[-1]["opt/lr"]
+        loss, lr = sum(m[STEP_LOSS] for m in steps) / len(steps), steps[-1][STEP_LR]
         before, self.done = self.done, self.done + len(steps)
         if self.bar is not None:
             self.bar.update(len(steps))

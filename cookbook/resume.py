@@ -7,10 +7,9 @@ from mlflow.exceptions import MlflowException
 from .checkpoint import checkpoint_path, load
 from .config import ConfigError
 from .delivery import spool_path
+from .monitor import STEP_LOSS
 from .stop import gone, process_id
 from .tracking import PROCESS_TAG, MlflowTracker
-
-LOSS_METRIC = "train/loss"  # logged at every step: the last stored step of a run is the last step of this metric
 
 
 class ResumedTracker(MlflowTracker):
@@ -27,7 +26,7 @@ class ResumedTracker(MlflowTracker):
 
     def _log_identity(self) -> None:
         """Params, config and datasets are stored already; note the step it had reached and who trains it now."""
-        history = self.client.get_metric_history(self.run_id, LOSS_METRIC)
+        history = self.client.get_metric_history(self.run_id, STEP_LOSS)
         self.stored_through = max((m.step for m in history), default=-1)
         self.steps_logged = self.stored_through + 1  # a resume stopped before it passes them still has these
         for key, value in {PROCESS_TAG: process_id(), **self.extra_tags}.items():  # e.g. the sweep trial that resumes it
@@ -92,7 +91,7 @@ def resumable(client: MlflowClient, run_id: str):
 def check_stored_through(client: MlflowClient, run_id: str, state: dict) -> None:
     """The store must hold every step and the epoch summary up to the checkpoint: resumed, the run trains on after it,
     so what a killed process still had queued for the store (an outage) would be a hole. One-line ConfigError if not."""
-    stored = 1 + max((m.step for m in client.get_metric_history(run_id, LOSS_METRIC)), default=-1)
+    stored = 1 + max((m.step for m in client.get_metric_history(run_id, STEP_LOSS)), default=-1)
     summary = all(any(m.step == state["epoch"] for m in client.get_metric_history(run_id, key)) for key in state["final"])
     if stored < state["steps_run"] or not summary:
         raise ConfigError(f"run {run_id}: its checkpoint is after epoch {state['epoch']} (step {state['steps_run']}) but "

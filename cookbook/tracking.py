@@ -25,6 +25,7 @@ from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, send, 
 from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
 from .logged import dataset_ids, dataset_inputs, save_model
+from .monitor import STEP_LOSS
 from .resources import gpu_label
 from .sampler import start_sampler, stop_sampler
 from .stop import gone, process_id
@@ -215,7 +216,7 @@ class MlflowTracker(Hook):
 
     def on_metrics(self, rows):
         self.check_store()
-        self.steps_logged = max([self.steps_logged] + [step + 1 for step, m in rows if "train/loss" in m])
+        self.steps_logged = max([self.steps_logged] + [step + 1 for step, m in rows if STEP_LOSS in m])
         self.writer.put(*metrics_op(rows))
 
     def on_epoch_end(self, epoch, metrics):
@@ -244,7 +245,7 @@ def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tu
     for run in running:
         if run.info.run_id in skip or not gone(run.data.tags.get(PROCESS_TAG, "")):
             continue
-        steps = len(client.get_metric_history(run.info.run_id, "train/loss"))
+        steps = len(client.get_metric_history(run.info.run_id, STEP_LOSS))
         client.set_tag(run.info.run_id, STEPS_RUN_TAG, str(steps))
         client.set_terminated(run.info.run_id, "KILLED")
         closed.append((run.info.run_id, steps))

@@ -18,11 +18,14 @@ from .data import MNIST, batches, on_device
 from .determinism import configure
 from .hooks import Hook, Hooks, Rows
 from .model import build_model, parameter_count
-from .monitor import Monitor, host_sync
+from .monitor import STEP_LOSS, Monitor, host_sync
 from .schedule import WarmupCosineLR, set_lr, warmup_steps
 from .step import StepRunner, step_stats
 from .stop import uninterrupted
 
+# logged at every epoch's end
+EPOCH_LOSS, EPOCH_GRAD_NORM, CLIP_FRACTION = "epoch/train_loss", "epoch/grad_norm_preclip_mean", "epoch/clip_fraction"
+TEST_LOSS, TEST_ACC = "test/loss", "test/acc"
 RESUMED_TAG = "resumed_from_step"  # on a run continued from a checkpoint: the steps it had done before
 
 
@@ -100,11 +103,11 @@ class DivergenceCheck:
 
     def first_bad_step(self, rows) -> int | None:
         for step, metrics in rows:
-            if "train/loss" not in metrics:
+            if STEP_LOSS not in metrics:
                 continue
             if self.initial_loss is None:
-                self.initial_loss = metrics["train/loss"]
-            if is_diverged(metrics["train/loss"], self.initial_loss, self.factor):
+                self.initial_loss = metrics[STEP_LOSS]
+            if is_diverged(metrics[STEP_LOSS], self.initial_loss, self.factor):
                 return step
         return None
 
@@ -178,7 +181,7 @@ def run_epoch(parts: Parts, runner: StepRunner, order: list[torch.Tensor], first
                 if stop:
                     return None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: hand over every step that finished, then stop
-        deliver([[(s, m) for s, m in rows if "train/loss" in m] for rows in monitor.flush()])
+        deliver([[(s, m) for s, m in rows if STEP_LOSS in m] for rows in monitor.flush()])
         raise
     return sums
 
@@ -204,11 +207,11 @@ def epoch_summary(sums: list[float], steps: int, test_loss: float, test_acc: flo
     """The per-epoch metrics from [loss sum, pre-clip grad-norm sum, clipped steps] over the epoch's steps."""
     loss_sum, gnorm_sum, clipped_steps = sums
     return {
-        "epoch/train_loss": loss_sum / steps,  # mean of batch losses, as the seed reports
-        "epoch/grad_norm_preclip_mean": gnorm_sum / steps,
-        "epoch/clip_fraction": clipped_steps / steps,
-        "test/loss": test_loss,
-        "test/acc": test_acc,
+        EPOCH_LOSS: loss_sum / steps,  # mean of batch losses, as the seed reports
+        EPOCH_GRAD_NORM: gnorm_sum / steps,
+        CLIP_FRACTION: clipped_steps / steps,
+        TEST_LOSS: test_loss,
+        TEST_ACC: test_acc,
         "time/epoch_seconds": seconds,
         "time/samples_per_second": n_train / seconds,
     }

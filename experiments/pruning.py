@@ -9,6 +9,7 @@ import optuna
 from cookbook.checkpoint import checkpoint_path, remove
 from cookbook.hooks import Hook
 from cookbook.tracking import DIVERGED_TAG, STEPS_RUN_TAG, MlflowTracker
+from cookbook.train import EPOCH_LOSS
 from experiments.boundary import CHANCE_LOSS
 from experiments.storage import PRUNED_ATTR, SweepError
 
@@ -79,7 +80,7 @@ class ReportToOptuna(Hook):
         self.epochs = info["total_steps"] // info["steps_per_epoch"]
 
     def on_epoch_end(self, epoch, metrics):
-        loss = metrics.get("epoch/train_loss")
+        loss = metrics.get(EPOCH_LOSS)
         if loss is None or not math.isfinite(loss):  # a diverged epoch has no loss to report
             return
         self.trial.report(loss, step=epoch)

@@ -25,9 +25,10 @@ from optuna.trial import TrialState
 from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
+from cookbook.monitor import STEP_LOSS
 from cookbook.stop import exit_code
 from cookbook.tracking import MlflowTracker, ready_store
-from cookbook.train import train
+from cookbook.train import EPOCH_LOSS, train
 from experiments.boundary import CONVERGE_RATIO, boundary, converged
 from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
 from experiments.pruning import (
@@ -85,7 +86,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
                                 base=load_config(spec["config"], CONFIGS_DIR))) as tracker:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
-    initial = recorder.history["train/loss"][0][1] if recorder.history.get("train/loss") else float("nan")
+    initial = recorder.history[STEP_LOSS][0][1] if recorder.history.get(STEP_LOSS) else float("nan")
     outcome = trial_outcome(result, initial, spec["converge_ratio"])
     set_attrs(trial, outcome)
     if result.diverged:
@@ -95,7 +96,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
 
 def trial_outcome(result, initial_loss: float, converge_ratio: float) -> dict:
     """What a trial keeps of its training; a diverged one has no final loss (its last epoch's is from before it blew up)."""
-    final = result.final.get("epoch/train_loss", float("nan"))
+    final = result.final.get(EPOCH_LOSS, float("nan"))
     kept = math.isfinite(final) and not result.diverged
     return {"diverged": result.diverged, "steps_run": result.steps_run, "initial_loss": initial_loss,
             "final_loss": final if kept else None, "converged": kept and converged(final, initial_loss, converge_ratio)}

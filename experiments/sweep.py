@@ -31,7 +31,7 @@ from cookbook.resume import ResumedTracker
 from cookbook.stacked import train_stacked
 from cookbook.stop import exit_code
 from cookbook.tracking import MlflowTracker, ready_store
-from cookbook.train import train
+from cookbook.train import EPOCH_LOSS, train
 from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
 from experiments.queue import enqueue_missing, open_study, state_counts, take_cell
@@ -89,7 +89,7 @@ def record_result(trial: optuna.Trial, result) -> float:
     trial.set_user_attr("steps_run", result.steps_run)
     for name, value in result.final.items():
         trial.set_user_attr(name, value)
-    return float("inf") if result.diverged else result.final["epoch/train_loss"]
+    return float("inf") if result.diverged else result.final[EPOCH_LOSS]
 
 
 def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:

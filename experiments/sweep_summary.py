@@ -4,6 +4,7 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 
+from cookbook.train import EPOCH_LOSS, TEST_ACC
 from experiments.grid import GRID
 from experiments.storage import PRUNED_ATTR, recorded_trials
 
@@ -14,8 +15,8 @@ def summary(study: optuna.Study) -> pd.DataFrame:
     for t in recorded_trials(study):
         diverged = t.user_attrs.get("diverged")  # then the last epoch's numbers are from before it blew up: not a result
         rows.append({**{k: t.user_attrs.get(k) for k in GRID},
-                     "cell": t.params["cell"], "final_loss": None if diverged else t.user_attrs.get("epoch/train_loss"),
-                     "test_acc": None if diverged else t.user_attrs.get("test/acc"), "diverged": diverged,
+                     "cell": t.params["cell"], "final_loss": None if diverged else t.user_attrs.get(EPOCH_LOSS),
+                     "test_acc": None if diverged else t.user_attrs.get(TEST_ACC), "diverged": diverged,
                      "pruned": PRUNED_ATTR in t.user_attrs, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
     return pd.DataFrame(rows)
 
