@@ -46,7 +46,7 @@ SCALES = {
     "smoke": Scale(("--epochs", "1", "--train-subset", "512", "--test-subset", "200", "--batch-size", "64"), "0,1", "0,1",
                    "1e-2", "0.5,1", "1e-3,1e-2", "0", 2, "0", 0.7,
                    ("--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64")),
-    # the full scale's grids (5 widths spanning 24x in parameters), each run 200 updates: about 2 hours on 2 cores
+    # the full scale's grids (5 widths spanning 24x in parameters), each run 200 updates: about 80 min on 2 cores (README)
     "quick": Scale(("--epochs", "2", "--train-subset", "12800", "--test-subset", "2000"), "0,1,2,3,4", "0,1,2",
                    "1e-4,3e-4,3e-3,1e-2,3e-2", "0.25,0.5,0.75,1,1.25", "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", "0,1", 16, "0,1,2", 0.5),
     "default": Scale(("--epochs", "5", "--train-subset", "30000", "--test-subset", "5000"), "0,1,2", "0,1", "1e-4,1e-2",

@@ -48,9 +48,14 @@ def tiny_cfg() -> Config:
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store for one test."""
+    """A fresh SQLite MLflow store for one test, run from tmp_path: the store's artifacts (./mlruns), checkpoints and
+    spool files land there, not in the project folder."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow keeps the last set_experiment's id in this module global, with no public reset: a fresh store must not
+    # inherit another test's experiment (setattr fails loudly if an MLflow upgrade renames it)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     mlflow.set_tracking_uri(uri)
@@ -66,6 +71,19 @@ def created_store(uri: str) -> str:
     test reading a store its subprocess is still creating raced MLflow's migrations (CircularDependencyError in CI)."""
     ready_store(uri)
     return uri
+
+
+def training_victim(trials) -> object | None:
+    """A RUNNING trial whose MLflow run is still RUNNING: killing its worker now interrupts training. (A trial whose run
+    has just ended is still RUNNING in Optuna until it is told: a kill then leaves a FINISHED run, not a KILLED one.)"""
+    from mlflow import MlflowClient
+
+    candidates = [t for t in trials if "mlflow_run_id" in t.user_attrs]
+    if not candidates:
+        return None
+    ready_store()  # MlflowClient opens the store when built: through the lock the processes creating it hold
+    client = MlflowClient()
+    return next((t for t in candidates if client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "RUNNING"), None)
 
 
 @pytest.fixture

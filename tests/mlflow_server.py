@@ -28,8 +28,12 @@ class MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
                "--default-artifact-root", str(self.folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
+        # no job runner: its 5 huey consumer processes (jobs these tests never submit) would take the cores from the
+        # training under test at every (re)start
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         # its own session, so that kill() reaches the web workers it forks, not just the launcher
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:

@@ -1,12 +1,16 @@
 """Which runs each report section compares, and how the analysis refuses bad input: every config shown, none ranked
 on its survivors, one scale that covers the configs, one config per size sweep."""
+import json
+
 import pandas as pd
 from mlflow import MlflowClient
 from test_analysis import make_run
 
 from analysis.cli import main
-from analysis.lr import boundaries, warmup_size
+from analysis.load import stress_reports
+from analysis.lr import boundaries, latest_per_config, warmup_size
 from analysis.select import with_scale
+from experiments.stress import STRESS_REPORT, STRESS_RUN
 
 
 def report(tmp_path, experiment: str) -> str:
@@ -89,3 +93,14 @@ def test_bad_output_and_missing_store_are_one_line_before_anything_is_read(tmp_p
     assert err[0] == f"error: --output {tmp_path / 'a_file' / 'sub'}: {tmp_path / 'a_file'} is a file, not a folder"
     assert err[1] == f"error: no tracking store at sqlite:///{missing}; point MLFLOW_TRACKING_URI at the store the runs are in"
     assert err[2].startswith("error: ") and len(err) == 3 and not missing.parent.exists()
+
+
+def test_the_latest_stress_study_is_the_one_the_store_started_last(tracking):
+    """stress_reports reads the store newest first, whatever order the runs were written in; latest_per_config keeps that."""
+    client = MlflowClient()
+    exp = client.create_experiment("studies")
+    for started, boundary in ((2000, 0.5), (1000, 0.05)):  # the newer study written first
+        run = client.create_run(exp, start_time=started, run_name=STRESS_RUN).info.run_id
+        client.log_text(run, json.dumps([{"config": "no_tricks", "boundary_lr": boundary}]), STRESS_REPORT)
+        client.set_terminated(run)
+    assert latest_per_config(stress_reports("studies"))["no_tricks"]["boundary_lr"] == 0.5

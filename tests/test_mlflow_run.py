@@ -14,19 +14,16 @@ pytestmark = pytest.mark.slow
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
-def mlflow_run(tmp_path, *extra):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def mlflow_run(uri, *extra):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(leaked, None)
     cmd = [MLFLOW, "run", str(ROOT), "--experiment-name", "e2e", *extra]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    mlflow.set_tracking_uri(uri)
-    return done
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
 
 
-def test_mlflow_run_local_env_tracks_one_finished_run(mnist_dir, tmp_path):
-    done = mlflow_run(tmp_path, "--env-manager", "local", "-P", "config=all_tricks", "-P", "epochs=1",
+def test_mlflow_run_local_env_tracks_one_finished_run(mnist_dir, tracking):
+    done = mlflow_run(tracking, "--env-manager", "local", "-P", "config=all_tricks", "-P", "epochs=1",
                       "-P", "train_subset=300", "-P", "test_subset=200", "-P", f"data_dir={mnist_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("e2e").experiment_id])
@@ -37,15 +34,15 @@ def test_mlflow_run_local_env_tracks_one_finished_run(mnist_dir, tmp_path):
     assert run.info.run_id in done.stdout
 
 
-def test_mlflow_run_bad_config_fails_with_one_line(tmp_path):
-    done = mlflow_run(tmp_path, "--env-manager", "local", "-P", "config=nope")
+def test_mlflow_run_bad_config_fails_with_one_line(tracking):
+    done = mlflow_run(tracking, "--env-manager", "local", "-P", "config=nope")
     assert done.returncode != 0
     assert "error: unknown config 'nope'; available: all_tricks, batchnorm, layernorm, no_tricks" in done.stderr
 
 
-def test_mlflow_run_without_flags_builds_its_virtualenv(mnist_dir, tmp_path):
+def test_mlflow_run_without_flags_builds_its_virtualenv(mnist_dir, tracking):
     """The default env manager: a virtualenv from python_env.yaml (built once, ~2-3 min, then reused)."""
-    done = mlflow_run(tmp_path, "-P", "config=batchnorm", "-P", "epochs=1", "-P", "train_subset=256",
+    done = mlflow_run(tracking, "-P", "config=batchnorm", "-P", "epochs=1", "-P", "train_subset=256",
                       "-P", "test_subset=200", "-P", f"data_dir={mnist_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "/.mlflow/envs/" in done.stderr  # ran inside the project's virtualenv, not this interpreter
@@ -53,8 +50,8 @@ def test_mlflow_run_without_flags_builds_its_virtualenv(mnist_dir, tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["config"] == "batchnorm"
 
 
-def test_mlflow_run_sweep_entry_nests_cells_under_the_project_run(mnist_dir, tmp_path):
-    done = mlflow_run(tmp_path, "--env-manager", "local", "-e", "sweep", "-P", "configs=no_tricks,batchnorm",
+def test_mlflow_run_sweep_entry_nests_cells_under_the_project_run(mnist_dir, tracking, tmp_path):
+    done = mlflow_run(tracking, "--env-manager", "local", "-e", "sweep", "-P", "configs=no_tricks,batchnorm",
                       "-P", "lrs=1e-3,1e-2", "-P", "epochs=1", "-P", "train_subset=256", "-P", "test_subset=100",
                       "-P", "workers=2", "-P", f"storage={tmp_path}/journal.log", "-P", f"data_dir={mnist_dir}")
     assert done.returncode == 0, done.stderr[-3000:]

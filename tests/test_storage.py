@@ -2,6 +2,7 @@
 import socket
 import subprocess
 import sys
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -19,13 +20,20 @@ def test_fail_running_fails_another_process_trial_once(tmp_path):
 
 
 def test_heartbeat_is_sent_on_rdb_storages_only(tmp_path):
-    rdb = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/optuna.db"))
-    trial = rdb.ask()
-    beating = heartbeat(rdb, trial)
+    """A trial that beat and then went silent past the grace period is failed as stale; one that never beat is not (Optuna
+    cannot tell it from a trial of a study without heartbeats), so a heartbeat() that sent nothing fails this test."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=1)
+    rdb = optuna.create_study(storage=storage)
+    beat, silent = rdb.ask(), rdb.ask()
+    beating = heartbeat(rdb, beat)
     assert type(beating).__name__ == "HeartbeatThread"
     with beating:
-        pass
-    assert optuna.storages.fail_stale_trials(rdb) is None and rdb.trials[0].state == TrialState.RUNNING  # beat recently
+        time.sleep(0.3)
+    time.sleep(1.5)
+    optuna.storages.fail_stale_trials(rdb)
+    assert [t.state for t in rdb.trials] == [TrialState.FAIL, TrialState.RUNNING]
+    assert type(heartbeat(rdb, silent)).__name__ == "HeartbeatThread"  # open_storage's RDB storages have heartbeats
+    assert open_storage(f"sqlite:///{tmp_path}/optuna.db").get_heartbeat_interval() is not None
     journal = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
     assert type(heartbeat(journal, journal.ask())).__name__ == "NullHeartbeatThread"
 

@@ -162,6 +162,21 @@ def test_read_only_store_is_one_line_before_any_run(tmpfs, tmp_path, mnist_dir):
     assert store_rows(tmpfs / "mlflow.db") == before
 
 
+@pytest.mark.slow
+def test_full_store_is_one_line_before_any_run(tmpfs, tmp_path, mnist_dir):
+    uri = f"sqlite:///{tmpfs}/mlflow.db"
+    made = "from mlflow import MlflowClient; MlflowClient().create_experiment('earlier')"
+    subprocess.run([sys.executable, "-c", made], env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True)
+    before = store_rows(tmpfs / "mlflow.db")
+    (tmpfs / "filler").write_bytes(bytes(shutil.disk_usage(tmpfs).free - (16 << 10)))  # leave 16 KiB, under the 64 needed
+    proc = start_training(uri, tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: tracking store {uri} is full (") and line.endswith(f" KiB free in {tmpfs})")
+    assert store_rows(tmpfs / "mlflow.db") == before
+
+
 def test_unreachable_server_at_the_start_is_one_line(tmp_path, mnist_dir):
     proc = start_training("http://127.0.0.1:9", tmp_path)  # port 9: nothing listens
     _, err = proc.communicate(timeout=300)

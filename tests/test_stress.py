@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from analysis.load import stress_reports
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT, training_victim
 from cookbook.lr_find import START_LR, RangeTest
 from experiments import stress
 from experiments.storage import open_storage
@@ -136,13 +136,13 @@ def test_a_sigkilled_stress_worker_is_replaced_and_its_trial_ends_killed(mnist_d
     slow = ["--epochs", "2", "--train-subset", "1024", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
     coordinator = subprocess.Popen([sys.executable, "-m", "experiments.stress", "run", "--configs", "no_tricks", "--seeds", "0",
                                     "--n-trials", "2", "--storage", storage, *slow], env={**os.environ, "PYTHONPATH": str(ROOT)})
-    victim = None
-    while victim is None and coordinator.poll() is None:
+    victim, deadline = None, time.time() + 300
+    while victim is None and coordinator.poll() is None and time.time() < deadline:
         time.sleep(0.5)
         summaries = optuna.get_all_study_summaries(open_storage(storage)) if os.path.exists(storage) else []
-        trials = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(storage)).get_trials(
-            states=(TrialState.RUNNING,)) if summaries else []
-        victim = next((t for t in trials if "mlflow_run_id" in t.user_attrs), None)
+        victim = training_victim(optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(storage)).get_trials(
+            states=(TrialState.RUNNING,))) if summaries else None
+    assert victim is not None, f"no trial was training (coordinator exit {coordinator.poll()})"
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     assert coordinator.wait(timeout=600) == 0
     study = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(storage))

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT, training_victim
 from cookbook.config import ConfigError
 from experiments.grid import cell_key, make_cells, overrides, parse_list, study_name
 from experiments.queue import open_study
@@ -165,23 +165,24 @@ def storage_url(request, tmp_path):
 
 
 def wait_for_training_cell(storage, name, deadline):
-    """The first RUNNING trial whose cell has started training (its MLflow run exists)."""
+    """The first RUNNING trial whose cell is training (its MLflow run exists and is RUNNING)."""
     while time.time() < deadline:
         time.sleep(0.5)
         try:
             study = optuna.load_study(study_name=name, storage=open_storage(storage))
         except (KeyError, SweepError):
             continue
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
-        if running:
-            return running[0]
+        victim = training_victim(study.get_trials(states=(TrialState.RUNNING,)))
+        if victim:
+            return victim
     raise AssertionError("no cell started training")
 
 
 @pytest.mark.slow
 def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, storage_url):
-    """Two workers on one grid; one is killed mid-cell and a replacement joins; each cell ends with one result."""
-    slow = ["--epochs", "2", "--train-subset", "2048", "--test-subset", "100", "--data-dir", str(DATA_DIR)]
+    """Two workers on one grid; one is killed mid-cell and a replacement joins; each cell ends with one result.
+    One epoch per cell: a cell killed after a checkpoint would be resumed into its run, which then ends FINISHED."""
+    slow = ["--epochs", "1", "--train-subset", "4096", "--test-subset", "100", "--data-dir", str(DATA_DIR)]
     argv = ["--storage", storage_url, "--study", "kill"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     sweep = [sys.executable, "-m", "experiments.sweep"]
