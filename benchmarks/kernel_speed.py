@@ -8,6 +8,7 @@ Shapes are the default StableNet's at batch 128: conv 1->32 at 28x28, 32->64 at 
 Channels-last inputs (training's default) unless the variant says nchw. Each row is the median of --repeats
 timed calls after warm-up; the ratio column is the first variant's time over each.
 Eager calls: layers that take well under a millisecond (the norms) measure launches as much as kernels.
+Kernels run under training's default settings (deterministic on CUDA), so the fastest kind it names is the one training gets.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from benchmarks.train_speed import machine
 from cookbook.config import BLOCK_CONVS
+from cookbook.determinism import configure
 from cookbook.model import block_channels
 from cookbook.stacked import stack_layer
 
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but no CUDA GPU is visible; choose --device cpu", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    configure(True, device)  # the kernels training runs with by default (deterministic): the table picks its kinds
     precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     table = rows_for(device, args.members, args.batch, precision, args.repeats)
     write_table(table, table_stem(args))

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA tests and the GPU benchmarks in one go, each stage time-boxed so that one stuck stage costs no other.
-#   bash benchmarks/on_gpu.sh OUT_DIR [STAGE ...]   (on a GPU machine without a registry:
-#                                                    bash .whl/on-device.sh bash benchmarks/on_gpu.sh OUT_DIR)
+#   bash benchmarks/on_gpu.sh OUT_DIR [STAGE ...]   (on a GPU machine without a registry, install carried wheels first)
 # Without stage names it runs the default set in one 10-minute call (the open questions first; each stage is cut to
 # what is left of ON_GPU_SECONDS, default 540);
 # `all` runs every stage (up to 21 minutes: ON_GPU_SECONDS=1260 where a call may last that long, else name the stages). Stage times go to OUT_DIR/stages.txt; logs and results (CSV/JSON,
@@ -19,6 +18,7 @@ for name in $wanted; do
 done
 work=${TMPDIR:-/tmp}/cookbook-gpu
 res=$work/results
+rm -rf "$res"  # an earlier call's files must not pass for this call's results
 mkdir -p "$out" "$res"
 export MLFLOW_TRACKING_URI=sqlite:///$work/mlflow.db COOKBOOK_SPOOL_DIR=$work/spool
 budget=${ON_GPU_SECONDS:-540}  # for the whole script: a device call allows 600 s, and on-device.sh installs first
@@ -63,5 +63,5 @@ stacked stacked_hybrid_5ep 75 --precision bf16 --stacked-conv hybrid --ks 1,64 -
 for conv in grouped gemm; do stacked "stacked_${conv}_bf16" 45 --precision bf16 --stacked-conv $conv --ks 1,64 --epochs 2; done
 stacked stacked_hybrid_fp32 100 --precision fp32 --stacked-conv hybrid --ks 1,4,16,64,128 --epochs 2
 stacked stacked_nondet 35 --precision bf16 --ks 1,64 --epochs 2 --nondeterministic
-stage reference 35 python3 -m benchmarks.train_speed --device cuda --configs batchnorm --modes reference \
-  --epochs 1 --repeats 1 --out "$res/reference"
+stage reference 45 python3 -m benchmarks.train_speed --device cuda --configs batchnorm --modes reference \
+  --epochs 2 --repeats 1 --out "$res/reference"  # its 2nd epoch, like ours: no first-use costs on either side
