@@ -6,6 +6,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
+from analysis.cli import ANALYSIS_EXPERIMENT
 from conftest import ROOT
 from cookbook.config import CONFIGS_DIR, load_config
 from cookbook.model import build_model, parameter_count
@@ -49,10 +50,15 @@ def test_seeds_are_stacked_on_cuda_only():
 def test_smoke_study_runs_every_phase_and_reports(mnist_dir, tracking, tmp_path):
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("smoke", ANALYSIS_EXPERIMENT):  # artifacts under tmp_path: the study runs in the project folder (./data)
+        MlflowClient().create_experiment(name, artifact_location=(tmp_path / "artifacts" / name).as_uri())
     cmd = [sys.executable, "-m", "experiments.study", "--scale", "smoke", "--experiment", "smoke", "--output", str(out),
            "--storage", str(tmp_path / "journal.log")]
+    in_project = lambda: set((ROOT / "mlruns").glob("*/*"))  # noqa: E731
+    before = in_project()
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert in_project() == before and len(list((tmp_path / "artifacts" / "smoke").iterdir())) >= 40
     assert f"report: {out / 'report.html'}" in done.stdout
     report = (out / "report.md").read_text()
     for section in ("Results table", "LR stress", "Tuned comparison", "Warmup vs model size"):
