@@ -198,7 +198,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
         usage_error(f"modes={args.modes!r}; choose from {', '.join(MODES)}")
-    args.modes, args.configs = modes, [c for c in args.configs.split(",") if c]
+    configs = [c for c in args.configs.split(",") if c]
+    if not configs:
+        usage_error(f"configs={args.configs!r}: name at least one config")
+    args.modes, args.configs = modes, configs
     if args.skip_epochs is None:
         args.skip_epochs = 1 if args.epochs > 1 else 0
     if not 0 <= args.skip_epochs < args.epochs:

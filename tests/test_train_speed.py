@@ -31,3 +31,6 @@ def test_skip_epochs_defaults_to_one_when_runs_have_more_and_must_leave_one(caps
         parse(["--epochs", "2", "--skip-epochs", "2"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == "error: skip_epochs=2: must be at least 0 and below --epochs (2)"
+    with pytest.raises(SystemExit) as stop:
+        parse(["--configs", ","])  # nothing to measure: one line, not a traceback after the runs
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == "error: configs=',': name at least one config"
