@@ -22,7 +22,7 @@ from .model import StableNet, build_model, parameter_count
 from .monitor import host_sync, member_norms
 from .stacked_conv import StackedConv2d
 from .step import StepRunner, step_stats
-from .train import DivergenceCheck, Parts, TrainResult, build_parts, epoch_summary, resolve_device, run_epoch, uses_graphs
+from .train import DivergenceCheck, Parts, TrainResult, build_parts, epoch_summary, mark_diverged, resolve_device, run_epoch, uses_graphs
 
 STACKED_CONV_TAG = "stacked_conv"  # on a run trained as one member of a stacked model: its convs' kind
 
@@ -168,7 +168,7 @@ def deliver_each(fans: list[Hook], checks: list[DivergenceCheck], results: list[
             bad = check.first_bad_step(rows)
             fan.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
             if bad is not None:  # the others train on: a member's NaNs never reach another member's weights
-                result.diverged, result.diverged_step, result.steps_run = True, bad, bad
+                mark_diverged(result, bad)
         return all(r.diverged for r in results)
     return deliver
 
@@ -191,7 +191,8 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     shuffles = [torch.Generator().manual_seed(c.seed) for c in cfgs]
     fans = [Hooks(list(h)) for h in hooks]
     results = [TrainResult(steps_run=0, total_steps=total, param_count=parameter_count(members[0])) for _ in cfgs]
-    deliver = deliver_each(fans, [DivergenceCheck(cfg.monitor.diverge_factor) for _ in cfgs], results)
+    checks = [DivergenceCheck(cfg.monitor.diverge_factor) for _ in cfgs]
+    deliver = deliver_each(fans, checks, results)
     for fan, result in zip(fans, results):
         fan.on_start({"total_steps": total, "steps_per_epoch": steps_per_epoch, "param_count": result.param_count,
                       "param_names": parts.monitor.names, "device": str(device), "stacked_members": k,
@@ -214,6 +215,9 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
         test_loss, test_acc = evaluate_members(parts.model, data.test_x, data.test_y, parts.precision)
         for i in alive:
             if results[i].diverged:
+                continue
+            if checks[i].broke_at_epoch_end(test_loss[i]):
+                mark_diverged(results[i], results[i].steps_run + steps_per_epoch)
                 continue
             results[i].steps_run += steps_per_epoch
             results[i].final = epoch_summary(sums[i], steps_per_epoch, test_loss[i], test_acc[i], seconds, n_train)

@@ -111,6 +111,15 @@ class DivergenceCheck:
                 return step
         return None
 
+    def broke_at_epoch_end(self, test_loss: float) -> bool:
+        """No training loss sees an epoch's last update: the test loss of the network it made is judged instead."""
+        return self.initial_loss is not None and is_diverged(test_loss, self.initial_loss, self.factor)
+
+
+def mark_diverged(result: TrainResult, step: int) -> None:
+    """The run diverged at `step`: the first step whose loss breaks the rule; the steps before it are its history."""
+    result.diverged, result.diverged_step, result.steps_run = True, step, step
+
 
 @dataclass
 class Parts:
@@ -193,7 +202,7 @@ def deliver_to(hook: Hook, check: DivergenceCheck, result: TrainResult) -> Calla
         bad = check.first_bad_step(rows)
         hook.on_metrics([(s, m) for s, m in rows if bad is None or s < bad])
         if bad is not None:
-            result.diverged, result.diverged_step, result.steps_run = True, bad, bad
+            mark_diverged(result, bad)
         return bad is not None
     return deliver
 
@@ -271,8 +280,11 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = (), checkpoint: Path | N
         with host_sync():
             sums = sums[:, 0].tolist()
         seconds = time.perf_counter() - started
-        result.steps_run += parts.steps_per_epoch
         test_loss, test_acc = evaluate(parts.model, data.test_x, data.test_y, precision=parts.precision)
+        if check.broke_at_epoch_end(test_loss):
+            mark_diverged(result, result.steps_run + parts.steps_per_epoch)
+            break
+        result.steps_run += parts.steps_per_epoch
         result.final = epoch_summary(sums, parts.steps_per_epoch, test_loss, test_acc, seconds, n_train)
         hook.on_epoch_end(epoch, result.final)
         if checkpoint is not None:

@@ -1,6 +1,7 @@
 """`python -m cookbook train|reproduce` through the real MLflow path on a temporary store."""
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -182,11 +183,12 @@ def test_reproduce_runs_at_the_recorded_thread_count(mnist_dir, tracking, capsys
         torch.set_num_threads(before)
 
 
-def test_no_track_trains_without_mlflow_installed(mnist_dir):
+def test_no_track_trains_without_mlflow_installed(mnist_dir, tmp_path):
     """The library needs no MLflow: with `import mlflow` made to fail, --no-track still trains."""
     code = ("import sys; sys.modules['mlflow'] = None\nfrom cookbook.cli import main\n"
             f"sys.exit(main(['train', '--config', 'no_tricks', '--no-track', *{TINY_FLAGS!r}]))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no_tricks s0: finished after 16/16 steps" in done.stdout
 

@@ -107,8 +107,8 @@ def test_training_steps_never_wait_for_the_device(graphs, data):
 
 def test_reproduce_says_exact_on_the_gpu(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cli = lambda *a: subprocess.run([sys.executable, "-m", "cookbook", *a], cwd=ROOT, env=env,  # noqa: E731
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}  # in tmp_path: artifacts and checkpoints there
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "cookbook", *a], cwd=tmp_path, env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=600)
     trained = cli("train", "--config", "all_tricks", *TINY_FLAGS, "--device", "cuda", "--no-log-model")
     assert trained.returncode == 0, trained.stderr[-2000:]

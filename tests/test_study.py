@@ -49,12 +49,14 @@ def test_seeds_are_stacked_on_cuda_only():
 @pytest.mark.slow
 def test_smoke_study_runs_every_phase_and_reports(mnist_dir, tracking, tmp_path):
     out = tmp_path / "report"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in ("smoke", ANALYSIS_EXPERIMENT):  # artifacts under tmp_path: the study runs in the project folder (./data)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COOKBOOK_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+           "COOKBOOK_SPOOL_DIR": str(tmp_path / "spool")}  # the study runs in the project folder (./data): not these
+    for name in ("smoke", ANALYSIS_EXPERIMENT):  # artifacts under tmp_path too
         MlflowClient().create_experiment(name, artifact_location=(tmp_path / "artifacts" / name).as_uri())
     cmd = [sys.executable, "-m", "experiments.study", "--scale", "smoke", "--experiment", "smoke", "--output", str(out),
            "--storage", str(tmp_path / "journal.log")]
-    in_project = lambda: set((ROOT / "mlruns").glob("*/*"))  # noqa: E731
+    in_project = lambda: {p for d in ("mlruns", "checkpoints", "mlflow-spool")  # noqa: E731
+                          for p in [ROOT / d, *(ROOT / d).glob("**/*")] if p.exists()}
     before = in_project()
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]

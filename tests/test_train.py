@@ -8,6 +8,7 @@ import torch
 from cookbook.config import merge, validate
 from cookbook.hooks import Recorder
 from cookbook.model import build_model
+from cookbook.stacked import train_stacked
 from cookbook.train import build_optimizer, make_current, train
 
 
@@ -60,6 +61,23 @@ def test_divergence_stops_early_with_finite_metrics(tiny_cfg, tiny_data):
     assert result.diverged and 0 < result.diverged_step < result.total_steps
     assert result.steps_run == result.diverged_step
     assert [s for s, _ in hist["train/loss"]] == list(range(result.diverged_step))
+    assert all(math.isfinite(v) for series in hist.values() for _, v in series)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_an_epochs_last_update_is_judged_too(tiny_cfg, tiny_data, epochs, stacked):
+    """One update per epoch: the update that blows up is the epoch's last, seen by no training loss of its epoch."""
+    cfg = validate(merge(tiny_cfg, {"epochs": epochs, "optim": {"name": "sgd", "lr": 1e36}, "schedule": {"warmup_epochs": 0},
+                                    "data": {"batch_size": len(tiny_data.train_y)}}))
+    if stacked:
+        recorders = [Recorder(), Recorder()]
+        (result, _) = train_stacked([cfg, dataclasses.replace(cfg, seed=1)], tiny_data, [[r] for r in recorders])
+        hist = recorders[0].history
+    else:
+        result, hist = run(cfg, tiny_data)
+    assert result.diverged and result.diverged_step == result.steps_run == 1 and result.model is None
+    assert [s for s, _ in hist["train/loss"]] == [0] and "test/loss" not in hist  # the epoch's summary is not logged
     assert all(math.isfinite(v) for series in hist.values() for _, v in series)
 
 
