@@ -232,7 +232,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     result = lr_range_test(cfg, data, args.start_lr, args.end_lr, args.steps)
     blowup = f"blew up at LR {result.blowup_lr:.3g}" if result.blowup_lr else "did not blow up"
-    print(f"{cfg.name}: {len(result.lrs)} steps from LR {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}; the loss {blowup}")
+    span = f"from LR {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}" if result.lrs else "with a finite loss"
+    print(f"{cfg.name}: {len(result.lrs)} steps {span}; the loss {blowup}")
     print(f"  suggested LR: steepest descent {result.steepest_lr:.3g}, minimum/10 {result.min_over_10_lr:.3g}")
     if not args.no_track:
         from .tracking import log_range_test

@@ -47,7 +47,9 @@ def smooth(losses: list[float], beta: float) -> list[float]:
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
-    """(steepest descent LR up to the minimum, minimum LR / 10) of a smoothed loss curve."""
+    """(steepest descent LR up to the minimum, minimum LR / 10) of a smoothed loss curve; NaNs for an empty one."""
+    if not lrs:  # the loss was non-finite from the first update on
+        return math.nan, math.nan
     i_min = int(np.argmin(smoothed))
     if i_min < 2:  # no descent to measure
         return lrs[0], lrs[i_min] / 10

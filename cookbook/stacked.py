@@ -118,8 +118,10 @@ def clip_members(params: list[nn.Parameter], members: int, max_norm: float | Non
 
 def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, K] cross-entropy of each member's logits [B, K, C] against its labels [B, K].
-    As one [B*K, C] batch: the per-class layout ([B, C, K]) runs CUDA's nll_loss2d, which has no deterministic kernel."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    As one [B*K, C] batch: the per-class layout ([B, C, K]) runs CUDA's nll_loss2d, which has no deterministic kernel.
+    At least fp32, as autocast gives a separate run's loss; float64 stays float64 (the parity tests)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
 
 
 @torch.no_grad()

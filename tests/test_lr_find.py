@@ -28,6 +28,13 @@ def test_suggestions_on_a_known_curve():
     loss = [1 + (math.log10(lr) + 2) ** 2 for lr in lrs]  # minimum at 1e-2, steepest descent at the start
     steepest, min_over_10 = suggest(lrs, loss)
     assert min_over_10 == pytest.approx(1e-3) and steepest == pytest.approx(1e-5)
+    drop = [2 - math.tanh(2 * (math.log10(lr) + 3)) + (math.log10(lr) + 1) ** 2 / 10 for lr in lrs]  # steepest at 1e-3
+    steepest, min_over_10 = suggest(lrs, drop)
+    assert steepest == pytest.approx(1e-3) and lrs[int(np.argmin(drop))] == pytest.approx(10 * min_over_10)
+
+
+def test_no_finite_loss_suggests_nothing():
+    assert all(math.isnan(lr) for lr in suggest([], []))
 
 
 def test_range_test_stops_at_the_blow_up_and_suggests_inside_its_range(tiny_cfg, tiny_data):

@@ -28,14 +28,14 @@ def separate_and_stacked(cfg, data):
     return list(zip(stacked, [r.history for r in members])), alone
 
 
-def assert_same_history(got, want, rel):
+def assert_same_history(got, want, rel, abs=1e-6):
     assert set(got) == set(want)
     for key, series in want.items():
         if key.startswith("time/"):
             continue
         assert [s for s, _ in got[key]] == [s for s, _ in series], key
         # abs: a conv bias followed by BatchNorm has a true gradient of 0; its logged norm is rounding noise
-        assert [v for _, v in got[key]] == pytest.approx([v for _, v in series], rel=rel, abs=1e-6), key
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in series], rel=rel, abs=abs), key
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_each_member_equals_its_separate_run_in_float64(norm, conv, tiny_cfg, fl
     cfg = validate(merge(tiny_cfg, {"model": {"norm": norm}, "optim": {"max_norm": 0.5}, "compute": {"stacked_conv": conv}}))
     stacked, alone = separate_and_stacked(cfg, float64)
     for (result, history), (want, want_history) in zip(stacked, alone):
-        assert_same_history(history, want_history, rel=1e-6)
+        assert_same_history(history, want_history, rel=1e-9)
         assert (result.steps_run, result.diverged, result.param_count) == (want.steps_run, want.diverged, want.param_count)
         assert [(r["step"], r["param"], r["numel"]) for r in result.snapshots] == \
                [(r["step"], r["param"], r["numel"]) for r in want.snapshots]
