@@ -38,10 +38,17 @@ Op = dict  # one JSON-able write: {"op": "metrics"|"tags"|"text"|"model"|"end", 
 
 
 def metrics_op(rows, now_ms: int | None = None) -> list[Op]:
-    """Ops for (step, {name: value}) rows, timestamped now (the timestamp makes a resend a duplicate, not a new point)."""
+    """Ops for (step, {name: value}) rows, timestamped now (the timestamp makes a resend a duplicate, not a new point).
+    A step's values go in one op (unless it alone has more than MAX_BATCH): a kill between two writes leaves whole steps,
+    which is what a resume checks for."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    values = [[key, float(value), now, step] for step, metrics in rows for key, value in metrics.items()]
-    return [{"op": "metrics", "metrics": values[i : i + MAX_BATCH]} for i in range(0, len(values), MAX_BATCH)]
+    batches: list[list] = [[]]
+    for step, metrics in rows:
+        values = [[key, float(value), now, step] for key, value in metrics.items()]
+        if len(batches[-1]) + len(values) > MAX_BATCH:
+            batches.append([])
+        batches[-1] += values
+    return [{"op": "metrics", "metrics": b[i : i + MAX_BATCH]} for b in batches if b for i in range(0, len(b), MAX_BATCH)]
 
 
 def linked_metrics(values: list, model_id: str, datasets: dict[str, list[str]]) -> list[Metric]:

@@ -6,7 +6,7 @@ from mlflow.exceptions import MlflowException
 
 from .checkpoint import checkpoint_path, load
 from .config import ConfigError
-from .delivery import spool_path
+from .delivery import NOT_STORED_TAG, spool_path
 from .monitor import STEP_LOSS
 from .stop import gone, process_id
 from .tracking import PROCESS_TAG, MlflowTracker
@@ -78,6 +78,9 @@ def resumable(client: MlflowClient, run_id: str):
                           "`python -m cookbook sync`, then resume")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} finished; there is nothing to resume")
+    if NOT_STORED_TAG in run.data.tags:  # resumed, it would end FINISHED around values the store never took
+        raise ConfigError(f"run {run_id}: the store refused {run.data.tags[NOT_STORED_TAG]} of its metric values "
+                          f"({NOT_STORED_TAG}); train it again instead")
     if run.info.status == "RUNNING" and not gone(process):
         raise ConfigError(f"run {run_id} is RUNNING in process {process or 'unknown'}; stop it first (or `sync` if it died)")
     path = checkpoint_path(run_id)
@@ -91,7 +94,7 @@ def resumable(client: MlflowClient, run_id: str):
 def check_stored_through(client: MlflowClient, run_id: str, state: dict) -> None:
     """The store must hold every step and the epoch summary up to the checkpoint: resumed, the run trains on after it,
     so what a killed process still had queued for the store (an outage) would be a hole. One-line ConfigError if not."""
-    stored = 1 + max((m.step for m in client.get_metric_history(run_id, STEP_LOSS)), default=-1)
+    stored = len({m.step for m in client.get_metric_history(run_id, STEP_LOSS) if m.step < state["steps_run"]})
     summary = all(any(m.step == state["epoch"] for m in client.get_metric_history(run_id, key)) for key in state["final"])
     if stored < state["steps_run"] or not summary:
         raise ConfigError(f"run {run_id}: its checkpoint is after epoch {state['epoch']} (step {state['steps_run']}) but "

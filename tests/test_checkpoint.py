@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from conftest import DATA_DIR, ROOT, created_store
 from cookbook.checkpoint import load
 from cookbook.config import merge, validate
+from cookbook.delivery import NOT_STORED_TAG
 from cookbook.hooks import Hook, Recorder
 from cookbook.train import RESUMED_TAG, train
 
@@ -206,10 +207,16 @@ def test_an_epoch_summary_stored_before_the_kill_is_not_stored_twice(tracking, t
     assert points("test/acc") == [(2, 0.5), (3, 0.6), (4, 0.7)]
 
 
-@pytest.mark.parametrize("stored_steps, summary, resumes", [(16, True, True), (12, True, False), (16, False, False)])
-def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, summary, resumes, tracking, tmp_path,
+HOLE = [s for s in range(16) if s not in (5, 6, 7)]  # a batch the store refused, the steps after it stored
+
+
+@pytest.mark.parametrize("stored_steps, summary, refused, resumes",
+                         [(range(16), True, None, True), (range(12), True, None, False), (range(16), False, None, False),
+                          (HOLE, True, None, False), (HOLE, True, "6", False)])
+def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, summary, refused, resumes, tracking, tmp_path,
                                                                 monkeypatch):
-    """Killed during an outage after its checkpoint: the steps it still had queued are nowhere; resumed, they'd be a hole."""
+    """Killed during an outage after its checkpoint: the steps it still had queued are nowhere; resumed, they'd be a hole.
+    So is a batch the store refused (the run's metrics_not_stored)."""
     from mlflow.entities import Metric
 
     from cookbook.checkpoint import checkpoint_path, save
@@ -218,14 +225,17 @@ def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, sum
     monkeypatch.chdir(tmp_path)
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("hole")).info.run_id
-    points = [Metric("train/loss", 1.0, 0, step) for step in range(stored_steps)]
+    points = [Metric("train/loss", 1.0, 0, step) for step in stored_steps]
     client.log_batch(run_id, metrics=points + ([Metric("test/acc", 0.5, 0, 2)] if summary else []), synchronous=True)
+    if refused:
+        client.set_tag(run_id, NOT_STORED_TAG, refused)
     client.set_terminated(run_id, "KILLED")
     save(checkpoint_path(run_id), {"epoch": 2, "steps_run": 16, "final": {"test/acc": 0.5}})
     if resumes:
         assert resumable(client, run_id)[1] == checkpoint_path(run_id)
     else:
-        with pytest.raises(ConfigError, match=r"after epoch 2 \(step 16\) but the store has .* train it again"):
+        why = "refused 6 of its metric values" if refused else r"after epoch 2 \(step 16\) but the store has .*"
+        with pytest.raises(ConfigError, match=why + ".* train it again"):
             resumable(client, run_id)
 
 

@@ -56,6 +56,14 @@ def test_a_refused_metric_makes_the_run_failed_with_a_count(tracking, tiny_cfg, 
     assert [m.step for m in MlflowClient().get_metric_history(tracker.run_id, "train/loss")] == [1]
 
 
+def test_a_steps_values_are_never_split_between_writes():
+    rows = [(step, {"train/loss": 1.0, "opt/lr": 0.1, "opt/grad_norm_preclip": 2.0}) for step in range(400)]
+    ops = metrics_op(rows, now_ms=1)
+    steps = [{s for _, _, _, s in op["metrics"]} for op in ops]
+    assert [len(op["metrics"]) for op in ops] == [999, 201] and not steps[0] & steps[1]
+    assert sum(len(op["metrics"]) for op in metrics_op([(0, {f"k{i}": 1.0 for i in range(2500)})])) == 2500  # a huge step
+
+
 def test_replay_is_idempotent_and_reopens_a_run_closed_meanwhile(tracking, tmp_path):
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("replay")).info.run_id
