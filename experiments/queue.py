@@ -61,6 +61,8 @@ def take_cell(trial: optuna.Trial) -> dict:
         raise optuna.TrialPruned("not a queued cell")
     cells = {cell_key(c): c for c in trial.study.user_attrs["cells"]}
     key = trial.suggest_categorical("cell", list(cells))
+    if key != trial.user_attrs["queued_cell"]:  # queued without its cell: the sampler drew one; the queue makes it again
+        raise optuna.TrialPruned(f"drew '{key}', not its queued cell '{trial.user_attrs['queued_cell']}'")
     for field, value in cells[key].items():  # readable columns in optuna-dashboard
         trial.set_user_attr(field, value)
     if is_duplicate(trial.study, trial, key):

@@ -47,6 +47,8 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
             raise SweepError(f"storage '{spec}' cannot be a journal file here ({e.strerror}); give a file path or an "
                              "RDB URL") from None
     scheme = spec.split("://", 1)[0].split("+", 1)[0]
+    if scheme == "sqlite" and spec.split("://", 1)[1].lstrip("/") in ("", ":memory:"):
+        raise SweepError(f"storage '{spec}' is in memory: its workers could not see it; give a file, e.g. sqlite:///optuna.db")
     if scheme not in RDB_SCHEMES:
         raise SweepError(f"storage '{spec}': unknown scheme '{scheme}'; use a journal file path or one of: "
                          f"{', '.join(s + '://' for s in RDB_SCHEMES)}")
@@ -113,12 +115,16 @@ UNRECORDED_ATTR = "unrecorded_trials"  # study attr: numbers of COMPLETE trials 
 PRUNED_ATTR = "pruned_at_epoch"  # trial attr: the pruner stopped it there (a result, unlike a duplicate the queue prunes)
 
 
-def recorded_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials that count as done (COMPLETE, or PRUNED by the pruner): their MLflow run was FINISHED in the store when
-    last checked."""
-    unrecorded = set(study.user_attrs.get(UNRECORDED_ATTR, []))
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that ran to their result: COMPLETE, or PRUNED by the pruner (not a duplicate the queue pruned)."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if t.number not in unrecorded and (t.state == TrialState.COMPLETE or PRUNED_ATTR in t.user_attrs)]
+            if t.state == TrialState.COMPLETE or PRUNED_ATTR in t.user_attrs]
+
+
+def recorded_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that count as done: finished, and their MLflow run was FINISHED in the store when last checked."""
+    unrecorded = set(study.user_attrs.get(UNRECORDED_ATTR, []))
+    return [t for t in finished_trials(study) if t.number not in unrecorded]
 
 
 def run_status(client: MlflowClient, run_id: str | None) -> str | None:
@@ -130,16 +136,19 @@ def run_status(client: MlflowClient, run_id: str | None) -> str | None:
 
 
 def check_records(study: optuna.Study) -> int:
-    """Mark done cells whose MLflow run is missing or not FINISHED in the current store as not done; return how many.
+    """Mark done trials whose MLflow run is missing or not FINISHED in the current store as not done (and those whose
+    run is there again as done); return how many cells that leaves without a done trial.
 
     The queue (Optuna) and the record (MLflow) are separate stores: a sweep rerun against another or a lost
     MLflow store would otherwise find every cell done and train nothing.
     """
-    client = MlflowClient()
-    lost = [t.number for t in recorded_trials(study) if run_status(client, t.user_attrs.get("mlflow_run_id")) != "FINISHED"]
-    if lost:
-        study.set_user_attr(UNRECORDED_ATTR, sorted(set(study.user_attrs.get(UNRECORDED_ATTR, [])) | set(lost)))
-    return len(lost)
+    client, before = MlflowClient(), study.user_attrs.get(UNRECORDED_ATTR, [])
+    done = finished_trials(study)  # every one: a store left and come back to has their runs again
+    lost = [t.number for t in done if run_status(client, t.user_attrs.get("mlflow_run_id")) != "FINISHED"]
+    if lost != before:
+        study.set_user_attr(UNRECORDED_ATTR, lost)
+    recorded = {t.params["cell"] for t in done if t.number not in lost}
+    return len({t.params["cell"] for t in done} - recorded)
 
 
 def give_back(study: optuna.Study) -> int:
@@ -147,5 +156,6 @@ def give_back(study: optuna.Study) -> int:
     mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if owner(t) == process_id()]
     for trial in mine:  # a sweep cell keeps its queue key; a stress trial its (LR, seed) point
         queued = {"queued_cell": trial.user_attrs["queued_cell"]} if "queued_cell" in trial.user_attrs else None
-        study.enqueue_trial(trial.params, user_attrs=queued)
+        # stopped before it suggested them, a trial's params are only those it was queued with
+        study.enqueue_trial({**trial.system_attrs.get("fixed_params", {}), **trial.params}, user_attrs=queued)
     return len(mine)

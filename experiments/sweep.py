@@ -102,14 +102,20 @@ def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -
 
 
 def claim(study: optuna.Study, k: int) -> list[Claim]:
-    """Take up to k queued cells (ask() pops the oldest queued trial), pruning strays and duplicates."""
-    taken = []
-    while len(taken) < k and state_counts(study)["waiting"]:
-        trial = study.ask()
-        try:
-            taken.append(Claim(trial, take_cell(trial)))
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
+    """Take up to k queued cells (ask() pops the oldest queued trial), pruning strays and duplicates; stopped meanwhile,
+    every trial it asked fails (the worker gives their cells back)."""
+    taken, untold = [], []
+    try:
+        while len(taken) < k and state_counts(study)["waiting"]:
+            untold.append(study.ask())
+            try:
+                taken.append(Claim(untold[-1], take_cell(untold[-1])))
+            except optuna.TrialPruned:
+                study.tell(untold.pop(), state=TrialState.PRUNED)
+    except BaseException:
+        for trial in untold:
+            study.tell(trial, state=TrialState.FAIL)
+        raise
     return taken
 
 

@@ -93,6 +93,7 @@ def test_a_list_for_a_single_setting_is_one_line(tracking, tmp_path, capsys):
 @pytest.mark.parametrize("url,message", [
     ("redis://localhost/0", "unknown scheme 'redis'"),
     ("postgresql://u:p@127.0.0.1:1/db", "is unreachable or invalid: (psycopg.OperationalError) connection failed"),
+    ("sqlite://", "is in memory: its workers could not see it"), ("sqlite:///:memory:", "is in memory"),
 ])
 def test_bad_storage_is_one_line(url, message):
     with pytest.raises(SweepError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):

@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import DATA_DIR, ROOT, created_store
-from experiments.grid import make_cells
-from experiments.queue import enqueue_missing, open_study
-from experiments.storage import open_storage
+from experiments.grid import cell_key, make_cells
+from experiments.queue import enqueue_missing, open_study, take_cell
+from experiments.storage import give_back, open_storage, stamp_owner
 from experiments.sweep import main
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
@@ -42,6 +42,60 @@ def test_rerun_against_another_store_trains_the_cells_it_lacks(mnist_dir, tracki
     assert finished_cell_runs(tracking) == first  # and the old one is as it was
     assert main(argv) == 0  # a third run finds both stores agreeing: nothing trained
     assert finished_cell_runs(other) == first and len(optuna.load_study(study_name="two", storage=open_storage(storage)).trials) == 4
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    mlflow.set_tracking_uri(tracking)
+    capsys.readouterr()
+    assert main(argv) == 0  # back to the first store: its runs are there, nothing trained
+    assert "queued again" not in capsys.readouterr().err and finished_cell_runs(tracking) == first
+    assert len(optuna.load_study(study_name="two", storage=open_storage(storage)).trials) == 4
+
+
+def small_sweep(tmp_path, name: str) -> optuna.Study:
+    """A sweep's study of 4 queued cells, nothing trained."""
+    from experiments import sweep
+    args = sweep.build_parser().parse_args(["run", *TINY])
+    study = open_study(str(tmp_path / "journal.log"), name, make_cells("no_tricks,batchnorm", "0,1", ""),
+                       sweep.train_settings(args), "none")
+    enqueue_missing(study)
+    return study
+
+
+def test_a_cell_stopped_before_its_worker_read_it_is_given_back_as_that_cell(tmp_path):
+    """SIGTERM between claiming a trial and suggesting its cell: its params are still empty, its cell is in what it was
+    queued with. Queued again without it, the sampler would draw any cell and the stopped one would never run."""
+    study = small_sweep(tmp_path, "early")
+    trial = study.ask()
+    stamp_owner(trial)
+    study.tell(trial, state=TrialState.FAIL)  # what Optuna does with a trial stopped by Ctrl-C
+    assert give_back(study) == 1
+    stopped = study.trials[0].user_attrs["queued_cell"]
+    for _ in range(4):  # the 3 cells queued after it, then it again
+        again = study.ask()
+    cells = {cell_key(c): c for c in study.user_attrs["cells"]}
+    assert again.number == 4 and take_cell(again) == cells[stopped]
+    other = next(k for k in cells if k != stopped)
+    study.enqueue_trial({"cell": other}, user_attrs={"queued_cell": stopped})  # a cell that is not its queue key
+    with pytest.raises(optuna.TrialPruned, match=f"drew '{other}', not its queued cell '{stopped}'"):
+        take_cell(study.ask())
+
+
+def test_a_worker_stopped_while_claiming_fails_every_trial_it_asked(tmp_path, monkeypatch):
+    """A stacked worker stopped between two ask()s: no claimed trial stays RUNNING (on another machine nothing would
+    recover it), each fails and is given back."""
+    from experiments import sweep
+    study = small_sweep(tmp_path, "claiming")
+    calls = []
+
+    def stopped_on_the_second(trial):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return take_cell(trial)
+
+    monkeypatch.setattr(sweep, "take_cell", stopped_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.claim(study, 4)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
 
 
 LONG = ["--epochs", "3000", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
