@@ -199,6 +199,10 @@ def validate(cfg: Config) -> Config:
     for ok, name, value, rule in checks:
         if not ok:
             raise ConfigError(f"{name}={value!r} {rule}")
+    for name, value in to_params(cfg).items():
+        if len(value) > MAX_PARAM_CHARS:  # MLflow would store it cut short, and `reproduce` could not read it back
+            raise ConfigError(f"{name.removeprefix(PARAM_PREFIX)} is {len(value)} characters as an MLflow param; "
+                              f"at most {MAX_PARAM_CHARS} are stored")
     return cfg
 
 
@@ -270,6 +274,7 @@ def format_param(value: Any) -> str:
 # MLflow params of the resolved config are prefixed: `mlflow run` logs its raw MLproject
 # parameters (seed='' ...) as params too, and a param value can never change once logged.
 PARAM_PREFIX = "config."
+MAX_PARAM_CHARS = 6000  # MLflow's longest param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH; tested equal)
 
 
 def to_params(cfg: Config) -> dict[str, str]:

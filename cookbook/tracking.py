@@ -117,11 +117,13 @@ class MlflowTracker(Hook):
             self.run_id = self._start_run()
             mark_training(self.client, self.run_id)
             self._log_identity()
-        except MlflowException as e:  # the store is away or refuses us before anything was trained: one line
+        except BaseException as e:  # nothing trained yet: the run it made ends here, never left RUNNING
             if self.run_id:
                 with contextlib.suppress(Exception):
-                    self.client.set_terminated(self.run_id, "FAILED")
-            raise StoreUnusable(f"tracking store {self.uri} cannot start the run ({first_line(e)})") from None
+                    self.client.set_terminated(self.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            if isinstance(e, (MlflowException, OSError)):  # the store (or its artifact store) is away or refuses us
+                raise StoreUnusable(f"tracking store {self.uri} cannot start the run ({first_line(e)})") from None
+            raise
         self.writer = StoreWriter(self.client, self.run_id)
         if self.system_metrics:  # best effort: it drops samples while the store is away
             self.sampler = start_sampler(self.run_id, self.uri)
@@ -149,7 +151,7 @@ class MlflowTracker(Hook):
         if os.environ.get("MLFLOW_RUN_ID") and not self.parent_run_id:
             return os.environ["MLFLOW_RUN_ID"]
         experiment_id = mlflow.set_experiment(self.experiment).experiment_id
-        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+        tags = {PROCESS_TAG: process_id(), **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
         return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
     def __exit__(self, exc_type, exc, tb) -> None:

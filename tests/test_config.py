@@ -3,7 +3,18 @@ import re
 import pytest
 
 from conftest import CONFIGS_DIR
-from cookbook.config import Config, ConfigError, available_configs, from_params, load_config, merge, overridden_keys, to_params, validate
+from cookbook.config import (
+    MAX_PARAM_CHARS,
+    Config,
+    ConfigError,
+    available_configs,
+    from_params,
+    load_config,
+    merge,
+    overridden_keys,
+    to_params,
+    validate,
+)
 
 
 def test_seed_configs_exist_with_their_semantics():
@@ -66,6 +77,9 @@ def test_yaml_exponent_strings_are_numbers():
     ({"compute": {"stacked_conv": "gemm+grouped"}}, "compute.stacked_conv='gemm+grouped' must be one of"),  # 3 blocks
     ({"compute": {"stacked_conv": "hybrid+grouped+grouped"}}, "compute.stacked_conv='hybrid+grouped+grouped' must be"),
     ({"model": {"depth": 2}, "compute": {"stacked_conv": "gemm+grouped+gemm"}}, "each of the 2 conv blocks"),
+    ({"monitor": {"snapshot_steps": list(range(10**5, 10**5 + 1500))}},
+     "monitor.snapshot_steps is 12298 characters as an MLflow param; at most 6000 are stored"),
+    ({"description": "x" * 6001}, "description is 6001 characters as an MLflow param; at most 6000 are stored"),
 ])
 def test_meaningless_values_name_the_value(updates, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -75,6 +89,11 @@ def test_meaningless_values_name_the_value(updates, message):
 @pytest.mark.parametrize("conv", ["auto", "hybrid", "fused", "gemm+grouped+fused", "grouped+grouped+grouped"])
 def test_stacked_conv_is_a_name_or_one_kind_per_conv_block(conv):
     assert validate(merge(Config(), {"compute": {"stacked_conv": conv}})).compute.stacked_conv == conv
+
+
+def test_the_longest_param_is_mlflows():
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+    assert MAX_PARAM_CHARS == MAX_PARAM_VAL_LENGTH
 
 
 def test_params_round_trip_to_the_same_config():

@@ -1,6 +1,7 @@
 """The run's writer: failed writes are kept and retried in order, refused ones make the run FAILED with a count."""
 import shutil
 
+import pytest
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
@@ -17,7 +18,7 @@ from cookbook.delivery import (
     verdict,
     write_spool,
 )
-from cookbook.tracking import MlflowTracker
+from cookbook.tracking import PROCESS_TAG, MlflowTracker, StoreUnusable
 
 
 class FlakyClient(MlflowClient):
@@ -133,6 +134,26 @@ def test_a_model_the_writer_finished_after_its_spool_is_not_stored_twice(trackin
     assert client.get_logged_model(half.model_id).status == LoggedModelStatus.FAILED
     assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [ready.model_id]
     assert [(m.key, m.value) for m in client.get_logged_model(ready.model_id).metrics] == [("test/acc", 0.5)]
+
+
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, "KILLED"), (NotADirectoryError, "FAILED")])
+def test_a_stop_before_training_ends_the_new_run(stop, status, tracking, tiny_cfg, monkeypatch):
+    """Ctrl-C or an artifact store that cannot be written, while the run is being described: it is ended, not left
+    RUNNING, and it carries its process from its creation (what `sync` needs to close a run whose process died)."""
+    from cookbook import tracking as tracking_module
+    from cookbook.stop import process_id
+    created = []
+    monkeypatch.setattr(tracking_module, "mark_training", lambda client, run_id: created.append(run_id))
+
+    def stopped(*args, **kwargs):
+        assert MlflowClient().get_run(created[0]).data.tags[PROCESS_TAG] == process_id()
+        raise stop("stopped")
+
+    monkeypatch.setattr(tracking_module, "git_state", stopped)
+    with pytest.raises(KeyboardInterrupt if stop is KeyboardInterrupt else StoreUnusable):
+        with MlflowTracker(tiny_cfg, {}, system_metrics=False, log_model=False):
+            pass
+    assert MlflowClient().get_run(created[0]).info.status == status
 
 
 def test_verdicts():
