@@ -291,6 +291,6 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = (), checkpoint: Path | N
             save(checkpoint, checkpoint_state(parts, epoch, result, shuffle, check))
     result.snapshots = [r for r in parts.monitor.snapshot_table() if r["step"] < result.steps_run]
     result.model = None if result.diverged else parts.model
+    hook.on_end(result)  # stopped in here (a model being stored), the run still resumes from its last epoch
     remove(checkpoint)
-    hook.on_end(result)
     return result

@@ -69,6 +69,22 @@ def test_without_a_checkpoint_file_the_run_starts_from_step_zero(tiny_cfg, tiny_
     assert rec.history["train/loss"][0][0] == 0 and not (tmp_path / "none.pt").exists()
 
 
+class StopInOnEnd(Hook):
+    def on_end(self, result):
+        raise KeyboardInterrupt  # SIGTERM while the model is being stored
+
+
+def test_a_run_stopped_at_its_end_keeps_its_checkpoint_until_the_end_is_done(tiny_cfg, tiny_data, tmp_path):
+    """The checkpoint goes only after every hook has the result: stopped before, the run resumes (to its end)."""
+    cfg, path = dataclasses.replace(tiny_cfg, epochs=1), tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tiny_data, [StopInOnEnd()], checkpoint=path)
+    assert load(path)["epoch"] == 1
+    rec = Recorder()
+    assert train(cfg, tiny_data, [rec], checkpoint=path).steps_run == 8 and "train/loss" not in rec.history
+    assert not path.exists()
+
+
 RUN = ["--config", "all_tricks", "--epochs", "3", "--train-subset", "2048", "--test-subset", "200", "--batch-size", "32", "--width", "0.5",
        "--data-dir", str(DATA_DIR), "--no-system-metrics", "--no-log-model", "--set", "monitor.flush_every=4",
        "--set", "monitor.layer_every=10", "--set", "monitor.snapshot_steps=[5, 70]"]  # 64 steps an epoch
