@@ -172,11 +172,13 @@ class MlflowTracker(Hook):
         except KeyboardInterrupt as e:
             stored, interrupt = False, e
         left = self.writer.close()
-        if self.writer.fatal:  # a status update may still fit where a batch did not: leave nothing RUNNING if it can
-            with contextlib.suppress(Exception):
-                self.client.set_terminated(self.run_id, "FAILED")
-        if left and not stored:
-            self._spool(left, exc_type if interrupt is None else type(interrupt))
+        try:
+            if left and not stored:  # first: what follows may wait on the store, and a signal there must lose nothing
+                self._spool(left, exc_type if interrupt is None else type(interrupt))
+        finally:
+            if self.writer.fatal:  # a status update may still fit where a batch did not: leave nothing RUNNING if it can
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(self.run_id, "FAILED")
         if interrupt is not None:
             raise interrupt
 
@@ -216,16 +218,17 @@ class MlflowTracker(Hook):
         self.set_tags({PARAM_COUNT_TAG: info["param_count"], "device": info["device"], TOTAL_STEPS_TAG: info["total_steps"],
                        **({GPU_TAG: gpu} if gpu else {}), **info.get("tags", {})})
 
+    # Rows are queued before the store is checked: a store that cannot take them any more spools them at the end.
     def on_metrics(self, rows):
-        self.check_store()
         self.steps_logged = max([self.steps_logged] + [step + 1 for step, m in rows if STEP_LOSS in m])
         self.writer.put(*metrics_op(rows))
+        self.check_store()
 
     def on_epoch_end(self, epoch, metrics):
-        self.check_store()
         ops = metrics_op([(epoch, metrics)])
         self.final_values = ops[0]["metrics"]  # what the model, if logged, is linked to
         self.writer.put(*ops)
+        self.check_store()
 
     def on_end(self, result):
         self.set_tags({DIVERGED_TAG: str(result.diverged).lower(), STEPS_RUN_TAG: result.steps_run,

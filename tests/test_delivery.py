@@ -1,4 +1,5 @@
 """The run's writer: failed writes are kept and retried in order, refused ones make the run FAILED with a count."""
+import json
 import shutil
 
 import pytest
@@ -154,6 +155,21 @@ def test_a_stop_before_training_ends_the_new_run(stop, status, tracking, tiny_cf
         with MlflowTracker(tiny_cfg, {}, system_metrics=False, log_model=False):
             pass
     assert MlflowClient().get_run(created[0]).info.status == status
+
+
+def test_rows_handed_over_as_the_store_fills_are_spooled_not_dropped(tracking, tiny_cfg, tmp_path):
+    """The flush that finds the store full stops the training, and its rows go to the spool with the rest."""
+    from cookbook.delivery import spool_path
+    from cookbook.errors import StoreFailure
+    with pytest.raises(StoreFailure, match="cannot take writes"):
+        with MlflowTracker(tiny_cfg, {}, system_metrics=False, log_model=False) as tracker:
+            with tracker.writer.lock:
+                tracker.writer.fatal = "database or disk is full"  # the writer stops at once, holding what is queued
+                tracker.writer.lock.notify_all()
+            tracker.on_metrics([(step, {"train/loss": 1.0}) for step in range(5)])
+    ops = [json.loads(line) for line in spool_path(tracker.run_id).read_text().splitlines()[1:]]
+    assert sorted(s for op in ops if op["op"] == "metrics" for _, _, _, s in op["metrics"]) == list(range(5))
+    assert tracker.steps_logged == 5 and MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
 
 
 def test_verdicts():
