@@ -6,19 +6,18 @@ from optuna.trial import TrialState
 
 from experiments.grid import cell_key, group_key
 from experiments.pruning import PRUNER_ATTR, SWEEP_PRUNER, attach_pruner, stored_pruner
-from experiments.storage import SweepError, open_storage, recorded_trials, stamp_owner
+from experiments.storage import SweepError, load_existing, open_storage, recorded_trials, stamp_owner
 
 
 def open_study(storage_spec: str, name: str, cells: list[dict] | None = None, settings: dict | None = None,
                pruner: str = SWEEP_PRUNER) -> optuna.Study:
     """Create (with the grid and the pruner's name stored on it) or load the sweep's study, with its pruner."""
-    storage = open_storage(storage_spec)
     if cells is None:
-        try:
-            return attach_pruner(optuna.load_study(study_name=name, storage=storage))
-        except KeyError:
-            raise SweepError(f"no study '{name}' in storage '{storage_spec}'") from None
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
+        return attach_pruner(load_existing(storage_spec, name, "cells", "sweep"))
+    study = optuna.create_study(study_name=name, storage=open_storage(storage_spec), direction="minimize",
+                                load_if_exists=True)
+    if "cells" not in study.user_attrs and (study.user_attrs or study.trials):  # e.g. a stress study's name
+        raise SweepError(f"study '{name}' in storage '{storage_spec}' is not a sweep; name a new one with --study")
     if "cells" not in study.user_attrs:
         study.set_user_attr("cells", cells)
         study.set_user_attr("settings", settings)

@@ -61,6 +61,20 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
         raise SweepError(f"storage '{spec}' is unreachable or invalid: {str(e).splitlines()[0]}") from None
 
 
+def load_existing(spec: str, name: str, marker: str, kind: str) -> optuna.Study:
+    """The stored study `name`, if it is a `kind` (it has the study attr `marker`); else a one-line SweepError, and a
+    journal file that does not exist is not made."""
+    if "://" not in spec and not Path(spec).is_file():
+        raise SweepError(f"no study '{name}' in storage '{spec}' (no such journal file)")
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(spec))
+    except KeyError:
+        raise SweepError(f"no study '{name}' in storage '{spec}'") from None
+    if marker not in study.user_attrs:
+        raise SweepError(f"study '{name}' in storage '{spec}' is not a {kind}")
+    return study
+
+
 def stamp_owner(trial: optuna.Trial) -> None:
     """Mark the trial as this process's, with its number: a retry copies its failed original's attrs, owner included."""
     trial.set_user_attr(OWNER_ATTR, process_id())

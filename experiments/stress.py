@@ -49,6 +49,7 @@ from experiments.storage import (
     STRESS_TAG,
     TRIAL_TAG,
     SweepError,
+    load_existing,
     open_storage,
     recover_dead_workers,
     stamp_owner,
@@ -109,7 +110,7 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
         name = spec_name(f"stress-{config}", spec, 8)
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
     if spec is None:  # a worker: its own seed, by its index and the trials so far (alike, parallel workers or a later
-        study = optuna.load_study(study_name=name, storage=open_storage(storage))  # round drew the same points again)
+        study = load_existing(storage, name, "config", "stress study")  # round drew the same points again)
         study.sampler = optuna.samplers.TPESampler(seed=worker_index() + 1000 * len(study.trials), n_startup_trials=4)
         return attach_pruner(study)
     study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",

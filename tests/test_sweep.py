@@ -100,6 +100,27 @@ def test_bad_storage_is_one_line(url, message):
         open_storage(url)
 
 
+def test_a_worker_given_a_missing_or_other_kind_of_study_is_one_line(tmp_path, capsys):
+    """`work` joiners are started by hand on other machines: a wrong --study must not touch any study."""
+    from experiments import stress
+    journal = tmp_path / "journal.log"
+    assert stress.main(["work", "--study", "nope", "--n-trials", "1", "--storage", str(journal)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no study 'nope' in storage '{journal}' (no such journal file)")
+    assert not journal.exists()
+    sweep_study = open_study(str(journal), "grid", make_cells("no_tricks", "0", ""), {})
+    sweep_study.enqueue_trial({"cell": "no_tricks seed=0"}, user_attrs={"queued_cell": "no_tricks seed=0"})
+    assert stress.main(["work", "--study", "grid", "--n-trials", "1", "--storage", str(journal)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"study 'grid' in storage '{journal}' is not a stress study")
+    assert [t.state for t in sweep_study.trials] == [TrialState.WAITING]  # its queued cell is untouched
+    stressed = optuna.create_study(study_name="stress-x", storage=open_storage(str(journal)), direction="maximize")
+    stressed.set_user_attr("config", "no_tricks")
+    with pytest.raises(SweepError, match=f"study 'stress-x' in storage '{journal}' is not a sweep"):
+        open_study(str(journal), "stress-x", make_cells("no_tricks", "0", ""), {})
+    with pytest.raises(SweepError, match="is not a sweep"):
+        open_study(str(journal), "stress-x")
+    assert set(stressed.user_attrs) == {"config"}
+
+
 def test_a_journal_path_that_cannot_be_a_file_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SweepError, match=r"^storage '.*' cannot be a journal file here \(Is a directory\)"):
