@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -33,7 +33,9 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     client, run_id = MlflowClient(), trial.user_attrs.get("mlflow_run_id")
     if run_status(client, run_id) == "RUNNING":  # None: its run is in another store (the sweep moved), nothing to close
         client.set_terminated(run_id, "KILLED")
-    RetryFailedTrialCallback(max_retry=RETRIES)(study, trial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)(study, trial)  # named for heartbeats; requeues any failed trial
 
 
 def open_storage(spec: str) -> optuna.storages.BaseStorage:

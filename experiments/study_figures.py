@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import matplotlib.pyplot as plt
 import mlflow
@@ -39,6 +40,13 @@ def cells_study(table: pd.DataFrame) -> optuna.Study | None:
     return study
 
 
+def drawn(plot, study: optuna.Study):
+    """plot(study) without Optuna's warning that its matplotlib plots are experimental (one per figure, every sweep)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return plot(study)
+
+
 def log_study_figures(table: pd.DataFrame) -> list[str]:
     """Log parameter importances and parallel coordinates of the cells to the active (parent) run; the names logged.
     The sweep's results are already stored: a figure that cannot be drawn is one line on stderr, not an error."""
@@ -48,7 +56,7 @@ def log_study_figures(table: pd.DataFrame) -> list[str]:
     logged = []
     for name, plot in FIGURES.items():
         try:
-            axes = plot(study)
+            axes = drawn(plot, study)
             mlflow.log_figure(axes.figure, name)
             plt.close(axes.figure)
             logged.append(name)
@@ -60,7 +68,7 @@ def log_study_figures(table: pd.DataFrame) -> list[str]:
 def stress_history(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], report: dict):
     """Optuna's optimization history of a stress study (a converged trial's value is its log10 LR, a failed one's lies
     below the range), each failed trial of `trials` at its own log10 LR, and the boundary with its 90% interval."""
-    ax = optuna_plots.plot_optimization_history(study)
+    ax = drawn(optuna_plots.plot_optimization_history, study)
     failed = [t for t in trials if not t.user_attrs.get("converged")]
     ax.scatter([t.number for t in failed], [t.params["log10_lr"] for t in failed], marker="x", color="tab:red",
                label="failed (diverged, pruned or not converged) at its log10 LR")
