@@ -10,10 +10,11 @@ from mlflow import MlflowClient
 
 from cookbook import tracking as t
 from cookbook.config import PARAM_PREFIX
+from cookbook.range_run import LR_FIND_BLOWUP_TAG, LR_FIND_TAG
 from cookbook.train import EPOCH_LOSS, TEST_ACC, TEST_LOSS
 from experiments.pruning import PRUNED_TAG
 from experiments.storage import STRESS_TAG, SWEEP_TAG
-from experiments.stress import STRESS_REPORT, STRESS_RUN
+from experiments.stress_report import STRESS_REPORT, STRESS_RUN
 
 KEYS = {"lr": "optim.lr", "width": "model.width", "depth": "model.depth", "warmup_epochs": "schedule.warmup_epochs",
         "max_norm": "optim.max_norm", "norm": "model.norm", "epochs": "epochs", "precision": "compute.precision",
@@ -103,12 +104,12 @@ def range_tests(experiment: str) -> pd.DataFrame:
     and batch size, start time, run id."""
     exp = mlflow.get_experiment_by_name(experiment)
     runs = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else pd.DataFrame()
-    tag = f"tags.{t.LR_FIND_TAG}"
+    tag = f"tags.{LR_FIND_TAG}"
     if runs.empty or tag not in runs:
         return pd.DataFrame(columns=["run_id", "config", "blowup_lr", "train_subset", "batch_size", "start_time"])
     runs = runs[runs[tag].notna()]
     param = lambda key: pd.to_numeric(runs[f"params.{PARAM_PREFIX}{key}"].replace({"null": None}), errors="coerce")  # noqa: E731
     return pd.DataFrame({"run_id": runs.run_id, "config": runs[tag],
-                         "blowup_lr": pd.to_numeric(runs[f"tags.{t.LR_FIND_BLOWUP_TAG}"], errors="coerce"),  # "none": NaN
+                         "blowup_lr": pd.to_numeric(runs[f"tags.{LR_FIND_BLOWUP_TAG}"], errors="coerce"),  # "none": NaN
                          "train_subset": param("data.train_subset"), "batch_size": param("data.batch_size"),
                          "start_time": runs.start_time}).reset_index(drop=True)

@@ -11,6 +11,7 @@ from analysis.stats import capped_losses, lr_sensitivity, mean_ci95, noise_verdi
 from cookbook.config import TRAIN_SIZE
 from cookbook.monitor import STEP_LOSS
 from experiments.boundary import CHANCE_LOSS, CONVERGE_RATIO
+from experiments.stress_range import LR_FIND_RUN_ATTR
 
 X100 = 100  # the seed's stress test: each config at 100 x its own LR
 
@@ -114,7 +115,7 @@ def range_test_vs_boundary(reports: list[dict], tests: pd.DataFrame) -> tuple[st
     rows = []
     for config, r in latest_per_config(reports).items():
         mine = tests[tests.config == config].sort_values("start_time")
-        named = mine[mine.run_id == r.get("lr_find_run_id")]  # the one that set the study's range, else the latest
+        named = mine[mine.run_id == r.get(LR_FIND_RUN_ATTR)]  # the one that set the study's range, else the latest
         if mine.empty:
             continue
         test = (named if len(named) else mine).iloc[-1]
@@ -123,7 +124,7 @@ def range_test_vs_boundary(reports: list[dict], tests: pd.DataFrame) -> tuple[st
                      "90% interval": fmt_interval(r.get("boundary_lr_90ci")), "largest converged": r.get("largest_converged_lr"),
                      "smallest failed": r.get("smallest_failed_lr"), "boundary / blow-up": boundary / test.blowup_lr,
                      "blow-up lies": blowup_verdict(test.blowup_lr, r), "range test on": range_scale(test),
-                     "study range from the test": r.get("lr_find_run_id") == test.run_id})
+                     "study range from the test": r.get(LR_FIND_RUN_ATTR) == test.run_id})
     if not rows:
         return ("\n\nNo LR range test (`python -m cookbook lr-find`, or the stress study's `--range-from-lr-find`) of these "
                 "configs was tracked here to set beside the boundaries."), pd.DataFrame()

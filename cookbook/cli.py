@@ -17,7 +17,7 @@ from .hooks import Recorder
 from .lr_find import END_LR, START_LR, STEPS, UNUSED_KEYS
 from .progress import Progress
 from .stop import exit_code
-from .train import resolve_device, train
+from .train import EPOCH_GRAD_NORM, EPOCH_LOSS, TEST_ACC, TEST_LOSS, resolve_device, train
 
 NOT_REPRODUCIBLE = ("time/", "system/")  # wall-clock metrics differ run to run by nature
 
@@ -94,8 +94,8 @@ def print_summary(label: str, result, seconds: float) -> None:
     final = result.final
     print(f"\n{label}: {outcome} after {result.steps_run}/{result.total_steps} steps in {seconds:.0f}s")
     if final:
-        print(f"  final train loss {final['epoch/train_loss']:.4f} | test loss {final['test/loss']:.4f} | "
-              f"test acc {final['test/acc']:.4f} | mean pre-clip grad norm {final['epoch/grad_norm_preclip_mean']:.3f}")
+        print(f"  final train loss {final[EPOCH_LOSS]:.4f} | test loss {final[TEST_LOSS]:.4f} | "
+              f"test acc {final[TEST_ACC]:.4f} | mean pre-clip grad norm {final[EPOCH_GRAD_NORM]:.3f}")
 
 
 def print_where(run_id: str) -> None:
@@ -137,17 +137,17 @@ def match_recorded(cfg, tags: dict[str, str]):
 
     from .resources import gpu_label
     from .stacked import STACKED_CONV_TAG
-    from .tracking import GPU_TAG
+    from .tracking import DEVICE_TAG, GPU_TAG, THREADS_TAG, TORCH_TAG
 
-    threads = tags.get("torch_threads", "")
+    threads = tags.get(THREADS_TAG, "")
     if threads.isdigit():
         torch.set_num_threads(int(threads))  # results are bitwise reproducible only at the same thread count
-    device = tags.get("device", "")
+    device = tags.get(DEVICE_TAG, "")
     if device and not (device.startswith("cuda") and not torch.cuda.is_available()):
         cfg = dataclasses.replace(cfg, device=device)
     resources.check(cfg)  # as train checks it, before the run is reopened (a cuda:3 tracked elsewhere may not be here)
-    here = {"torch_threads": str(torch.get_num_threads()), "torch_version": torch.__version__, "device": cfg.device}
-    print(f"reproducing with {here['torch_threads']} torch thread(s), device {cfg.device}, torch {torch.__version__}, "
+    here = {THREADS_TAG: str(torch.get_num_threads()), TORCH_TAG: torch.__version__, DEVICE_TAG: cfg.device}
+    print(f"reproducing with {here[THREADS_TAG]} torch thread(s), device {cfg.device}, torch {torch.__version__}, "
           f"precision {cfg.compute.precision}")
     differ = [f"{k} (tracked {tags[k]}, here {v})" for k, v in here.items() if tags.get(k) not in (None, v)]
     card = lambda label: (label or "none").split(" (CUDA_VISIBLE_DEVICES")[0]  # noqa: E731  (the model, not its slot)
@@ -165,6 +165,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from .resume import recorded_run
+    from .tracking import DIVERGED_TAG, STEPS_RUN_TAG
     client = MlflowClient()
     run = recorded_run(client, args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
@@ -174,7 +175,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     tracked = {key: [(m.step, m.value) for m in client.get_metric_history(args.run_id, key)] for key in run.data.metrics}
     report = compare(tracked, recorder.history)
     outcome = f"diverged={str(result.diverged).lower()} steps_run={result.steps_run}"
-    tracked_outcome = f"diverged={run.data.tags.get('diverged')} steps_run={run.data.tags.get('steps_run')}"
+    tracked_outcome = f"diverged={run.data.tags.get(DIVERGED_TAG)} steps_run={run.data.tags.get(STEPS_RUN_TAG)}"
     report.append(("outcome (tags)", "exact" if outcome == tracked_outcome else f"MISMATCH: tracked {tracked_outcome}, rerun {outcome}"))
     for key, verdict in report:
         print(f"{key:48s} {verdict}")
@@ -236,7 +237,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     print(f"{cfg.name}: {len(result.lrs)} steps {span}; the loss {blowup}")
     print(f"  suggested LR: steepest descent {result.steepest_lr:.3g}, minimum/10 {result.min_over_10_lr:.3g}")
     if not args.no_track:
-        from .tracking import log_range_test
+        from .range_run import log_range_test
 
         print_where(log_range_test(cfg, data.md5, result, args.experiment))
     return 0

@@ -19,9 +19,10 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 from .config import DEFAULT_EXPERIMENT, Config, overridden_keys, to_params, to_yaml
-from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, send, spool_path, write_spool
+from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, spool_path, write_spool
 from .errors import StoreFailure, StoreUnusable
 from .hooks import Hook
 from .logged import dataset_ids, dataset_inputs, save_model
@@ -39,6 +40,7 @@ CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diver
 PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
 PROCESS_TAG = "process"  # host:pid of the training process: `sync` closes RUNNING runs whose process is gone
 GPU_TAG = "gpu"  # the physical GPU a CUDA run trained on (inside a sweep worker "cuda:0" is whichever GPU it was given)
+THREADS_TAG, DEVICE_TAG, TORCH_TAG = "torch_threads", "device", "torch_version"  # what reproduce matches
 OVERRIDES_TAG = "overrides"  # comma list of the config keys the run sets differently from its config file; "" = none
 REPO = Path(__file__).resolve().parent.parent
 MIN_FREE_BYTES = 64 << 10  # less than this and not even the run's params and first batches fit
@@ -135,11 +137,11 @@ class MlflowTracker(Hook):
         tags = {
             CONFIG_TAG: self.cfg.name, SEED_TAG: str(self.cfg.seed), OVERRIDES_TAG: ",".join(self.overrides),
             "git_commit": commit, "git_dirty": str(dirty).lower(), PROCESS_TAG: process_id(),
-            "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads()),
-            "mlflow.runName": self.run_name, **{f"data_md5.{k}": v for k, v in self.data_md5.items()}, **self.extra_tags,
+            TORCH_TAG: torch.__version__, THREADS_TAG: str(torch.get_num_threads()),
+            MLFLOW_RUN_NAME: self.run_name, **{f"data_md5.{k}": v for k, v in self.data_md5.items()}, **self.extra_tags,
         }
         if self.cfg.description:
-            tags["mlflow.note.content"] = self.cfg.description
+            tags[MLFLOW_RUN_NOTE] = self.cfg.description
         params = [Param(k, v) for k, v in to_params(self.cfg).items()]
         self.client.log_batch(self.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
         self.client.log_text(self.run_id, to_yaml(self.cfg), CONFIG_ARTIFACT)
@@ -151,7 +153,7 @@ class MlflowTracker(Hook):
         if os.environ.get("MLFLOW_RUN_ID") and not self.parent_run_id:
             return os.environ["MLFLOW_RUN_ID"]
         experiment_id = mlflow.set_experiment(self.experiment).experiment_id
-        tags = {PROCESS_TAG: process_id(), **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
+        tags = {PROCESS_TAG: process_id(), **({MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else {})}
         return self.client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -215,7 +217,7 @@ class MlflowTracker(Hook):
     def on_start(self, info):
         """Tags of the training as set up: size, device (and which GPU), and the loop's own `tags` (e.g. determinism)."""
         gpu = gpu_label(info["device"])
-        self.set_tags({PARAM_COUNT_TAG: info["param_count"], "device": info["device"], TOTAL_STEPS_TAG: info["total_steps"],
+        self.set_tags({PARAM_COUNT_TAG: info["param_count"], DEVICE_TAG: info["device"], TOTAL_STEPS_TAG: info["total_steps"],
                        **({GPU_TAG: gpu} if gpu else {}), **info.get("tags", {})})
 
     # Rows are queued before the store is checked: a store that cannot take them any more spools them at the end.
@@ -255,46 +257,3 @@ def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tu
         client.set_terminated(run.info.run_id, "KILLED")
         closed.append((run.info.run_id, steps))
     return closed
-
-
-LR_FIND_TAG = "lr_find"  # on a range-test run: its config's name (not CONFIG_TAG: the analysis must not read it as a training)
-LR_FIND_BLOWUP_TAG = f"{LR_FIND_TAG}.blowup_lr"  # the LR where its loss blew up; "none" if it never did
-
-
-def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: str, parent_run_id: str | None = None) -> str:
-    """One FINISHED MLflow run for an LR range test: the config as params, loss and smoothed loss per step (step = update,
-    the LR as `lr_find/lr`), the figure, and the suggestions as tags; nested under parent_run_id if given; returns its id."""
-    ready_store()
-    client = MlflowClient()
-    run_id = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")  # in `mlflow run . -e lr_find`: the project's run
-    if not run_id:
-        nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-        run_id = client.create_run(mlflow.set_experiment(experiment).experiment_id, run_name=f"lr-find {cfg.name}",
-                                   tags=nested).info.run_id
-    try:
-        log_range_run(client, run_id, cfg, data_md5, result)
-    except BaseException as e:  # the store failed partway, or a signal: the run must not stay RUNNING
-        with contextlib.suppress(Exception):
-            client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    return run_id
-
-
-def log_range_run(client: MlflowClient, run_id: str, cfg: Config, data_md5: dict[str, str], result) -> None:
-    """Write a range test's params, tags, curve and figure to its run, and end it FINISHED."""
-    from .lr_find import figure
-
-    mark_training(client, run_id)
-    tags = {LR_FIND_TAG: cfg.name, SEED_TAG: cfg.seed, PROCESS_TAG: process_id(), "lr_find.steepest_lr": result.steepest_lr,
-            "lr_find.min_over_10_lr": result.min_over_10_lr, LR_FIND_BLOWUP_TAG: result.blowup_lr or "none",
-            **{f"data_md5.{k}": v for k, v in data_md5.items()}}
-    client.log_batch(run_id, params=[Param(k, v) for k, v in to_params(cfg).items()],
-                     tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
-    rows = [(i, {"lr_find/lr": lr, "lr_find/loss": loss, "lr_find/smoothed_loss": sm})
-            for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed))]
-    for op in metrics_op(rows):
-        send(client, run_id, op)
-    fig = figure(result)
-    client.log_figure(run_id, fig, "lr_find.png")
-    fig.clf()
-    client.set_terminated(run_id, "FINISHED")

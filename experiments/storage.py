@@ -22,6 +22,8 @@ RETRIES = 3
 # MLflow tags on a study's runs: the sweep or stress study, the Optuna trial number, the sweep cell's key
 SWEEP_TAG, STRESS_TAG, TRIAL_TAG, CELL_TAG = "sweep", "stress", "trial", "cell"
 OWNER_ATTR, OWNER_TRIAL_ATTR = "worker", "worker_trial"  # trial attrs: the process running it, and for which trial
+RUN_ID_ATTR, QUEUED_CELL_ATTR = "mlflow_run_id", "queued_cell"  # trial attrs: its MLflow run, the sweep cell it was queued as
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study attr: the MLflow run its cells' runs are nested under
 
 
 class SweepError(ValueError):
@@ -30,7 +32,7 @@ class SweepError(ValueError):
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """A failed (killed) cell: close its MLflow run as KILLED and enqueue the cell again (at most RETRIES times)."""
-    client, run_id = MlflowClient(), trial.user_attrs.get("mlflow_run_id")
+    client, run_id = MlflowClient(), trial.user_attrs.get(RUN_ID_ATTR)
     if run_status(client, run_id) == "RUNNING":  # None: its run is in another store (the sweep moved), nothing to close
         client.set_terminated(run_id, "KILLED")
     with warnings.catch_warnings():
@@ -160,7 +162,7 @@ def check_records(study: optuna.Study) -> int:
     """
     client, before = MlflowClient(), study.user_attrs.get(UNRECORDED_ATTR, [])
     done = finished_trials(study)  # every one: a store left and come back to has their runs again
-    lost = [t.number for t in done if run_status(client, t.user_attrs.get("mlflow_run_id")) != "FINISHED"]
+    lost = [t.number for t in done if run_status(client, t.user_attrs.get(RUN_ID_ATTR)) != "FINISHED"]
     if lost != before:
         study.set_user_attr(UNRECORDED_ATTR, lost)
     recorded = {t.params["cell"] for t in done if t.number not in lost}
@@ -171,7 +173,7 @@ def give_back(study: optuna.Study) -> int:
     """Queue again what this worker was running when it was stopped (its trials failed): same params; return how many."""
     mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if owner(t) == process_id()]
     for trial in mine:  # a sweep cell keeps its queue key; a stress trial its (LR, seed) point
-        queued = {"queued_cell": trial.user_attrs["queued_cell"]} if "queued_cell" in trial.user_attrs else None
+        queued = {QUEUED_CELL_ATTR: trial.user_attrs[QUEUED_CELL_ATTR]} if QUEUED_CELL_ATTR in trial.user_attrs else None
         # stopped before it suggested them, a trial's params are only those it was queued with
         study.enqueue_trial({**trial.system_attrs.get("fixed_params", {}), **trial.params}, user_attrs=queued)
     return len(mine)

@@ -19,8 +19,6 @@ import sys
 
 import mlflow
 import optuna
-import pandas as pd
-from optuna.trial import TrialState
 
 from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, load_config
 from cookbook.data import DataError
@@ -29,7 +27,7 @@ from cookbook.monitor import STEP_LOSS
 from cookbook.stop import exit_code
 from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import EPOCH_LOSS, train
-from experiments.boundary import CONVERGE_RATIO, boundary, converged
+from experiments.boundary import CONVERGE_RATIO, converged
 from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
 from experiments.pruning import (
     NO_PRUNER,
@@ -41,11 +39,11 @@ from experiments.pruning import (
     attach_pruner,
     check_pruner,
     prunable,
-    stored_pruner,
 )
 from experiments.storage import (
     DEFAULT_STORAGE,
-    PRUNED_ATTR,
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
     STRESS_TAG,
     TRIAL_TAG,
     SweepError,
@@ -54,12 +52,19 @@ from experiments.storage import (
     recover_dead_workers,
     stamp_owner,
 )
-from experiments.stress_range import RANGE_ATTR, RANGE_FACTOR, base_log_lr, range_from_blowup, run_range_test, search_range
+from experiments.stress_range import (
+    LR_FIND_BLOWUP_ATTR,
+    LR_FIND_RUN_ATTR,
+    RANGE_ATTR,
+    RANGE_FACTOR,
+    base_log_lr,
+    range_from_blowup,
+    run_range_test,
+    search_range,
+)
+from experiments.stress_report import DONE, STRESS_REPORT, STRESS_RUN, done_trials, format_report, report
 from experiments.study_figures import log_stress_history
 from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker, worker_index
-
-DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
 
 
 def set_attrs(trial: optuna.Trial, attrs: dict) -> None:
@@ -85,7 +90,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
     with prunable(MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
                                 log_model=False, extra_tags=tags, parent_run_id=parent,
                                 base=load_config(spec["config"], CONFIGS_DIR))) as tracker:
-        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
         result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
     initial = recorder.history[STEP_LOSS][0][1] if recorder.history.get(STEP_LOSS) else float("nan")
     outcome = trial_outcome(result, initial, spec["converge_ratio"])
@@ -137,30 +142,6 @@ def work(storage: str, name: str, n_trials: int, experiment: str, threads: int |
                                             callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)]))
 
 
-def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Finished trials that trained (not ones pruned before they started)."""
-    return [t for t in study.get_trials(deepcopy=False, states=DONE) if "converged" in t.user_attrs]
-
-
-def report(study: optuna.Study) -> dict:
-    """Range, boundary, the x100 table and the compute pruning saved, from the study's records."""
-    columns = ["lr", "seed", "converged", "diverged", "diverged_step", "final_loss", "steps_run", "total_steps", PRUNED_ATTR]
-    df = pd.DataFrame([t.user_attrs for t in done_trials(study)]).reindex(columns=columns)
-    spec = study.user_attrs
-    base, (lo, hi) = base_log_lr(spec["config"], spec["settings"]), search_range(spec)
-    x100 = df[(df.lr / 10**base - 100).abs() < 1e-6]
-    steps_run, steps_full = int(df.steps_run.sum()), int(df.total_steps.sum())
-    stopped = df[df[PRUNED_ATTR].notna()]
-    return {"config": spec["config"], "base_lr": 10**base, "lr_range": [10**lo, 10**hi], "trials": len(df),
-            "converge_ratio": spec["converge_ratio"], "pruner": stored_pruner(study),
-            **{k: spec[k] for k in ("lr_find_blowup_lr", "lr_find_run_id") if k in spec},
-            **boundary([math.log10(v) for v in df.lr], list(~df.converged.astype(bool))),
-            "x100": x100[columns[1:6]].astype(object).where(x100[columns[1:6]].notna(), None).to_dict("records"),
-            "steps_run": steps_run, "steps_without_pruning": steps_full,
-            "pruning_saved": 1 - steps_run / steps_full if steps_full else 0.0,
-            "pruned_by_pruner": len(stopped), "steps_saved_by_pruner": int((stopped.total_steps - stopped.steps_run).sum())}
-
-
 def check_args(args: argparse.Namespace) -> tuple[list[str], dict, list[int]]:
     """Configs, training settings and seeds, every flag checked (one-line SweepError) before anything is made."""
     configs, settings = config_names(args.configs), train_settings(args)
@@ -186,9 +167,9 @@ def start_study(args: argparse.Namespace, config: str, seeds: list[int], setting
                                       parent.run_id)
         if test.blowup_lr:  # a test that never blew up says nothing of where training fails: the default range
             spec[RANGE_ATTR] = list(range_from_blowup(test.blowup_lr))
-        found = {"lr_find_run_id": run_id, "lr_find_blowup_lr": test.blowup_lr}  # not in the spec: a rerun resumes
+        found = {LR_FIND_RUN_ATTR: run_id, LR_FIND_BLOWUP_ATTR: test.blowup_lr}  # not in the spec: a rerun resumes
     study = open_stress_study(args.storage, config, spec)
-    for key, value in {"mlflow_parent_run_id": parent.run_id, **found}.items():
+    for key, value in {PARENT_RUN_ATTR: parent.run_id, **found}.items():
         study.set_user_attr(key, value)
     lo, hi = search_range(spec)
     mlflow.set_tags({f"stress.{config}.study": study.study_name, f"stress.{config}.lr_range": f"{10**lo:.3g},{10**hi:.3g}",
@@ -233,29 +214,6 @@ def run_workers(args: argparse.Namespace, study: optuna.Study) -> bool:
         if len(study.get_trials(deepcopy=False, states=DONE)) >= args.n_trials:
             return True
     return False
-
-
-def format_report(r: dict) -> str:
-    """A few lines per config."""
-    fmt = lambda v: "none in range" if v is None else f"{v:.3g}"  # noqa: E731
-    low, high = r["lr_range"]
-    blowup = r.get("lr_find_blowup_lr")
-    source = ("from its LR" if "lr_find_run_id" not in r else f"around the LR range test's blow-up {blowup:.3g}" if blowup
-              else "from its LR: the LR range test never blew up")
-    lines = [f"{r['config']}: base lr {r['base_lr']:.3g}, range {low:.3g} to {high:.3g} ({source}), {r['trials']} trials "
-             f"({r['failed']} failed): largest converged {fmt(r['largest_converged_lr'])}, "
-             f"smallest failed {fmt(r['smallest_failed_lr'])}"]
-    if "boundary_lr" in r:
-        low, high = r["boundary_lr_90ci"]
-        lines.append(f"  boundary (P(fail)=0.5) {r['boundary_lr']:.3g}, 90% CI [{low:.3g}, {high:.3g}]")
-    for row in r["x100"]:
-        state = "converged" if row["converged"] else f"diverged at step {int(row['diverged_step'])}" \
-            if row["diverged"] else "did not converge"
-        loss = "" if row["final_loss"] is None or pd.isna(row["final_loss"]) else f", final loss {row['final_loss']:.3f}"
-        lines.append(f"  lr x100 seed {row['seed']}: {state}{loss}")
-    lines.append(f"  steps run {r['steps_run']} of {r['steps_without_pruning']} without pruning (saved {r['pruning_saved']:.0%}; "
-                 f"pruner {r['pruner']}: {r['pruned_by_pruner']} trials stopped, {r['steps_saved_by_pruner']} steps saved)")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

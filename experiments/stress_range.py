@@ -5,7 +5,7 @@ import math
 
 from cookbook.config import CONFIGS_DIR, load_config
 from cookbook.lr_find import START_LR, RangeTest, lr_range_test
-from cookbook.tracking import log_range_test
+from cookbook.range_run import log_range_test
 from experiments.grid import overrides
 from experiments.workers import cached_mnist
 
@@ -13,6 +13,7 @@ from experiments.workers import cached_mnist
 # since whether full training diverges below or above it is what the study measures.
 RANGE_FACTOR = 30.0
 RANGE_ATTR = "log10_lr_range"  # spec key: the search range's log10 bounds when a range test set them
+LR_FIND_RUN_ATTR, LR_FIND_BLOWUP_ATTR = "lr_find_run_id", "lr_find_blowup_lr"  # study attrs (and report keys): that test
 
 
 def base_log_lr(config: str, settings: dict) -> float:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import mlflow
 import optuna
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from optuna.trial import TrialState
 
 from cookbook.checkpoint import checkpoint_path
@@ -34,11 +35,13 @@ from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import EPOCH_LOSS, train
 from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
-from experiments.queue import enqueue_missing, open_study, state_counts, take_cell
+from experiments.queue import Claim, claim, enqueue_missing, open_study, state_counts, take_cell
 from experiments.resume_cells import stopped_run
 from experiments.storage import (
     CELL_TAG,
     DEFAULT_STORAGE,
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
     SWEEP_TAG,
     TRIAL_TAG,
     SweepError,
@@ -51,13 +54,6 @@ from experiments.sweep_summary import print_summary, summary
 from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
 POLL_SECONDS = 2.0
-
-
-class Claim(NamedTuple):
-    """A queued cell this worker took: its trial and the cell's fields."""
-
-    trial: optuna.Trial
-    cell: dict
 
 
 class CellRun(NamedTuple):
@@ -96,27 +92,9 @@ def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -
     """Train one queued cell, tracked as a nested MLflow run (continuing its stopped run from a checkpoint if it has one)."""
     cfg, data, tracker = cell_run(trial, take_cell(trial), experiment, parent_run_id, resume=True)
     with prunable(tracker):
-        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
         result = train(cfg, data, [tracker, ReportToOptuna(trial)], checkpoint=checkpoint_path(tracker.run_id))
     return record_result(trial, result)
-
-
-def claim(study: optuna.Study, k: int) -> list[Claim]:
-    """Take up to k queued cells (ask() pops the oldest queued trial), pruning strays and duplicates; stopped meanwhile,
-    every trial it asked fails (the worker gives their cells back)."""
-    taken, untold = [], []
-    try:
-        while len(taken) < k and state_counts(study)["waiting"]:
-            untold.append(study.ask())
-            try:
-                taken.append(Claim(untold[-1], take_cell(untold[-1])))
-            except optuna.TrialPruned:
-                study.tell(untold.pop(), state=TrialState.PRUNED)
-    except BaseException:
-        for trial in untold:
-            study.tell(trial, state=TrialState.FAIL)
-        raise
-    return taken
 
 
 def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent_run_id: str | None) -> None:
@@ -145,7 +123,7 @@ def train_group(members: list[Claim], experiment: str, parent_run_id: str | None
         runs = [cell_run(m.trial, m.cell, experiment, parent_run_id) for m in members]
         trackers = [stack.enter_context(run.tracker) for run in runs]
         for m, tracker in zip(members, trackers):
-            m.trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            m.trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
             m.trial.set_user_attr("stacked", len(members))
         return train_stacked([run.cfg for run in runs], runs[0].data,
                              [[tr, ReportToOptuna(m.trial)] for m, tr in zip(members, trackers)])
@@ -199,7 +177,7 @@ def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
     if os.environ.get("MLFLOW_RUN_ID"):
         return mlflow.start_run()
     mlflow.set_experiment(experiment)
-    earlier = study.user_attrs.get("mlflow_parent_run_id")
+    earlier = study.user_attrs.get(PARENT_RUN_ATTR)
     if earlier and mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_id = '{earlier}'").shape[0]:
         return mlflow.start_run(run_id=earlier)
     return mlflow.start_run(run_name=study.study_name)
@@ -223,9 +201,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"[sweep] study '{name}' in {args.storage}: {before['total']} cells, {before['done']} already done, "
           f"{queued} queued now", file=sys.stderr)
     with start_parent_run(study, args.experiment) as parent:
-        mlflow.set_tags({"sweep": name, "optuna_storage": args.storage, "cells": str(before["total"]), "mlflow.runName": name,
+        mlflow.set_tags({SWEEP_TAG: name, "optuna_storage": args.storage, "cells": str(before["total"]), MLFLOW_RUN_NAME: name,
                          PRUNER_ATTR: args.pruner})
-        study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+        study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
         started = time.time()
         run_rounds(study, args, started, before["done"])
         table = summary(study)

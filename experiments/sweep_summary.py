@@ -6,7 +6,7 @@ import pandas as pd
 
 from cookbook.train import EPOCH_LOSS, TEST_ACC
 from experiments.grid import GRID
-from experiments.storage import PRUNED_ATTR, recorded_trials
+from experiments.storage import PRUNED_ATTR, RUN_ID_ATTR, recorded_trials
 
 
 def summary(study: optuna.Study) -> pd.DataFrame:
@@ -17,7 +17,7 @@ def summary(study: optuna.Study) -> pd.DataFrame:
         rows.append({**{k: t.user_attrs.get(k) for k in GRID},
                      "cell": t.params["cell"], "final_loss": None if diverged else t.user_attrs.get(EPOCH_LOSS),
                      "test_acc": None if diverged else t.user_attrs.get(TEST_ACC), "diverged": diverged,
-                     "pruned": PRUNED_ATTR in t.user_attrs, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+                     "pruned": PRUNED_ATTR in t.user_attrs, RUN_ID_ATTR: t.user_attrs.get(RUN_ID_ATTR)})
     return pd.DataFrame(rows)
 
 

@@ -15,7 +15,7 @@ import torch
 from cookbook.data import load_mnist
 from cookbook.resources import visible_gpus
 from cookbook.tracking import REPO, ready_store
-from experiments.storage import give_back
+from experiments.storage import PARENT_RUN_ATTR, give_back
 
 WORKER_INDEX_ENV = "COOKBOOK_WORKER_INDEX"  # which of the coordinator's workers a process is (0, 1, ...)
 
@@ -84,7 +84,7 @@ def start_worker(threads: int | None) -> None:
 def parent_and_experiment(study: optuna.Study, experiment: str) -> tuple[str | None, str]:
     """The study's parent MLflow run and the experiment its runs go to: the parent's (e.g. the one `mlflow run
     --experiment-name` chose), else `experiment`."""
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent:
         experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
     return parent, experiment

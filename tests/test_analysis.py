@@ -15,6 +15,7 @@ from analysis.cli import main
 from analysis.lr import latest_per_config, size_table
 from analysis.stats import capped_losses, layer_spread, lr_sensitivity, mean_ci95, noise_verdict, within_noise
 from cookbook import tracking as t
+from cookbook.range_run import LR_FIND_BLOWUP_TAG, LR_FIND_TAG
 from cookbook.tracking import SNAPSHOT_ARTIFACT
 from experiments.pruning import PRUNED_TAG
 
@@ -325,7 +326,7 @@ def test_range_test_blow_up_beside_the_stress_boundary(tracking, tmp_path):
     for config, blowup in blowups.items():
         tests[config] = client.create_run(exp, run_name=f"lr-find {config}").info.run_id
         client.log_batch(tests[config], params=[Param("config.data.train_subset", "256"), Param("config.data.batch_size", "32")],
-                         tags=[RunTag(t.LR_FIND_TAG, config), RunTag("lr_find.blowup_lr", blowup)])
+                         tags=[RunTag(LR_FIND_TAG, config), RunTag(LR_FIND_BLOWUP_TAG, blowup)])
         client.set_terminated(tests[config])
     common = {"trials": 10, "x100": [], "pruning_saved": 0.0}
     reports = [{"config": "no_tricks", "boundary_lr": 0.1, "boundary_lr_90ci": [0.04, 0.2], "largest_converged_lr": 0.08,

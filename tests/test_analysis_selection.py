@@ -10,7 +10,7 @@ from analysis.cli import main
 from analysis.load import stress_reports
 from analysis.lr import boundaries, latest_per_config, warmup_size
 from analysis.select import with_scale
-from experiments.stress import STRESS_REPORT, STRESS_RUN
+from experiments.stress_report import STRESS_REPORT, STRESS_RUN
 
 
 def report(tmp_path, experiment: str) -> str:

@@ -72,12 +72,12 @@ def test_a_store_failing_while_the_curve_is_written_ends_the_run_failed_in_one_l
                                                                                      monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from cookbook import tracking as tracking_module
+    from cookbook import range_run
 
     def store_away(*args):
         raise MlflowException("API request to http://127.0.0.1:5000 failed with exception Connection refused")
 
-    monkeypatch.setattr(tracking_module, "send", store_away)
+    monkeypatch.setattr(range_run, "send", store_away)
     assert main(["lr-find", "--config", "no_tricks", *RANGE_FLAGS, "--steps", "10", "--experiment", "lr"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow's own INFO line about the new experiment before it)
     assert last.startswith("error: tracking store ") and last.endswith("Connection refused")

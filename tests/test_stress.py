@@ -17,8 +17,9 @@ from conftest import DATA_DIR, ROOT, training_victim
 from cookbook.lr_find import START_LR, RangeTest
 from experiments import stress
 from experiments.storage import open_storage
-from experiments.stress import main, report
+from experiments.stress import main
 from experiments.stress_range import RANGE_FACTOR, range_from_blowup, run_range_test, search_range
+from experiments.stress_report import format_report, report
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
 
@@ -115,7 +116,7 @@ def test_a_range_test_that_never_blew_up_leaves_the_default_range(tracking, tmp_
     with mlflow.start_run() as parent:
         study = stress.start_study(args, "no_tricks", [0], {}, parent.info)
     assert search_range(study.user_attrs) == pytest.approx((-3.0, 0.0)) and study.user_attrs["lr_find_run_id"] == "its-run-id"
-    assert "from its LR: the LR range test never blew up" in stress.format_report(stress.report(study))
+    assert "from its LR: the LR range test never blew up" in format_report(report(study))
 
 
 def test_a_trial_that_diverged_after_an_epoch_keeps_no_final_loss():

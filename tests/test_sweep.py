@@ -247,7 +247,7 @@ def test_a_stopped_stacked_worker_fails_every_cell_it_claimed_not_only_the_group
                                                                                           monkeypatch):
     """Claimed cells of groups waiting their turn must not stay RUNNING (nothing would give them back)."""
     from experiments import sweep
-    from experiments.queue import enqueue_missing, open_study
+    from experiments.queue import claim, enqueue_missing, open_study
     args = sweep.build_parser().parse_args(["run", *TINY])
     cells = make_cells("no_tricks,batchnorm", "0,1", "")
     study = open_study(str(tmp_path / "journal.log"), "stopped", cells, sweep.train_settings(args), "none")
@@ -258,7 +258,7 @@ def test_a_stopped_stacked_worker_fails_every_cell_it_claimed_not_only_the_group
 
     monkeypatch.setattr(sweep, "train_stacked", stopped)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_stacked(study, sweep.claim(study, 4), "stopped", None)  # two groups of two seeds
+        sweep.run_stacked(study, claim(study, 4), "stopped", None)  # two groups of two seeds
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 4
 
 

@@ -82,7 +82,7 @@ def test_a_cell_stopped_before_its_worker_read_it_is_given_back_as_that_cell(tmp
 def test_a_worker_stopped_while_claiming_fails_every_trial_it_asked(tmp_path, monkeypatch):
     """A stacked worker stopped between two ask()s: no claimed trial stays RUNNING (on another machine nothing would
     recover it), each fails and is given back."""
-    from experiments import sweep
+    from experiments import queue
     study = small_sweep(tmp_path, "claiming")
     calls = []
 
@@ -92,9 +92,9 @@ def test_a_worker_stopped_while_claiming_fails_every_trial_it_asked(tmp_path, mo
             raise KeyboardInterrupt
         return take_cell(trial)
 
-    monkeypatch.setattr(sweep, "take_cell", stopped_on_the_second)
+    monkeypatch.setattr(queue, "take_cell", stopped_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        sweep.claim(study, 4)
+        queue.claim(study, 4)
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
 
 
