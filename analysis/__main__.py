@@ -1,5 +1,4 @@
-import sys
-
 from analysis.cli import main
+from cookbook.stop import exit_now
 
-sys.exit(main())
+exit_now(main())

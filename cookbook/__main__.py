@@ -1,6 +1,5 @@
 """`python -m cookbook`: see cookbook.cli."""
-import sys
-
 from .cli import main
+from .stop import exit_now
 
-sys.exit(main())
+exit_now(main())

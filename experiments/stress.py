@@ -24,7 +24,7 @@ from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, load_c
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
 from cookbook.monitor import STEP_LOSS
-from cookbook.stop import exit_code
+from cookbook.stop import exit_code, exit_now
 from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import EPOCH_LOSS, train
 from experiments.boundary import CONVERGE_RATIO, converged
@@ -254,4 +254,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 
+from cookbook.stop import exit_now
 from experiments.storage import DEFAULT_STORAGE
 from experiments.workers import worker_env
 
@@ -162,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

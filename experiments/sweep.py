@@ -30,7 +30,7 @@ from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, Config, ConfigError
 from cookbook.data import MNIST, DataError
 from cookbook.resume import ResumedTracker
 from cookbook.stacked import train_stacked
-from cookbook.stop import exit_code
+from cookbook.stop import exit_code, exit_now
 from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import EPOCH_LOSS, train
 from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
@@ -53,7 +53,8 @@ from experiments.study_figures import log_study_figures
 from experiments.sweep_summary import print_summary, summary
 from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
 
-POLL_SECONDS = 2.0
+POLL_SECONDS = 2.0  # progress lines; a worker waiting on another's cell looks again after IDLE_SECONDS
+IDLE_SECONDS = 0.5
 
 
 class CellRun(NamedTuple):
@@ -151,7 +152,7 @@ def work_queue(study: optuna.Study, experiment: str, parent: str | None, stack: 
         elif counts["waiting"]:
             study.optimize(lambda t: objective(t, experiment, parent), n_trials=1)
         elif counts["running"]:
-            time.sleep(POLL_SECONDS)
+            time.sleep(IDLE_SECONDS)
         else:
             return
 
@@ -160,7 +161,8 @@ def wait_with_progress(study: optuna.Study, procs: list[subprocess.Popen], start
     """Print cells done/total and an ETA until every worker has exited."""
     last = None
     while [p.poll() for p in procs].count(None):  # poll every worker: it also reaps dead ones
-        time.sleep(POLL_SECONDS)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # back at once when that worker exits
+            next(p for p in procs if p.poll() is None).wait(POLL_SECONDS)
         c = state_counts(study)
         line = f"[sweep] {c['done']}/{c['total']} cells done, {c['running']} running, {c['waiting']} queued"
         new = c["done"] - done_before
@@ -274,4 +276,4 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
