@@ -253,8 +253,8 @@ def replay(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
     """Send a spool file's ops to its store in order: (ops stored, ops left, status of the run now).
 
     The file is removed when every op is stored and rewritten with the rest otherwise. A run that
-    something else closed meanwhile (e.g. `mlflow run` after the non-zero exit) is reopened first:
-    MLflow takes metrics only for running runs, and the spooled end op closes it with its true status.
+    something else closed meanwhile (e.g. `mlflow run` after the non-zero exit) is reopened first, so that its status
+    says nothing final while the rest lands, and the spooled end op closes it with its true status.
     """
     header, *ops = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     client = MlflowClient(tracking_uri or header["tracking_uri"])

@@ -21,7 +21,7 @@ class ResumedTracker(MlflowTracker):
         self.resumed_id, self.stored_through, self.first_summary = run_id, -1, True
 
     def _start_run(self) -> str:
-        self.client.update_run(self.resumed_id, status="RUNNING")  # a KILLED run takes no metrics until reopened
+        self.client.update_run(self.resumed_id, status="RUNNING")  # live again while it trains (sync closes it if we die)
         return self.resumed_id
 
     def _log_identity(self) -> None:
