@@ -26,6 +26,8 @@ from .stop import uninterrupted
 # logged at every epoch's end
 EPOCH_LOSS, EPOCH_GRAD_NORM, CLIP_FRACTION = "epoch/train_loss", "epoch/grad_norm_preclip_mean", "epoch/clip_fraction"
 TEST_LOSS, TEST_ACC = "test/loss", "test/acc"
+EPOCH_SECONDS, SAMPLES_PER_SECOND = "time/epoch_seconds", "time/samples_per_second"
+SUMMARY_KEYS = (EPOCH_LOSS, EPOCH_GRAD_NORM, CLIP_FRACTION, TEST_LOSS, TEST_ACC, EPOCH_SECONDS, SAMPLES_PER_SECOND)  # an epoch's
 RESUMED_TAG = "resumed_from_step"  # on a run continued from a checkpoint: the steps it had done before
 
 
@@ -221,8 +223,8 @@ def epoch_summary(sums: list[float], steps: int, test_loss: float, test_acc: flo
         CLIP_FRACTION: clipped_steps / steps,
         TEST_LOSS: test_loss,
         TEST_ACC: test_acc,
-        "time/epoch_seconds": seconds,
-        "time/samples_per_second": n_train / seconds,
+        EPOCH_SECONDS: seconds,
+        SAMPLES_PER_SECOND: n_train / seconds,
     }
 
 

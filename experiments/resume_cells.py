@@ -1,10 +1,14 @@
-"""A sweep cell whose earlier run stopped after an epoch: found by its tags, trained on from its checkpoint."""
+"""A sweep cell's earlier run, found by its tags: one that stopped after an epoch is trained on from its checkpoint, one
+that finished is the cell's result."""
 from __future__ import annotations
 
 from mlflow import MlflowClient
 
 from cookbook.config import ConfigError
 from cookbook.resume import resumable
+from cookbook.tracking import DIVERGED_STEP_TAG, DIVERGED_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG
+from cookbook.train import EPOCH_LOSS, SUMMARY_KEYS, TrainResult
+from experiments.pruning import PRUNED_TAG
 from experiments.storage import CELL_TAG, SWEEP_TAG
 
 
@@ -21,4 +25,24 @@ def stopped_run(client: MlflowClient, experiment: str, sweep: str, cell: str) ->
         except ConfigError:  # still running elsewhere, or no checkpoint: not this one
             continue
         return run.info.run_id
+    return None
+
+
+def finished_result(client: MlflowClient, experiment: str, sweep: str, cell: str) -> tuple[str, TrainResult] | None:
+    """The run id and result of this cell's FINISHED run in this sweep, if it has one: a worker stopped after the run
+    ended and before Optuna heard of it (its trial failed and was queued again), so the cell is not trained twice.
+    A run the pruner stopped is not taken (its trial needs the epoch it stopped at)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    finished = f"tags.{SWEEP_TAG} = '{sweep}' and tags.{CELL_TAG} = '{cell}' and attributes.status = 'FINISHED'"
+    for run in client.search_runs([found.experiment_id], filter_string=finished, order_by=["attributes.start_time"]):
+        tags, metrics = run.data.tags, run.data.metrics
+        diverged = tags.get(DIVERGED_TAG) == "true"
+        if tags.get(PRUNED_TAG) == "true" or STEPS_RUN_TAG not in tags or not (diverged or EPOCH_LOSS in metrics):
+            continue
+        return run.info.run_id, TrainResult(
+            steps_run=int(tags[STEPS_RUN_TAG]), total_steps=int(tags.get(TOTAL_STEPS_TAG, 0)), diverged=diverged,
+            diverged_step=int(tags[DIVERGED_STEP_TAG]) if diverged else None,
+            final={k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
     return None

@@ -133,8 +133,8 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
 
 def work(storage: str, name: str, n_trials: int, experiment: str, threads: int | None = None) -> None:
     """Run trials until the study holds n_trials finished ones (shared budget across workers)."""
+    study = open_stress_study(storage, config="", name=name)  # a study that is not there: nothing made, not even a store
     start_worker(threads)
-    study = open_stress_study(storage, config="", name=name)
     recover_dead_workers(study)
     parent, experiment = parent_and_experiment(study, experiment)
     if len(study.get_trials(deepcopy=False, states=DONE)) < n_trials:

@@ -36,7 +36,7 @@ from cookbook.train import EPOCH_LOSS, train
 from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
 from experiments.queue import Claim, claim, enqueue_missing, open_study, state_counts, take_cell
-from experiments.resume_cells import stopped_run
+from experiments.resume_cells import finished_result, stopped_run
 from experiments.storage import (
     CELL_TAG,
     DEFAULT_STORAGE,
@@ -89,9 +89,21 @@ def record_result(trial: optuna.Trial, result) -> float:
     return float("inf") if result.diverged else result.final[EPOCH_LOSS]
 
 
+def adopted(trial: optuna.Trial, cell: dict, experiment: str) -> float | None:
+    """The objective value of the cell's FINISHED run, recorded on the trial, if it has one (see finished_result)."""
+    found = finished_result(MlflowClient(), experiment, trial.study.study_name, cell_key(cell))
+    if found is None:
+        return None
+    trial.set_user_attr(RUN_ID_ATTR, found[0])
+    return record_result(trial, found[1])
+
+
 def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
     """Train one queued cell, tracked as a nested MLflow run (continuing its stopped run from a checkpoint if it has one)."""
-    cfg, data, tracker = cell_run(trial, take_cell(trial), experiment, parent_run_id, resume=True)
+    cell = take_cell(trial)
+    if (value := adopted(trial, cell, experiment)) is not None:
+        return value
+    cfg, data, tracker = cell_run(trial, cell, experiment, parent_run_id, resume=True)
     with prunable(tracker):
         trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
         result = train(cfg, data, [tracker, ReportToOptuna(trial)], checkpoint=checkpoint_path(tracker.run_id))
@@ -100,14 +112,17 @@ def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -
 
 def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent_run_id: str | None) -> None:
     """Train claimed cells, those that differ only in seed as one stacked model; tell every trial its outcome."""
-    groups: dict[str, list[Claim]] = {}
-    for claimed in taken:
-        groups.setdefault(group_key(claimed.cell), []).append(claimed)
-    untold = [claimed.trial for claimed in taken]
+    untold, groups = [claimed.trial for claimed in taken], {}
     with contextlib.ExitStack() as beating:
         for trial in untold:  # RDB storages: heartbeats as study.optimize would send them, for groups waiting their turn too
             beating.enter_context(heartbeat(study, trial))
         try:
+            for claimed in taken:
+                if (value := adopted(claimed.trial, claimed.cell, experiment)) is not None:
+                    study.tell(claimed.trial, value)
+                    untold.remove(claimed.trial)
+                else:
+                    groups.setdefault(group_key(claimed.cell), []).append(claimed)
             for members in groups.values():
                 for claimed, result in zip(members, train_group(members, experiment, parent_run_id)):
                     study.tell(claimed.trial, record_result(claimed.trial, result))
@@ -132,8 +147,8 @@ def train_group(members: list[Claim], experiment: str, parent_run_id: str | None
 
 def work(storage_spec: str, name: str, experiment: str, threads: int | None = None, stack: int = 1) -> None:
     """Worker loop: run queued cells (up to `stack` seeds at once as one model) until none is queued or running anywhere."""
+    study = open_study(storage_spec, name)  # a study that is not there: nothing made, not even a store
     start_worker(threads)
-    study = open_study(storage_spec, name)
     check_pruner(stored_pruner(study), SWEEP_PRUNER, stack)
     parent, experiment = parent_and_experiment(study, experiment)
     serve(study, lambda: work_queue(study, experiment, parent, stack))

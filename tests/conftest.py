@@ -46,6 +46,19 @@ def tiny_cfg() -> Config:
     return validate(merge(Config(name="tiny"), TINY))
 
 
+IN_PROJECT = ("mlflow.db", "mlruns", "checkpoints", "mlflow-spool", "optuna")  # what our commands make where they run
+
+
+@pytest.fixture(autouse=True)
+def nothing_lands_in_the_project_folder():
+    """Tests write under their tmp_path: a store, artifacts, checkpoints, spools or a journal new in the project folder
+    fail the test that made them."""
+    before = {name for name in IN_PROJECT if (ROOT / name).exists()}
+    yield
+    made = sorted(name for name in IN_PROJECT if (ROOT / name).exists()) if len(before) < len(IN_PROJECT) else []
+    assert set(made) <= before, f"this test made {sorted(set(made) - before)} in the project folder {ROOT}"
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> str:
     """A fresh SQLite MLflow store for one test, run from tmp_path: the store's artifacts (./mlruns), checkpoints and

@@ -100,9 +100,11 @@ def test_bad_storage_is_one_line(url, message):
         open_storage(url)
 
 
-def test_a_worker_given_a_missing_or_other_kind_of_study_is_one_line(tmp_path, capsys):
-    """`work` joiners are started by hand on other machines: a wrong --study must not touch any study."""
+def test_a_worker_given_a_missing_or_other_kind_of_study_is_one_line(tmp_path, capsys, monkeypatch):
+    """`work` joiners are started by hand on other machines: a wrong --study must not touch any study, nor make a store."""
     from experiments import stress
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     journal = tmp_path / "journal.log"
     assert stress.main(["work", "--study", "nope", "--n-trials", "1", "--storage", str(journal)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no study 'nope' in storage '{journal}' (no such journal file)")
@@ -112,6 +114,9 @@ def test_a_worker_given_a_missing_or_other_kind_of_study_is_one_line(tmp_path, c
     assert stress.main(["work", "--study", "grid", "--n-trials", "1", "--storage", str(journal)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"study 'grid' in storage '{journal}' is not a stress study")
     assert [t.state for t in sweep_study.trials] == [TrialState.WAITING]  # its queued cell is untouched
+    assert main(["work", "--study", "nope", "--storage", str(journal)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no study 'nope' in storage '{journal}'")
+    assert not (tmp_path / "mlflow.db").exists()
     stressed = optuna.create_study(study_name="stress-x", storage=open_storage(str(journal)), direction="maximize")
     stressed.set_user_attr("config", "no_tricks")
     with pytest.raises(SweepError, match=f"study 'stress-x' in storage '{journal}' is not a sweep"):

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from conftest import DATA_DIR, ROOT, created_store
 from experiments.grid import cell_key, make_cells
-from experiments.queue import enqueue_missing, open_study, take_cell
+from experiments.queue import claim, enqueue_missing, open_study, take_cell
 from experiments.storage import give_back, open_storage, stamp_owner
 from experiments.sweep import main
 
@@ -149,3 +149,38 @@ def test_sigterm_ends_runs_killed_and_gives_the_cell_back(mnist_dir, tracking, t
     if role == "coordinator":
         parent = client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
         assert parent.info.status == "KILLED"
+
+
+def finished_cell_run(study: optuna.Study, cell: str, tags: dict | None = None) -> str:
+    """A FINISHED run of the cell in experiment 'adopt', as a worker stopped before it told Optuna leaves it."""
+    from mlflow.entities import Metric
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("adopt") or client.get_experiment(client.create_experiment("adopt"))
+    run_id = client.create_run(experiment.experiment_id, tags={"sweep": study.study_name, "cell": cell, "diverged": "false",
+                                                               "steps_run": "8", "total_steps": "8", **(tags or {})}).info.run_id
+    client.log_batch(run_id, metrics=[Metric("epoch/train_loss", 0.5, 0, 1), Metric("test/acc", 0.9, 0, 1)])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_a_cell_whose_run_finished_before_optuna_heard_is_not_trained_again(tracking, tmp_path, monkeypatch):
+    """Killed between its run's end and Optuna's tell(): the retried trial takes that run's result, no second run; in a
+    stacked worker too. A run the pruner stopped is not taken (its trial needs the epoch it stopped at)."""
+    from cookbook.train import TrainResult
+    from experiments import sweep
+    study = small_sweep(tmp_path, "told")
+    cells = [t.user_attrs["queued_cell"] for t in study.trials]
+    run_id = finished_cell_run(study, cells[0])
+    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained a cell that has its result"))
+    trial = study.ask()
+    study.tell(trial, sweep.objective(trial, "adopt", None))
+    assert study.trials[0].value == 0.5 and study.trials[0].user_attrs["mlflow_run_id"] == run_id
+    assert study.trials[0].user_attrs["test/acc"] == 0.9
+    finished_cell_run(study, cells[1])
+    finished_cell_run(study, cells[2], {"pruned": "true"})
+    trained = []
+    monkeypatch.setattr(sweep, "train_group", lambda members, *a: trained.extend(cell_key(m.cell) for m in members) or
+                        [TrainResult(8, 8, final={"epoch/train_loss": 1.0}) for _ in members])
+    sweep.run_stacked(study, claim(study, 3), "adopt", None)
+    assert sorted(trained) == sorted(cells[2:]) and [t.value for t in study.trials] == [0.5, 0.5, 1.0, 1.0]
+    assert len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("adopt").experiment_id])) == 3
