@@ -15,7 +15,9 @@ MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
 def mlflow_run(uri, *extra):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    here = Path(uri.removeprefix("sqlite:///")).parent  # the test's tmp_path: the project's commands run in its folder
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "COOKBOOK_CHECKPOINT_DIR": str(here / "checkpoints"),
+           "COOKBOOK_SPOOL_DIR": str(here / "spool")}
     for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(leaked, None)
     cmd = [MLFLOW, "run", str(ROOT), "--experiment-name", "e2e", *extra]
