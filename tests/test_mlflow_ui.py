@@ -30,6 +30,7 @@ def rendered(url: str) -> tuple[str, str]:
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     srv = MlflowServer(tmp_path).start()
+    monkeypatch.chdir(tmp_path)  # the trainings' checkpoints land here, not in the project folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.url)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(srv.url)
