@@ -27,7 +27,7 @@ from .stop import uninterrupted
 EPOCH_LOSS, EPOCH_GRAD_NORM, CLIP_FRACTION = "epoch/train_loss", "epoch/grad_norm_preclip_mean", "epoch/clip_fraction"
 TEST_LOSS, TEST_ACC = "test/loss", "test/acc"
 EPOCH_SECONDS, SAMPLES_PER_SECOND = "time/epoch_seconds", "time/samples_per_second"
-SUMMARY_KEYS = (EPOCH_LOSS, EPOCH_GRAD_NORM, CLIP_FRACTION, TEST_LOSS, TEST_ACC, EPOCH_SECONDS, SAMPLES_PER_SECOND)  # an epoch's
+SUMMARY_KEYS = (EPOCH_LOSS, EPOCH_GRAD_NORM, CLIP_FRACTION, TEST_LOSS, TEST_ACC, EPOCH_SECONDS, SAMPLES_PER_SECOND)  # epoch_summary's
 RESUMED_TAG = "resumed_from_step"  # on a run continued from a checkpoint: the steps it had done before
 
 
@@ -216,16 +216,9 @@ def uses_graphs(cfg: Config, device: torch.device) -> bool:
 
 def epoch_summary(sums: list[float], steps: int, test_loss: float, test_acc: float, seconds: float, n_train: int) -> dict:
     """The per-epoch metrics from [loss sum, pre-clip grad-norm sum, clipped steps] over the epoch's steps."""
-    loss_sum, gnorm_sum, clipped_steps = sums
-    return {
-        EPOCH_LOSS: loss_sum / steps,  # mean of batch losses, as the seed reports
-        EPOCH_GRAD_NORM: gnorm_sum / steps,
-        CLIP_FRACTION: clipped_steps / steps,
-        TEST_LOSS: test_loss,
-        TEST_ACC: test_acc,
-        EPOCH_SECONDS: seconds,
-        SAMPLES_PER_SECOND: n_train / seconds,
-    }
+    loss_sum, gnorm_sum, clipped_steps = sums  # the train loss: the mean of batch losses, as the seed reports
+    values = (loss_sum / steps, gnorm_sum / steps, clipped_steps / steps, test_loss, test_acc, seconds, n_train / seconds)
+    return dict(zip(SUMMARY_KEYS, values, strict=True))
 
 
 def checkpoint_state(parts: Parts, epoch: int, result: TrainResult, shuffle: torch.Generator, check: DivergenceCheck) -> dict:
