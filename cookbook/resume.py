@@ -86,7 +86,8 @@ def resumable(client: MlflowClient, run_id: str):
     path = checkpoint_path(run_id)
     if not path.is_file():
         raise ConfigError(f"run {run_id} has no checkpoint at {path} (it stopped before its first epoch ended, "
-                          f"or trained in another folder: set COOKBOOK_CHECKPOINT_DIR); train it again instead")
+                          f"or trained in another folder: resume it there, or set COOKBOOK_CHECKPOINT_DIR and COOKBOOK_SPOOL_DIR to "
+                          "that folder's, so that its spool is checked too); train it again instead")
     check_stored_through(client, run_id, load(path))
     return run, path
 
