@@ -55,8 +55,8 @@ def nothing_lands_in_the_project_folder():
     fail the test that made them."""
     before = {name for name in IN_PROJECT if (ROOT / name).exists()}
     yield
-    made = sorted(name for name in IN_PROJECT if (ROOT / name).exists()) if len(before) < len(IN_PROJECT) else []
-    assert set(made) <= before, f"this test made {sorted(set(made) - before)} in the project folder {ROOT}"
+    made = {name for name in IN_PROJECT if (ROOT / name).exists()} - before
+    assert not made, f"this test made {sorted(made)} in the project folder {ROOT}"
 
 
 @pytest.fixture
