@@ -17,6 +17,8 @@ from cookbook.tracking import ready_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"
+# For subprocesses run outside the project folder: ours first, then any path the caller had (a GPU host's installed wheels)
+WITH_ROOT = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 # A few steps on a small slice of MNIST: every monitor path fires, nothing takes more than seconds.
 TINY = {

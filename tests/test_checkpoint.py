@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR, ROOT, created_store
+from conftest import DATA_DIR, WITH_ROOT, created_store
 from cookbook.checkpoint import load
 from cookbook.config import merge, validate
 from cookbook.delivery import NOT_STORED_TAG
@@ -104,7 +104,7 @@ def histories(client: MlflowClient, run_id: str) -> dict:
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_from_its_checkpoint_to_the_uninterrupted_history(mnist_dir, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", **WITH_ROOT,
            "OMP_NUM_THREADS": "1"}  # one thread in both processes: bitwise results depend on the thread count
     assert cli("train", *RUN, "--experiment", "whole", env=env, cwd=tmp_path).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "cookbook", "train", *RUN, "--experiment", "killed"], env=env,
@@ -142,7 +142,7 @@ def test_sweep_cell_of_a_sigkilled_worker_resumes_from_its_checkpoint(mnist_dir,
     from experiments.storage import open_storage
 
     uri, storage = created_store(f"sqlite:///{tmp_path}/mlflow.db"), str(tmp_path / "journal.log")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **WITH_ROOT, "OMP_NUM_THREADS": "1"}
     settings = {"epochs": 3, "train_subset": 2048, "test_subset": 200, "batch_size": 32, "data_dir": str(DATA_DIR)}
     enqueue_missing(open_study(storage, "resume", make_cells("no_tricks", "0", ""), settings))
     worker = [sys.executable, "-m", "experiments.sweep", "work", "--study", "resume", "--storage", storage]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import CONFIGS_DIR, ROOT, TINY_FLAGS
+from conftest import CONFIGS_DIR, TINY_FLAGS, WITH_ROOT
 from cookbook.cli import main
 from cookbook.config import flatten, load_config
 from cookbook.data import MD5, raw_dir
@@ -187,7 +187,7 @@ def test_no_track_trains_without_mlflow_installed(mnist_dir, tmp_path):
     """The library needs no MLflow: with `import mlflow` made to fail, --no-track still trains."""
     code = ("import sys; sys.modules['mlflow'] = None\nfrom cookbook.cli import main\n"
             f"sys.exit(main(['train', '--config', 'no_tricks', '--no-track', *{TINY_FLAGS!r}]))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, **WITH_ROOT},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no_tricks s0: finished after 16/16 steps" in done.stdout

@@ -6,7 +6,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, WITH_ROOT
 
 TINY = ["--epochs", "1", "--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
 
@@ -14,7 +14,7 @@ TINY = ["--epochs", "1", "--train-subset", "64", "--test-subset", "32", "--batch
 @pytest.mark.slow
 def test_sweeps_and_trainings_started_together_on_a_fresh_store(mnist_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **WITH_ROOT}
     journal = str(tmp_path / "journal.log")
     commands = [[sys.executable, "-m", "experiments.sweep", "run", "--configs", "no_tricks", "--seeds", str(seed),
                  "--storage", journal, "--experiment", "together", *TINY] for seed in (0, 1)]

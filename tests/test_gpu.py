@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import CONFIGS_DIR, DATA_DIR, ROOT, TINY_FLAGS
+from conftest import CONFIGS_DIR, DATA_DIR, TINY_FLAGS, WITH_ROOT
 from cookbook.config import load_config
 from cookbook.data import load_mnist
 from cookbook.hooks import Hook, Recorder
@@ -107,7 +107,7 @@ def test_training_steps_never_wait_for_the_device(graphs, data):
 
 def test_reproduce_says_exact_on_the_gpu(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}  # in tmp_path: artifacts and checkpoints there
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **WITH_ROOT}  # in tmp_path: artifacts and checkpoints there
     cli = lambda *a: subprocess.run([sys.executable, "-m", "cookbook", *a], cwd=tmp_path, env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=600)
     trained = cli("train", "--config", "all_tricks", *TINY_FLAGS, "--device", "cuda", "--no-log-model")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import ROOT
+from conftest import WITH_ROOT
 from cookbook.config import merge, validate
 from cookbook.hooks import Hook
 from cookbook.resources import visible_gpus
@@ -81,7 +81,7 @@ def test_the_end_of_a_run_does_not_wait_on_a_sampler_whose_store_is_away(trackin
     """MLflow's sampler thread asks the store for the run after each sample; against a store that refuses connections it
     retries for minutes (MLflow's default retries), and its finish() joins that thread with no limit. In a process of
     its own: the sampler thread left retrying must end with it, not write into later tests."""
-    env = {**os.environ, INTERVAL: "0.1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, INTERVAL: "0.1", **WITH_ROOT}
     done = subprocess.run([sys.executable, "-c", AWAY], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     seconds, status = done.stdout.split()
     assert float(seconds) < STOP_TIMEOUT + 5 and status == "FINISHED", done.stderr[-2000:]

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR, ROOT, created_store
+from conftest import DATA_DIR, WITH_ROOT, created_store
 from cookbook.hooks import Hook
 
 LONG = ["--config", "no_tricks", "--epochs", "3000", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32",
@@ -28,7 +28,7 @@ def stored_steps(client: MlflowClient) -> tuple[str | None, int]:
 @pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
 def test_signal_ends_the_run_killed_with_every_trained_step(mnist_dir, tmp_path, sig, code, name):
     uri = created_store(f"sqlite:///{tmp_path}/mlflow.db")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **WITH_ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "cookbook", "train", *LONG], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client, deadline = MlflowClient(uri), time.time() + 300
@@ -74,7 +74,7 @@ def test_interrupt_mid_flush_window_keeps_the_buffered_steps(mnist_dir, tracking
 @pytest.mark.slow
 def test_sigkilled_training_is_ended_killed_by_sync_with_the_steps_it_stored(mnist_dir, tmp_path):
     uri = created_store(f"sqlite:///{tmp_path}/mlflow.db")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **WITH_ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "cookbook", "train", *LONG], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client, deadline = MlflowClient(uri), time.time() + 300

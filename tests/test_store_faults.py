@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, WITH_ROOT
 from mlflow_server import MlflowServer
 
 EPOCHS, STEPS_PER_EPOCH = 60, 8  # 256 samples in batches of 32
@@ -22,7 +22,7 @@ SHORT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TI
 
 
 def start_training(uri: str, cwd, **env) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), **SHORT_RETRIES, **env}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **WITH_ROOT, **SHORT_RETRIES, **env}
     return subprocess.Popen([sys.executable, "-m", "cookbook", "train", *TRAIN], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -91,7 +91,7 @@ def test_server_down_at_the_end_spools_and_sync_completes_the_run(tmp_path, mnis
         server.start()
         assert the_run(client).info.status == "RUNNING"  # not FINISHED with holes: the end is in the spool
         sync = subprocess.run([sys.executable, "-m", "cookbook", "sync"], cwd=tmp_path, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, **WITH_ROOT})
         assert sync.returncode == 0, sync.stderr[-2000:]
         assert f"run {spool.stem}:" in sync.stdout and "run FINISHED" in sync.stdout
         assert_complete(client)
@@ -138,7 +138,7 @@ def test_full_disk_stops_the_run_failed_with_what_was_stored(tmpfs, tmp_path, mn
     assert run.info.status == "FAILED" and stored == list(range(len(stored))) and 0 < len(stored) < EPOCHS * STEPS_PER_EPOCH
     (tmpfs / "filler").unlink()  # space again: sync stores the rest; the run stays FAILED (it stopped early)
     sync = subprocess.run([sys.executable, "-m", "cookbook", "sync"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, **WITH_ROOT})
     assert sync.returncode == 0, sync.stderr[-2000:]
     run = client.get_run(run.info.run_id)
     trained = int(run.data.tags["steps_run"])

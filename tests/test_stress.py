@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from analysis.load import stress_reports
-from conftest import DATA_DIR, ROOT, training_victim
+from conftest import DATA_DIR, WITH_ROOT, training_victim
 from cookbook.lr_find import START_LR, RangeTest
 from experiments import stress
 from experiments.storage import open_storage
@@ -136,7 +136,7 @@ def test_a_sigkilled_stress_worker_is_replaced_and_its_trial_ends_killed(mnist_d
     storage = str(tmp_path / "journal.log")
     slow = ["--epochs", "2", "--train-subset", "1024", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
     coordinator = subprocess.Popen([sys.executable, "-m", "experiments.stress", "run", "--configs", "no_tricks", "--seeds", "0",
-                                    "--n-trials", "2", "--storage", storage, *slow], env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                    "--n-trials", "2", "--storage", storage, *slow], env={**os.environ, **WITH_ROOT})
     victim, deadline = None, time.time() + 300
     while victim is None and coordinator.poll() is None and time.time() < deadline:
         time.sleep(0.5)

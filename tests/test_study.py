@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from analysis.cli import ANALYSIS_EXPERIMENT
-from conftest import ROOT
+from conftest import ROOT, WITH_ROOT
 from cookbook.config import CONFIGS_DIR, load_config
 from cookbook.model import build_model, parameter_count
 from experiments.study import PHASES, SCALES, X100_LR, default_stack, main, phase_commands
@@ -49,7 +49,7 @@ def test_seeds_are_stacked_on_cuda_only():
 @pytest.mark.slow
 def test_smoke_study_runs_every_phase_and_reports(mnist_dir, tracking, tmp_path):
     out = tmp_path / "report"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COOKBOOK_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+    env = {**os.environ, **WITH_ROOT, "COOKBOOK_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
            "COOKBOOK_SPOOL_DIR": str(tmp_path / "spool")}  # the study runs in the project folder (./data): not these
     for name in ("smoke", ANALYSIS_EXPERIMENT):  # artifacts under tmp_path too
         MlflowClient().create_experiment(name, artifact_location=(tmp_path / "artifacts" / name).as_uri())

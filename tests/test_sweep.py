@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import DATA_DIR, ROOT, training_victim
+from conftest import DATA_DIR, WITH_ROOT, training_victim
 from cookbook.config import ConfigError
 from experiments.grid import cell_key, make_cells, overrides, parse_list, study_name
 from experiments.queue import open_study
@@ -211,7 +211,7 @@ def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, storage_url):
     One epoch per cell: a cell killed after a checkpoint would be resumed into its run, which then ends FINISHED."""
     slow = ["--epochs", "1", "--train-subset", "4096", "--test-subset", "100", "--data-dir", str(DATA_DIR)]
     argv = ["--storage", storage_url, "--study", "kill"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **WITH_ROOT}
     sweep = [sys.executable, "-m", "experiments.sweep"]
     grid = ["--configs", "no_tricks,layernorm,batchnorm", "--seeds", "0", "--workers", "2", *slow]
     coordinator = subprocess.Popen([*sweep, "run", *grid, *argv], env=env)

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import DATA_DIR, ROOT, created_store
+from conftest import DATA_DIR, WITH_ROOT, created_store
 from experiments.grid import cell_key, make_cells
 from experiments.queue import claim, enqueue_missing, open_study, take_cell
 from experiments.storage import give_back, open_storage, stamp_owner
@@ -130,7 +130,7 @@ def assert_given_back(storage: str, name: str, client: MlflowClient, run_id: str
 @pytest.mark.slow
 @pytest.mark.parametrize("role", ["worker", "coordinator"])
 def test_sigterm_ends_runs_killed_and_gives_the_cell_back(mnist_dir, tracking, tmp_path, role):
-    storage, env = str(tmp_path / "journal.log"), {**os.environ, "PYTHONPATH": str(ROOT)}
+    storage, env = str(tmp_path / "journal.log"), {**os.environ, **WITH_ROOT}
     sweep, client = [sys.executable, "-m", "experiments.sweep"], MlflowClient(created_store(tracking))
     if role == "worker":  # a worker alone on a queue made here
         long = {"epochs": 3000, "train_subset": 256, "test_subset": 100, "batch_size": 32, "data_dir": str(DATA_DIR)}
