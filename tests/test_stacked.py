@@ -10,7 +10,7 @@ from benchmarks.kernel_speed import fastest_blocks
 from cookbook.config import merge, validate
 from cookbook.hooks import Recorder
 from cookbook.model import build_model
-from cookbook.stacked import StackedStableNet, block_convs, train_stacked
+from cookbook.stacked import StackedStableNet, block_convs, conv_kind, train_stacked
 from cookbook.stacked_conv import StackedConv2d
 from cookbook.train import train
 
@@ -84,6 +84,11 @@ def test_members_must_differ_only_in_seed(tiny_cfg, tiny_data):
                                         ("grouped+fused+gemm", ["grouped", "fused", "gemm"])])
 def test_block_convs_gives_each_conv_block_its_kind(conv, kinds):
     assert block_convs(conv, 3) == kinds
+
+
+@pytest.mark.parametrize("setting,device,kind", [("auto", "cuda", "fused"), ("auto", "cpu", "grouped"), ("hybrid", "cuda", "hybrid")])
+def test_auto_is_the_measured_fastest_kind_on_each_device(setting, device, kind):
+    assert conv_kind(setting, torch.device(device)) == kind
 
 
 def test_stacked_model_builds_each_conv_block_as_its_kind(tiny_cfg):
