@@ -41,9 +41,11 @@ def cells_study(table: pd.DataFrame) -> optuna.Study | None:
 
 
 def drawn(plot, study: optuna.Study):
-    """plot(study) without Optuna's warning that its matplotlib plots are experimental (one per figure, every sweep)."""
+    """plot(study) without Optuna's warning that its matplotlib plots are experimental (one per figure, every sweep), nor
+    matplotlib's about the empty legend Optuna asks for when no trial completed (we add labelled artists after)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", "No artists with labels found to put in legend", UserWarning)
         return plot(study)
 
 

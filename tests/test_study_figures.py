@@ -1,5 +1,6 @@
 """Study-level figures: a sweep's cells (the in-memory study behind them) and a stress study's history, on the parent run."""
 import math
+import warnings
 
 import mlflow
 import optuna
@@ -60,3 +61,14 @@ def test_stress_history_marks_the_boundary_and_every_failed_trial(tracking):
         assert log_stress_history(study, study.trials, report) == "stress/no_tricks/optimization_history.png"
     assert [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "stress/no_tricks")] == \
         ["stress/no_tricks/optimization_history.png"]
+
+
+def test_a_stress_study_without_a_completed_trial_draws_without_warnings():
+    study = optuna.create_study(direction="maximize")
+    dist = {"log10_lr": FloatDistribution(-3, 0)}
+    for log_lr in (-1.0, -0.5):  # every trial stopped by the pruner: Optuna's own plot has nothing to label
+        study.add_trial(optuna.trial.create_trial(params={"log10_lr": log_lr}, distributions=dist, state=TrialState.PRUNED))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ax = stress_history(study, study.trials, {"config": "no_tricks", "boundary_lr": None}).axes[0]
+    assert [c.get_label() for c in ax.collections if c.get_label().startswith("failed")]
