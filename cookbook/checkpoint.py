@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .files import remove_if_empty, write_whole
+
 CHECKPOINT_DIR = os.environ.get("COOKBOOK_CHECKPOINT_DIR", "checkpoints")  # relative to where the command runs
 
 
@@ -16,10 +18,7 @@ def checkpoint_path(run_id: str, checkpoint_dir: str | Path = CHECKPOINT_DIR) ->
 
 def save(path: Path, state: dict) -> None:
     """Write state to path atomically: a kill mid-write leaves the previous epoch's checkpoint, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    write_whole(path, lambda partial: torch.save(state, partial))
 
 
 def load(path: Path | None) -> dict | None:
@@ -30,6 +29,7 @@ def load(path: Path | None) -> dict | None:
 
 
 def remove(path: Path | None) -> None:
-    """Delete a finished run's checkpoint: the run is complete, nothing will resume it."""
+    """Delete a finished run's checkpoint (the run is complete, nothing will resume it), and its folder if now empty."""
     if path is not None:
         path.unlink(missing_ok=True)
+        remove_if_empty(path.parent)

@@ -23,6 +23,8 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from .files import remove_if_empty, write_whole
+
 SPOOL_DIR = os.environ.get("COOKBOOK_SPOOL_DIR", "mlflow-spool")  # relative to where the command runs
 FLUSH_TIMEOUT = float(os.environ.get("COOKBOOK_FLUSH_TIMEOUT", "60"))  # seconds a run's end waits for the store
 NOT_STORED_TAG = "metrics_not_stored"  # on a FAILED run: metric values the store refused (1 for any other refused write)
@@ -224,9 +226,10 @@ def refused(op: Op) -> int:
 
 
 def sent(op: Op) -> None:
-    """Remove what a write stored or refused for good leaves behind: a model's saved folder."""
+    """Remove what a write stored or refused for good leaves behind: a model's saved folder (and the spool's, if empty)."""
     if op["op"] == "model":
         shutil.rmtree(op["path"], ignore_errors=True)
+        remove_if_empty(Path(op["path"]).parent)
 
 
 def count_not_stored(ops: list[Op], n: int) -> None:
@@ -242,11 +245,8 @@ def spool_path(run_id: str, spool_dir: str | Path = SPOOL_DIR) -> Path:
 
 def write_spool(path: Path, tracking_uri: str, run_id: str, ops: list[Op]) -> None:
     """One header line (store and run), then one op per line; written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     lines = [json.dumps({"tracking_uri": tracking_uri, "run_id": run_id})] + [json.dumps(op) for op in ops]
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_whole(path, lambda partial: partial.write_text("\n".join(lines) + "\n"))
 
 
 def replay(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
@@ -276,4 +276,5 @@ def replay(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
         sent(op)
         stored += 1
     path.unlink()
+    remove_if_empty(path.parent)
     return stored, 0, client.get_run(run_id).info.status

@@ -27,6 +27,7 @@ def only_run(experiment="stability-cookbook"):
 
 def test_tracked_run_has_config_tags_metrics_and_artifacts(mnist_dir, tracking, capsys, tmp_path):
     assert main(["train", "--config", "all_tricks", "--seed", "7", *TINY_FLAGS]) == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("checkpoints", "mlflow-spool")]  # emptied, then removed
     run = only_run()
     client = MlflowClient()
     assert run.info.status == "FINISHED"

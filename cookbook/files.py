@@ -1,0 +1,29 @@
+"""The files a run keeps while it runs (checkpoints, spools, model copies): written whole, their folder gone once empty."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+ATTEMPTS = 3  # another run may remove the (empty) folder between our mkdir and our write: make it again
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """write(partial file), then rename it onto path: a kill mid-write leaves the previous file, never half of one."""
+    partial = path.with_suffix(".partial")
+    for attempt in range(ATTEMPTS):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write(partial)
+            os.replace(partial, path)
+            return
+        except FileNotFoundError:
+            if attempt == ATTEMPTS - 1 or path.parent.is_dir():
+                raise
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove a run's folder (./checkpoints, ./mlflow-spool) if nothing is left in it; another run's files keep it."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
