@@ -1,9 +1,9 @@
 """MLflow's system-metrics sampler for a run: started with it, stopped without waiting on a store that is away."""
 from __future__ import annotations
 
-import threading
+from .stop import at_most
 
-STOP_TIMEOUT = 5.0  # seconds a run's end waits for the sampler's last sample: system metrics are best effort
+STOP_TIMEOUT = 5.0  # seconds a run's end waits on a best-effort write: the sampler's last sample, a FAILED status
 
 
 def start_sampler(run_id: str, uri: str):
@@ -18,7 +18,4 @@ def start_sampler(run_id: str, uri: str):
 def stop_sampler(sampler, timeout: float = STOP_TIMEOUT) -> bool:
     """sampler.finish(), waited on for at most `timeout` s; True if it finished. MLflow's finish() joins a thread that may
     be inside an HTTP call to a store that is away, with minutes of retries and no limit of its own."""
-    stopping = threading.Thread(target=sampler.finish, name="stop-system-metrics", daemon=True)
-    stopping.start()
-    stopping.join(timeout)
-    return not stopping.is_alive()
+    return at_most(timeout, sampler.finish, "stop-system-metrics")

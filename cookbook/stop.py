@@ -7,10 +7,24 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import StoreFailure, StoreUnusable
+
+
+def at_most(seconds: float, call: Callable[[], object], name: str) -> bool:
+    """call() on a daemon thread, waited on for at most `seconds`; True if it returned. For best-effort calls to a store
+    only (its error is dropped): MLflow's HTTP client retries for minutes with no limit of its own."""
+    def quietly():
+        with contextlib.suppress(Exception):
+            call()
+
+    thread = threading.Thread(target=quietly, name=name, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
 
 
 class Terminated(KeyboardInterrupt):

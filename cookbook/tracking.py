@@ -28,8 +28,8 @@ from .hooks import Hook
 from .logged import dataset_ids, dataset_inputs, save_model
 from .monitor import STEP_LOSS
 from .resources import gpu_label
-from .sampler import start_sampler, stop_sampler
-from .stop import gone, process_id
+from .sampler import STOP_TIMEOUT, start_sampler, stop_sampler
+from .stop import at_most, gone, process_id
 from .ui import mark_training
 
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
@@ -179,8 +179,7 @@ class MlflowTracker(Hook):
                 self._spool(left, exc_type if interrupt is None else type(interrupt))
         finally:
             if self.writer.fatal:  # a status update may still fit where a batch did not: leave nothing RUNNING if it can
-                with contextlib.suppress(Exception):
-                    self.client.set_terminated(self.run_id, "FAILED")
+                at_most(STOP_TIMEOUT, lambda: self.client.set_terminated(self.run_id, "FAILED"), "end-failed-run")
         if interrupt is not None:
             raise interrupt
 

@@ -1,6 +1,8 @@
 """The run's writer: failed writes are kept and retried in order, refused ones make the run FAILED with a count."""
 import json
 import shutil
+import threading
+import time
 
 import pytest
 from mlflow import MlflowClient
@@ -170,6 +172,27 @@ def test_rows_handed_over_as_the_store_fills_are_spooled_not_dropped(tracking, t
     ops = [json.loads(line) for line in spool_path(tracker.run_id).read_text().splitlines()[1:]]
     assert sorted(s for op in ops if op["op"] == "metrics" for _, _, _, s in op["metrics"]) == list(range(5))
     assert tracker.steps_logged == 5 and MlflowClient().get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_the_failed_status_of_a_run_on_a_full_store_is_waited_on_for_at_most_stop_timeout(tracking, tiny_cfg, monkeypatch):
+    """Behind a tracking server, MLflow retries that best-effort call for minutes; the run's end must not wait on it."""
+    from cookbook.errors import StoreFailure
+    from cookbook.sampler import STOP_TIMEOUT
+    asked = threading.Event()
+
+    def hung(run_id, status):  # a server that neither answers nor refuses
+        asked.set()
+        threading.Event().wait(60)
+
+    with pytest.raises(StoreFailure, match="cannot take writes"):
+        with MlflowTracker(tiny_cfg, {}, system_metrics=False, log_model=False) as tracker:
+            monkeypatch.setattr(tracker.client, "set_terminated", hung)
+            with tracker.writer.lock:
+                tracker.writer.fatal = "database or disk is full"
+                tracker.writer.lock.notify_all()
+            start = time.monotonic()
+            tracker.on_metrics([(0, {"train/loss": 1.0})])
+    assert asked.is_set() and time.monotonic() - start < STOP_TIMEOUT + 3
 
 
 def test_verdicts():
