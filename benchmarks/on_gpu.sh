@@ -8,9 +8,9 @@
 set -u
 out=${1:?usage: on_gpu.sh OUT_DIR [STAGE ...]}
 shift
-# the default: what the README's GPU tables and issue 11's targets come from (measured: 432 s of stages on an H100)
-default="kernels_bf16 tests fused_tiles stacked_fused_5ep stacked_fused_bf16 stacked_fused_fp32 train_speed reference"
-everything="kernels_bf16 tests fused_tiles stacked_fused_5ep stacked_fastest_5ep stacked_fused_bf16 kernels_fp32 stacked_fused_fp32 kernel_build train_speed stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 \
+# the default: what the README's GPU tables and issue 11's targets come from (measured: 397 s of stages on an H100, profile_step not yet)
+default="kernels_bf16 tests profile_step stacked_fused_5ep stacked_fused_bf16 stacked_fused_fp32 train_speed reference"
+everything="kernels_bf16 tests profile_step fused_tiles stacked_fused_5ep stacked_fastest_5ep stacked_fused_bf16 kernels_fp32 stacked_fused_fp32 kernel_build train_speed stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 \
 stacked_hybrid_fp32 stacked_nondet reference"
 wanted=" ${*:-$default} "
 [ "$wanted" = " all " ] && wanted=" $everything "
@@ -45,6 +45,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 cat "$res/gpu.txt"
 stage kernels_bf16 60 python3 -m benchmarks.kernel_speed --device cuda --precision bf16 --members 64 --out "$res"
 stage tests 150 python3 -m pytest -v -rA -p no:cacheprovider tests/test_gpu.py tests/test_gpu_system.py  # -v: a verdict per line
+stage profile_step 60 python3 -m benchmarks.profile_step --device cuda --members 64 --precision bf16 --out "$res"  # where the step goes
 stage fused_tiles 110 python3 -m benchmarks.fused_tiles --precision bf16 --members 64 --out "$res"  # which tiling next
 stacked stacked_fused_5ep 90 --precision bf16 --stacked-conv fused --ks 1,64 --epochs 5 --out "$res/five-epochs"
 case "$wanted" in *" stacked_fastest_5ep "*)  # each conv block's fastest kind in kernels_bf16's table, end to end
