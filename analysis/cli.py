@@ -19,6 +19,7 @@ from analysis import layers, load, lr, report, sections
 from analysis.load import AnalysisError
 from analysis.select import with_scale
 from cookbook.delivery import first_line
+from cookbook.tracking import store_missing
 
 ANALYSIS_EXPERIMENT = "analysis"
 
@@ -101,9 +102,8 @@ def check_inputs(output: Path) -> None:
     blocker = next((p for p in (output, *output.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise AnalysisError(f"--output {output}: {blocker} is a file, not a folder")
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?")[0]).is_file():
-        raise AnalysisError(f"no tracking store at {uri}; point MLFLOW_TRACKING_URI at the store the runs are in")
+    if why := store_missing(mlflow.get_tracking_uri()):
+        raise AnalysisError(why)
 
 
 def main(argv: list[str] | None = None) -> int:

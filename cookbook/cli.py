@@ -71,11 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Train a stopped run on from its last checkpoint, into the same run (same threads and device as it had)."""
-    from mlflow import MlflowClient
+    from .resume import ResumedTracker, resumable, store_client
 
-    from .resume import ResumedTracker, resumable
-
-    run, path = resumable(MlflowClient(), args.run_id)
+    run, path = resumable(store_client(), args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     label, started = f"{cfg.name} s{cfg.seed}", time.time()
@@ -162,11 +160,9 @@ def match_recorded(cfg, tags: dict[str, str]):
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
-
-    from .resume import recorded_run
+    from .resume import recorded_run, store_client
     from .tracking import DIVERGED_TAG, STEPS_RUN_TAG
-    client = MlflowClient()
+    client = store_client()
     run = recorded_run(client, args.run_id)
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
@@ -186,10 +182,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Replay every spool file, then end KILLED the runs whose process died without a word; 1 if a spool is left."""
+    import mlflow
     from mlflow import MlflowClient
 
     from .delivery import SPOOL_DIR, replay
-    from .tracking import close_orphans
+    from .tracking import close_orphans, store_missing
 
     spool_dir = args.spool_dir or SPOOL_DIR
     files = sorted(Path(spool_dir).glob("*.jsonl"))
@@ -200,7 +197,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
             left.add(path.stem)
         print(f"run {path.stem}: {stored} writes stored, {remaining} left; run {status}")
     print(f"{len(files) - len(left)}/{len(files)} spooled runs synced from {spool_dir}")
-    for run_id, steps in close_orphans(MlflowClient(args.tracking_uri), skip=left):
+    uri = args.tracking_uri or mlflow.get_tracking_uri()  # no store there: no runs to close, and none made
+    orphans = [] if store_missing(uri) else close_orphans(MlflowClient(uri), skip=left)
+    for run_id, steps in orphans:
         resume = f"; `python -m cookbook resume {run_id}` continues it" if checkpoint_path(run_id).is_file() else ""
         print(f"run {run_id}: its process is gone; ended KILLED with the {steps} steps it stored{resume}")
     return 1 if left else 0

@@ -1,6 +1,7 @@
 """Continue a stopped run from its last per-epoch checkpoint, into the same MLflow run and the same metric history."""
 from __future__ import annotations
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -9,7 +10,7 @@ from .config import ConfigError
 from .delivery import NOT_STORED_TAG, spool_path
 from .monitor import STEP_LOSS
 from .stop import gone, process_id
-from .tracking import PROCESS_TAG, MlflowTracker
+from .tracking import PROCESS_TAG, MlflowTracker, store_missing
 
 
 class ResumedTracker(MlflowTracker):
@@ -57,6 +58,14 @@ class ResumedTracker(MlflowTracker):
         except MlflowException:
             return {}
         return stored
+
+
+def store_client() -> MlflowClient:
+    """A client of the store runs are read from; a one-line ConfigError where it is a SQLite file that does not exist
+    (MLflow would make an empty store there)."""
+    if why := store_missing(mlflow.get_tracking_uri()):
+        raise ConfigError(why)
+    return MlflowClient()
 
 
 def recorded_run(client: MlflowClient, run_id: str):

@@ -65,6 +65,20 @@ def ready_store(uri: str | None = None) -> None:
         _create_sqlite_store(uri)
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """A SQLite store's file (None for a server or database store)."""
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
+
+
+def store_missing(uri: str) -> str | None:
+    """Why, in one line, where a SQLite store's file does not exist (MLflow would make an empty one there and find
+    nothing in it); None where the store exists or is not SQLite. For the commands that read runs."""
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        return f"no tracking store at {uri}; point MLFLOW_TRACKING_URI at the store the runs are in"
+    return None
+
+
 def check_writable(uri: str, path: Path) -> None:
     """A SQLite store needs its file and folder writable (SQLite writes a journal beside the file) and some free space."""
     folder = path.parent
@@ -81,7 +95,7 @@ def check_writable(uri: str, path: Path) -> None:
 
 @functools.cache  # once per store and process: every tracker and sweep cell calls ready_store
 def _create_sqlite_store(uri: str) -> None:
-    path = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+    path = sqlite_file(uri).resolve()
     check_writable(uri, path)
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]  # one lock per store file, outside the project folder
     with open(Path(tempfile.gettempdir()) / f"stability-cookbook-store-{digest}.lock", "a") as lock:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import CONFIGS_DIR, TINY_FLAGS, WITH_ROOT
+from conftest import CONFIGS_DIR, TINY_FLAGS, WITH_ROOT, created_store
 from cookbook.cli import main
 from cookbook.config import flatten, load_config
 from cookbook.data import MD5, raw_dir
@@ -85,7 +85,20 @@ def test_reproduce_reports_exact_match(mnist_dir, tracking, capsys):
            "alone)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command,code", [(["reproduce", "0123456789abcdef"], 2), (["resume", "0123456789abcdef"], 2),
+                                          (["sync"], 0)])
+def test_commands_that_read_runs_make_no_store_where_there_is_none(command, code, tracking, tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path}/typo.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    assert main(command) == code and not (tmp_path / "typo.db").exists()
+    if code:  # sync has nothing to say of a store without runs
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: no tracking store at {uri}; point MLFLOW_TRACKING_URI at the store the runs are in"]
+
+
 def test_reproduce_unknown_run_is_one_line_error(tracking, capsys):
+    created_store(tracking)
     assert main(["reproduce", "0123456789abcdef"]) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # MLflow may log INFO lines first
     assert last_line.startswith("error: no run '0123456789abcdef' in sqlite:///")
