@@ -5,29 +5,42 @@ import argparse
 import dataclasses
 import os
 import time
+import typing
 from pathlib import Path
 
 import yaml
 
 from . import resources
 from .checkpoint import checkpoint_path
-from .config import CONFIGS_DIR, DEFAULT_EXPERIMENT, FLAG_KEYS, ConfigError, from_params, load_config, to_yaml, unflatten
+from .config import CONFIGS_DIR, DEFAULT_EXPERIMENT, FLAG_KEYS, Config, ConfigError, from_params, load_config, to_yaml, unflatten
 from .data import DataError, load_mnist
 from .hooks import Recorder
 from .lr_find import END_LR, START_LR, STEPS, UNUSED_KEYS
 from .progress import Progress
+from .reproduce import compare
 from .stop import exit_code
 from .train import EPOCH_GRAD_NORM, EPOCH_LOSS, TEST_ACC, TEST_LOSS, resolve_device, train
+from .yaml_values import load_yaml
 
-NOT_REPRODUCIBLE = ("time/", "system/")  # wall-clock metrics differ run to run by nature
 
-
-def parse_value(text: str):
-    """A CLI value read as YAML, so '[100, 500]', 'none' and 'true' mean what they say."""
+def parse_value(key: str, text: str):
+    """A CLI value for a config key: as typed for a text key (a folder, a description: '#' is no comment there), else
+    read as YAML 1.2, so '[100, 500]', 'none', 'true' and '1e-3' mean what they say."""
+    if takes_text(key):
+        return text
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         raise ConfigError(f"cannot parse value {text!r}") from None
+
+
+def takes_text(key: str) -> bool:
+    """Whether a dotted config key is a str field (an unknown key is not: merge refuses it by name)."""
+    *sections, leaf = key.split(".")
+    node = Config()
+    for name in sections:
+        node = getattr(node, name, None)
+    return dataclasses.is_dataclass(node) and typing.get_type_hints(type(node)).get(leaf) is str
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -37,12 +50,13 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def flat_overrides(args: argparse.Namespace) -> dict:
     """{dotted key: value} of the flags that were given (non-empty) and --set KEY=VALUE pairs."""
-    flat = {FLAG_KEYS[flag]: parse_value(getattr(args, flag)) for flag in FLAG_KEYS if getattr(args, flag) not in (None, "")}
+    flat = {FLAG_KEYS[flag]: parse_value(FLAG_KEYS[flag], getattr(args, flag)) for flag in FLAG_KEYS
+            if getattr(args, flag) not in (None, "")}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r} must look like KEY=VALUE (e.g. monitor.layer_every=10)")
-        flat[key] = parse_value(value)
+        flat[key] = parse_value(key, value)
     return flat
 
 
@@ -112,22 +126,6 @@ def print_where(run_id: str) -> None:
         print(f"    {label + ':':23s}{url}")
 
 
-def compare(tracked: dict[str, list[tuple[int, float]]], rerun: dict[str, list[tuple[int, float]]]) -> list[tuple[str, str]]:
-    """(metric, verdict) for every tracked metric: 'exact' or where the first difference is."""
-    report = []
-    for key in sorted(tracked):
-        if key.startswith(NOT_REPRODUCIBLE):
-            continue
-        a, b = sorted(tracked[key]), sorted(rerun.get(key, []))
-        if a == b:
-            report.append((key, f"exact ({len(a)} values)"))
-            continue
-        diff = next(((x, y) for x, y in zip(a, b) if x != y), None)
-        where = f"step {diff[0][0]}: tracked {diff[0][1]!r} vs rerun {diff[1][1]!r}" if diff else f"{len(a)} vs {len(b)} values"
-        report.append((key, f"MISMATCH at {where}"))
-    return report
-
-
 def match_recorded(cfg, tags: dict[str, str]):
     """The config set up to run as the tracked run did (its torch threads and device), if it fits here (one-line
     ConfigError if not); print what still differs."""
@@ -160,10 +158,10 @@ def match_recorded(cfg, tags: dict[str, str]):
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .resume import recorded_run, store_client
+    from .resume import recorded_training, store_client
     from .tracking import DIVERGED_TAG, STEPS_RUN_TAG
     client = store_client()
-    run = recorded_run(client, args.run_id)
+    run = recorded_training(client, args.run_id, "reproduce")
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     recorder = Recorder()

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .yaml_values import load_yaml
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"  # the named configs
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000  # MNIST's published split: the most a subset can take
 DEFAULT_EXPERIMENT = "stability-cookbook"  # the MLflow experiment every command tracks into unless told otherwise
@@ -123,7 +125,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be an integer")
         return value
     if hint is float:
-        # YAML 1.1 reads "1e-3" as a string, so numeric strings are accepted here.
+        # numeric strings too: params logged by earlier versions, read as YAML 1.1, held "1e-3" as a string
         try:
             if isinstance(value, bool):
                 raise TypeError
@@ -219,7 +221,7 @@ def load_config(name_or_path: str, configs_dir: Path, overrides: dict | None = N
     if not path.is_file():
         raise ConfigError(f"unknown config '{name_or_path}'; available: {', '.join(available_configs(configs_dir))}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
     except UnicodeDecodeError as e:
@@ -245,13 +247,18 @@ def overridden_keys(cfg: Config, base: Config) -> list[str]:
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
-    """Inverse of flatten: {'optim.lr': x} -> {'optim': {'lr': x}}."""
+    """Inverse of flatten: {'optim.lr': x} -> {'optim': {'lr': x}}; a key set both as a value and as a section
+    ('optim.lr' and 'optim.lr.x') is a one-line ConfigError."""
     nested: dict = {}
     for key, value in flat.items():
         *parents, leaf = key.split(".")
         node = nested
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{key}' sets a key inside '{'.'.join(parents[:depth + 1])}', which is set to {node!r}")
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"'{key}' is set to {value!r} and also has keys set inside it")
         node[leaf] = value
     return nested
 
@@ -267,7 +274,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def format_param(value: Any) -> str:
-    """A config value as an MLflow param string that yaml.safe_load reads back to the same value."""
+    """A config value as an MLflow param string that load_yaml reads back to the same value."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
@@ -284,5 +291,5 @@ def to_params(cfg: Config) -> dict[str, str]:
 
 def from_params(params: dict[str, str]) -> Config:
     """Rebuild a Config from the MLflow params written by to_params (other params are ignored)."""
-    parsed = {k.removeprefix(PARAM_PREFIX): yaml.safe_load(v) for k, v in params.items() if k.startswith(PARAM_PREFIX)}
+    parsed = {k.removeprefix(PARAM_PREFIX): load_yaml(v) for k, v in params.items() if k.startswith(PARAM_PREFIX)}
     return validate(merge(Config(), unflatten(parsed)))

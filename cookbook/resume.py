@@ -6,9 +6,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from .checkpoint import checkpoint_path, load
-from .config import ConfigError
+from .config import PARAM_PREFIX, ConfigError
 from .delivery import NOT_STORED_TAG, spool_path
 from .monitor import STEP_LOSS
+from .range_run import LR_FIND_TAG
 from .stop import gone, process_id
 from .tracking import PROCESS_TAG, MlflowTracker, store_missing
 
@@ -78,9 +79,20 @@ def recorded_run(client: MlflowClient, run_id: str):
         raise ConfigError(f"no run '{run_id}' in {client.tracking_uri}") from None
 
 
+def recorded_training(client: MlflowClient, run_id: str, command: str):
+    """recorded_run, refused in one line unless it is a training this project tracked (its config as params, not an
+    LR range test): reproduce or resume would otherwise train some default config and compare it with anything."""
+    run = recorded_run(client, run_id)
+    if LR_FIND_TAG in run.data.tags or not any(k.startswith(PARAM_PREFIX) for k in run.data.params):
+        what = "an LR range test (lr-find)" if LR_FIND_TAG in run.data.tags else f"a run without {PARAM_PREFIX}* params"
+        raise ConfigError(f"run {run_id} is {what}, not a training: {command} takes the run of a `train`, a sweep cell or "
+                          "a stress trial")
+    return run
+
+
 def resumable(client: MlflowClient, run_id: str):
     """The run and its checkpoint file, if it can be resumed here; else a one-line ConfigError saying why not."""
-    run = recorded_run(client, run_id)
+    run = recorded_training(client, run_id, "resume")
     process = run.data.tags.get(PROCESS_TAG, "")
     if spool_path(run_id).is_file():  # resumed first, the spool's replay would end the run again with its old count
         raise ConfigError(f"run {run_id} has writes spooled in {spool_path(run_id)}; store them first with "

@@ -11,12 +11,14 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from conftest import CONFIGS_DIR, TINY_FLAGS, WITH_ROOT, created_store
 from cookbook.cli import main
 from cookbook.config import flatten, load_config
 from cookbook.data import MD5, raw_dir
+from cookbook.reproduce import compare
 
 
 def only_run(experiment="stability-cookbook"):
@@ -112,6 +114,29 @@ def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
     assert "train/loss" in capsys.readouterr().out.split("differing:")[-1]
 
 
+def test_compare_covers_every_metric_either_side_has_step_by_step():
+    rerun = {"train/loss": [(0, 2.3), (1, 2.0), (2, float("nan"))], "test/acc": [(1, 0.9)], "time/epoch_seconds": [(1, 3.0)]}
+    hole = {"train/loss": [(0, 2.3), (2, float("nan"))], "time/epoch_seconds": [(1, 4.0)]}  # step 1 and test/acc not stored
+    assert dict(compare(hole, rerun)) == {"train/loss": "MISMATCH at step 1: tracked 'nothing' vs rerun 2.0",
+                                          "test/acc": "MISMATCH at step 1: tracked 'nothing' vs rerun 0.9"}
+    assert dict(compare(rerun, rerun)) == {"train/loss": "exact (3 values)", "test/acc": "exact (1 values)"}  # NaN is NaN
+    twice = {**rerun, "test/acc": [(1, 0.9), (1, 0.9)]}
+    assert dict(compare(twice, rerun))["test/acc"] == "MISMATCH at 2 vs 1 values"
+
+
+@pytest.mark.parametrize("tags,params,what", [({"lr_find": "all_tricks"}, {"config.seed": "0"}, "an LR range test (lr-find)"),
+                                              ({}, {"other": "1"}, "a run without config.* params")])
+def test_reproduce_and_resume_refuse_a_run_that_is_not_a_training(tags, params, what, tracking, capsys):
+    client = MlflowClient(created_store(tracking))
+    run_id = client.create_run(client.create_experiment("other"), tags=tags).info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    for command in ("reproduce", "resume"):
+        assert main([command, run_id]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: run {run_id} is {what}, not a training: {command} takes the run of a `train`, a sweep cell or a stress trial")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--config", "nope"], "unknown config 'nope'; available: all_tricks, batchnorm, layernorm, no_tricks"),
     (["--lr", "-1"], "optim.lr=-1.0 must be a positive number"),
@@ -122,6 +147,8 @@ def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
     (["--optimizer", "lion"], "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
     (["--width", "-1"], "model.width=-1.0 must be > 0"),
     (["--set", "optim.lr"], "must look like KEY=VALUE"),
+    (["--epochs", "1:30"], "epochs='1:30' must be an integer"),  # YAML 1.1: 90 (base 60)
+    (["--set", "optim.lr=1e-3", "--set", "optim.lr.x=1"], "'optim.lr.x' sets a key inside 'optim.lr', which is set to 0.001"),
     (["--width", "1000"], "model.width=1000 model.depth=3 needs about"),  # 295 GB of Adam state and activations
     (["--width", ".inf"], "model.width=inf must be a finite number"),
     (["--warmup-epochs", ".inf"], "schedule.warmup_epochs=inf must be a finite number"),
@@ -129,7 +156,7 @@ def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
     (["--train-subset", "100000"], "data.train_subset=100000 must be in 2..60000 (MNIST's training images) or none"),
     (["--test-subset", "10001"], "data.test_subset=10001 must be in 1..10000 (MNIST's test images) or none"),
     (["--device", "cuda:x"], "device='cuda:x': the index after ':' must be a number"),
-    (["--set", 'device="cuda:"'], "device='cuda:': the index after ':' must be a number"),
+    (["--set", "device=cuda:"], "device='cuda:': the index after ':' must be a number"),
     (["--device", "cpu", "--set", "compute.stacked_conv=fused"],
      "compute.stacked_conv='fused' runs Triton kernels on a CUDA GPU, not on cpu; choose one of: auto, gemm, hybrid, grouped"),
     (["--device", "cpu", "--set", "compute.stacked_conv=gemm+fused+grouped"],
@@ -173,6 +200,22 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert main(["train", "--config", "all_tricks", "--lr", "3e-3", "--max-norm", "none", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "name: all_tricks" in out and "lr: 0.003" in out and "max_norm: null" in out and "norm: batch" in out
+
+
+@pytest.mark.parametrize("argv,key,value", [
+    (["--seed", "010"], "seed", 10),  # YAML 1.1: octal 8
+    (["--train-subset", "0400"], "data.train_subset", 400),  # YAML 1.1: 256
+    (["--lr", "1e-3"], "optim.lr", 0.001),  # YAML 1.1: a string
+    (["--data-dir", "/tmp/mnist #2"], "data.data_dir", "/tmp/mnist #2"),  # a text key as typed: '#' is no comment
+    (["--data-dir", "2024"], "data.data_dir", "2024"),  # YAML: an integer, refused as "must be a string"
+    (["--set", "monitor.snapshot_steps=[0, 010]"], "monitor.snapshot_steps", [0, 10]),
+])
+def test_flag_values_mean_what_they_say(argv, key, value, capsys):
+    assert main(["train", *argv, "--dry-run"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for name in key.split("."):
+        resolved = resolved[name]
+    assert resolved == value
 
 
 def test_no_track_trains_without_mlflow(mnist_dir, tracking, capsys):
