@@ -18,7 +18,8 @@ from .delivery import spool_path
 
 def dataset_inputs(cfg: Config, md5: dict[str, str]) -> list[DatasetInput]:
     """The run's train and test sets as MLflow datasets (the run page's Datasets section): named, with the official
-    MD5 sums of their two IDX files as source and digest, and the rows used of the full split as profile."""
+    MD5 sums of their two IDX files as source, the rows used of the full split as profile, and a digest of both: MLflow
+    keeps one dataset per name and digest in an experiment, so a run with another subset or folder needs its own."""
     inputs = []
     for name, context, size, subset in (("mnist-train", "training", TRAIN_SIZE, cfg.data.train_subset),
                                         ("mnist-test", "evaluation", TEST_SIZE, cfg.data.test_subset)):
@@ -26,7 +27,7 @@ def dataset_inputs(cfg: Config, md5: dict[str, str]) -> list[DatasetInput]:
         sums = {f: md5[f] for f in sorted(md5) if f.startswith(prefix)}
         source = json.dumps({"uri": str(raw_dir(cfg.data.data_dir)), "md5": sums})
         profile = json.dumps({"num_rows": min(subset or size, size), "full_split_rows": size, "subset": subset})
-        digest = hashlib.md5("".join(sums.values()).encode()).hexdigest()[:8]
+        digest = hashlib.md5((source + profile).encode()).hexdigest()[:8]
         inputs.append(DatasetInput(Dataset(name, digest, "local", source, profile=profile),
                                    tags=[InputTag("mlflow.data.context", context)]))
     return inputs

@@ -18,6 +18,7 @@ from conftest import CONFIGS_DIR, TINY_FLAGS, WITH_ROOT, created_store
 from cookbook.cli import main
 from cookbook.config import flatten, load_config
 from cookbook.data import MD5, raw_dir
+from cookbook.logged import dataset_inputs
 from cookbook.reproduce import compare
 
 
@@ -60,6 +61,21 @@ def test_tracked_run_has_config_tags_metrics_and_artifacts(mnist_dir, tracking, 
     assert json.loads(inputs["mnist-test"].dataset.profile)["num_rows"] == 200 and len(train_set.dataset.digest) == 8
     out = capsys.readouterr().out
     assert run.info.run_id in out and "mlflow ui --backend-store-uri" in out
+
+
+def test_each_run_shows_its_own_subset_and_folder_among_an_experiments_datasets(tracking, tmp_path):
+    """MLflow keeps one dataset per name and digest in an experiment: a digest of the files alone gave every later run
+    the first run's subset and folder."""
+    client = MlflowClient(created_store(tracking))
+    experiment = client.create_experiment("datasets")
+    cfgs = [load_config("all_tricks", CONFIGS_DIR, {"data": data}) for data in
+            ({"train_subset": 256}, {"train_subset": 320}, {"train_subset": 256, "data_dir": str(tmp_path / "elsewhere")})]
+    for cfg in cfgs:
+        run_id = client.create_run(experiment).info.run_id
+        client.log_inputs(run_id, dataset_inputs(cfg, MD5))
+        train_set = next(i.dataset for i in client.get_run(run_id).inputs.dataset_inputs if i.dataset.name == "mnist-train")
+        assert json.loads(train_set.profile)["num_rows"] == cfg.data.train_subset
+        assert json.loads(train_set.source)["uri"] == str(raw_dir(cfg.data.data_dir))
 
 
 def test_diverged_run_is_finished_tagged_and_finite(mnist_dir, tracking):
