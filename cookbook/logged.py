@@ -42,7 +42,8 @@ def save_model(model: torch.nn.Module, run_id: str) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     example = np.zeros((1, 1, 28, 28), dtype=np.float32)  # one normalised MNIST image's shape
     mlflow.pytorch.save_model(copy.deepcopy(model).cpu().eval(), str(path), input_example=example, serialization_format="pickle",
-                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                              code_paths=[str(Path(__file__).parent)])  # the pickle names cookbook's classes: load anywhere
     return path
 
 

@@ -285,6 +285,12 @@ def test_logged_model_loads_and_scores_the_logged_test_accuracy(mnist_dir, track
     assert linked["epoch/train_loss"].dataset_name == "mnist-train" and linked["test/acc"].step == 2
     assert len(MlflowClient().get_metric_history(run.info.run_id, "test/acc")) == 2  # one point per epoch, no duplicate
     assert not list((tmp_path / "mlflow-spool").glob("*"))
+    elsewhere = tmp_path / "elsewhere"  # a folder where `import cookbook` finds nothing: the model brings its code
+    elsewhere.mkdir()
+    load = f"import mlflow.pytorch; print(type(mlflow.pytorch.load_model('models:/{output.model_id}')).__name__)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", load], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "StableNet", done.stderr[-2000:]
     assert main(["train", "--config", "batchnorm", "--no-log-model", "--experiment", "bare", *TINY_FLAGS]) == 0
     assert not only_run("bare").outputs.model_outputs
 
