@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 import typing
@@ -219,8 +220,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     """Run the range test, print the suggestions, track it as one MLflow run (loss against LR, figure, tags)."""
     from .lr_find import lr_range_test
 
-    if not 0 < args.start_lr < args.end_lr or args.steps < 3:
-        raise ConfigError(f"need 0 < --start-lr < --end-lr and --steps >= 3; got {args.start_lr}, {args.end_lr}, {args.steps}")
+    if not 0 < args.start_lr < args.end_lr or not math.isfinite(args.end_lr / args.start_lr) or args.steps < 3:
+        raise ConfigError(f"need 0 < --start-lr < --end-lr (finite, their ratio too) and --steps >= 3; got {args.start_lr}, "
+                          f"{args.end_lr}, {args.steps}")
     unused = [key for key in flat_overrides(args) if key.startswith(UNUSED_KEYS)]
     if unused:
         raise ConfigError(f"lr-find sets each update's LR itself and runs --steps updates: {', '.join(unused)} would be "

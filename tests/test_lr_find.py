@@ -55,7 +55,14 @@ def test_lr_find_command_tracks_one_run(mnist_dir, tracking, capsys):
     assert "config" not in run.data.tags  # the analysis must not read it as a training run
     assert 1e-6 <= float(run.data.tags["lr_find.steepest_lr"]) <= 10
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["lr_find.png"]
-    assert main(["lr-find", "--config", "no_tricks", "--start-lr", "1", "--end-lr", "0.1"]) == 2
+
+
+@pytest.mark.parametrize("lrs", [["--start-lr", "1", "--end-lr", "0.1"], ["--end-lr", "inf"], ["--start-lr", "1e-9", "--end-lr", "1e300"],
+                                 ["--start-lr", "nan"]])
+def test_a_range_that_is_not_finite_and_increasing_is_one_line_before_any_run(tracking, capsys, lrs):
+    assert main(["lr-find", "--config", "no_tricks", *lrs, "--experiment", "lr"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: need 0 < --start-lr < --end-lr (finite, their ratio too)")
+    assert MlflowClient().get_experiment_by_name("lr") is None
 
 
 @pytest.mark.parametrize("flags,named", [(["--lr", "1e-7"], "optim.lr"), (["--epochs", "2"], "epochs"),
