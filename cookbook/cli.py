@@ -275,5 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow prints its own links when it tracks to a server; its experiment link opens the GenAI view, print_where's do not
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: args.func(args), (ConfigError, DataError),
-                     "a run it had started ended KILLED, with every step trained before it")
+    return exit_code(lambda: args.func(args), (ConfigError, DataError), stop_note(args))
+
+
+def stop_note(args: argparse.Namespace) -> str:
+    """What a signal leaves behind, said after "stopped by SIGTERM; "."""
+    if args.func is cmd_sync:
+        return "spool files not yet stored are kept: run sync again"
+    if args.func is cmd_reproduce or getattr(args, "no_track", False):
+        return "nothing was tracked"
+    return "any run it had started ended KILLED, with every step trained before it"

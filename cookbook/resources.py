@@ -8,10 +8,12 @@ import torch
 
 from .config import STACKED_CONVS, Config, ConfigError, ModelConfig
 from .model import block_channels
+from .train import EVAL_BATCH
 
 IMAGE_SIDE, CLASSES = 28, 10
 OPTIMIZER_COPIES = 4  # weights, gradients and Adam's two moments, each one float per parameter
 ACTIVATION_COPIES = 4  # per block output kept for backward: conv, norm, pool and ReLU outputs (an upper bound)
+EVAL_COPIES = 3  # a test pass keeps nothing for backward: a block's conv and norm outputs alive together, and a margin
 
 
 def parameter_estimate(cfg: ModelConfig) -> int:
@@ -24,12 +26,14 @@ def parameter_estimate(cfg: ModelConfig) -> int:
 
 
 def memory_estimate(cfg: Config) -> int:
-    """Bytes one training needs at most: float32 parameters, gradients and Adam state, plus a batch's activations."""
-    side, activations = IMAGE_SIDE, 0
+    """Bytes one training needs at most: float32 parameters, gradients and Adam state, plus the larger of a training
+    batch's activations and a test-pass batch's (EVAL_BATCH images, forward only: the larger one for a small batch)."""
+    side, blocks = IMAGE_SIDE, []
     for out in block_channels(cfg.model.width, cfg.model.depth):
-        activations += out * side * side
+        blocks.append(out * side * side)
         side //= 2
-    return 4 * (OPTIMIZER_COPIES * parameter_estimate(cfg.model) + ACTIVATION_COPIES * cfg.data.batch_size * activations)
+    activations = max(ACTIVATION_COPIES * cfg.data.batch_size * sum(blocks), EVAL_COPIES * EVAL_BATCH * max(blocks))
+    return 4 * (OPTIMIZER_COPIES * parameter_estimate(cfg.model) + activations)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -22,7 +22,18 @@ from .model import StableNet, build_model, parameter_count
 from .monitor import host_sync, member_norms
 from .stacked_conv import StackedConv2d
 from .step import StepRunner, step_stats
-from .train import DivergenceCheck, Parts, TrainResult, build_parts, epoch_summary, mark_diverged, resolve_device, run_epoch, uses_graphs
+from .train import (
+    EVAL_BATCH,
+    DivergenceCheck,
+    Parts,
+    TrainResult,
+    build_parts,
+    epoch_summary,
+    mark_diverged,
+    resolve_device,
+    run_epoch,
+    uses_graphs,
+)
 
 STACKED_CONV_TAG = "stacked_conv"  # on a run trained as one member of a stacked model: its convs' kind
 
@@ -125,7 +136,7 @@ def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_members(model: StackedStableNet, x: torch.Tensor, y: torch.Tensor, precision, batch_size: int = 1000):
+def evaluate_members(model: StackedStableNet, x: torch.Tensor, y: torch.Tensor, precision, batch_size: int = EVAL_BATCH):
     """Per-member mean cross-entropy and accuracy on the shared test set."""
     model.eval()
     k = model.members

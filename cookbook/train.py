@@ -81,8 +81,11 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.compute.precision == "bf16", cache_enabled=False)
 
 
+EVAL_BATCH = 1000  # images a test-pass batch holds: no gradients there, so larger than training's
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, precision=None) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = EVAL_BATCH, precision=None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy on (x, y), with one host sync (precision: an autocast context)."""
     model.eval()
     loss_sum = torch.zeros((), device=x.device)

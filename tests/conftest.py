@@ -81,6 +81,13 @@ def tracking(tmp_path, monkeypatch) -> str:
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it for child processes
 
 
+def only_run(experiment="stability-cookbook"):
+    """The experiment's one run (a test that made one)."""
+    runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
 def created_store(uri: str) -> str:
     """uri, its tables made under ready_store's lock: MlflowClient opens a store when built, outside that lock, so a
     test reading a store its subprocess is still creating raced MLflow's migrations (CircularDependencyError in CI)."""

@@ -37,7 +37,7 @@ def test_signal_ends_the_run_killed_with_every_trained_step(mnist_dir, tmp_path,
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith(f"stopped by {name}; a run it had started ended KILLED")
+    assert err.strip().splitlines()[-1].startswith(f"stopped by {name}; any run it had started ended KILLED")
     run_id, steps = stored_steps(client)
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.info.end_time is not None
