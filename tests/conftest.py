@@ -81,6 +81,13 @@ def tracking(tmp_path, monkeypatch) -> str:
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it for child processes
 
 
+def training_run(client, experiment: str) -> str:
+    """A bare run that resume and reproduce take as a training (its config as params, as the tracker logs it)."""
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
+    client.log_param(run_id, "config.name", "tiny")
+    return run_id
+
+
 def only_run(experiment="stability-cookbook"):
     """The experiment's one run (a test that made one)."""
     runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR, WITH_ROOT, created_store
+from conftest import DATA_DIR, WITH_ROOT, created_store, training_run
 from cookbook.checkpoint import load
 from cookbook.config import merge, validate
 from cookbook.delivery import NOT_STORED_TAG
@@ -172,7 +172,7 @@ def test_a_resume_stopped_before_it_passes_the_stored_steps_keeps_their_count(tr
 
     from cookbook.resume import ResumedTracker
     client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    run_id = training_run(client, "resumed")
     client.log_batch(run_id, metrics=[Metric("train/loss", 1.0, 0, step) for step in range(10)], synchronous=True)
     client.set_tag(run_id, "steps_run", "10")
     client.set_terminated(run_id, "KILLED")
@@ -190,7 +190,7 @@ def test_a_run_with_spooled_writes_is_synced_before_it_resumes(tracking, tmp_pat
     from cookbook.resume import resumable
     monkeypatch.chdir(tmp_path)
     client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("spooled")).info.run_id
+    run_id = training_run(client, "spooled")
     client.set_terminated(run_id, "KILLED")
     write_spool(spool_path(run_id), tracking, run_id, [{"op": "end", "status": "KILLED"}])
     with pytest.raises(ConfigError, match="python -m cookbook sync"):
@@ -204,7 +204,7 @@ def test_an_epoch_summary_stored_before_the_kill_is_not_stored_twice(tracking, t
 
     from cookbook.resume import ResumedTracker
     client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    run_id = training_run(client, "resumed")
     client.log_batch(run_id, metrics=[Metric("test/acc", 0.5, 111, 2), Metric("time/epoch_seconds", 3.0, 111, 2)],
                      synchronous=True)
     client.set_terminated(run_id, "KILLED")
@@ -240,7 +240,7 @@ def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, sum
     from cookbook.resume import resumable
     monkeypatch.chdir(tmp_path)
     client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("hole")).info.run_id
+    run_id = training_run(client, "hole")
     points = [Metric("train/loss", 1.0, 0, step) for step in stored_steps]
     client.log_batch(run_id, metrics=points + ([Metric("test/acc", 0.5, 0, 2)] if summary else []), synchronous=True)
     if refused:
@@ -265,7 +265,7 @@ def test_a_run_that_cannot_run_here_is_one_line_before_its_run_is_touched(comman
     from cookbook.config import Config, to_params
     monkeypatch.chdir(tmp_path)
     client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("big")).info.run_id
+    run_id = client.create_run(client.create_experiment("big")).info.run_id  # its params below
     cfg = validate(merge(Config(name="no_tricks"), {"model": {"width": 1000.0}}))
     client.log_batch(run_id, params=[Param(k, v) for k, v in to_params(cfg).items()], synchronous=True)
     client.log_batch(run_id, metrics=[Metric("train/loss", 1.0, 0, 0), Metric("test/acc", 0.5, 0, 1)], synchronous=True)
@@ -290,7 +290,7 @@ def test_a_run_tracked_on_a_gpu_this_machine_lacks_is_one_line(tracking, gpus, m
         return "Fake GPU 0"
     monkeypatch.setattr(torch.cuda, "get_device_name", name)
     client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("elsewhere")).info.run_id
+    run_id = client.create_run(client.create_experiment("elsewhere")).info.run_id  # its params below
     client.log_batch(run_id, params=[Param(k, v) for k, v in to_params(Config(name="no_tricks")).items()], synchronous=True)
     client.set_tag(run_id, "device", "cuda:3")
     client.set_terminated(run_id, "FINISHED")
