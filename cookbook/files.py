@@ -11,7 +11,7 @@ ATTEMPTS = 3  # another run may remove the (empty) folder between our mkdir and 
 
 def write_whole(path: Path, write: Callable[[Path], None]) -> None:
     """write(partial file), then rename it onto path: a kill mid-write leaves the previous file, never half of one."""
-    partial = path.with_suffix(".partial")
+    partial = path.with_name(path.name + ".partial")  # its own: a checkpoint and a spool may share a folder and a stem
     for attempt in range(ATTEMPTS):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
