@@ -38,11 +38,13 @@ def training_runs(experiment: str) -> pd.DataFrame:
         raise AnalysisError(f"no experiment '{experiment}' in {mlflow.get_tracking_uri()}; experiments: {names}")
     runs = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
     config_col = f"tags.{t.CONFIG_TAG}"
-    if runs.empty or config_col not in runs or runs[config_col].isna().all():
-        raise AnalysisError(f"experiment '{experiment}' has no finished training runs")
-    runs = runs[runs[config_col].notna()]
+    if config_col in runs:
+        runs = runs[runs[config_col].notna()]
     if f"tags.{PRUNED_TAG}" in runs:  # a trial the pruner stopped is shorter than its study says: no final result
         runs = runs[runs[f"tags.{PRUNED_TAG}"] != "true"]
+    if runs.empty or config_col not in runs:
+        raise AnalysisError(f"experiment '{experiment}' has no finished training runs (a run the pruner stopped has no "
+                            "final result)")
     col = lambda name: runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)  # noqa: E731
     table = pd.DataFrame({
         "run_id": runs["run_id"], "run_name": col("tags.mlflow.runName"), "config": runs[config_col],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cookbook.config import CONFIGS_DIR, TEST_SIZE, TRAIN_SIZE, load_config
+from cookbook.config import CONFIGS_DIR, TEST_SIZE, TRAIN_SIZE, ConfigError, load_config
 from experiments.boundary import CONVERGE_RATIO, converged
 
 # Overrides in these sections change what is trained (the treatment); any other override (seed, epochs,
@@ -98,10 +98,16 @@ def size_sweep(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def own_lr(runs: pd.DataFrame, config: str) -> float:
-    """The config's own LR: from its baseline runs, else from its config file."""
+    """The config's own LR: from its baseline runs, else from its config file; NaN if neither (a config given as a
+    file elsewhere: its runs keep only its name), so that config has no x100 row."""
     base = classified(runs, set())
     at = base[base.config == config].lr.dropna()
-    return float(at.iloc[0]) if len(at) else load_config(config, CONFIGS_DIR).optim.lr
+    if len(at):
+        return float(at.iloc[0])
+    try:
+        return load_config(config, CONFIGS_DIR).optim.lr
+    except ConfigError:
+        return float("nan")
 
 
 def outcome(run, ratio: float = CONVERGE_RATIO) -> str:

@@ -139,6 +139,7 @@ def test_x100_survivors_follow_one_rule(tracking, tmp_path):
         for seed, final in enumerate(finals):
             make_run(client, exp, config, seed, 0.05)
             make_run(client, exp, config, seed, final if final else float("nan"), lr=0.1, diverged=final is None)
+    make_run(client, exp, "wide", 0, 0.3, lr=0.01)  # a config given as a file elsewhere: no baseline, no config file here
     assert main(["--experiment", "x100", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert ("**Survive LR x100:** batchnorm (2/2 seeds). In some seeds only: layernorm (1/2 seeds). "
@@ -146,7 +147,7 @@ def test_x100_survivors_follow_one_rule(tracking, tmp_path):
     assert "final train loss < 0.5 x the loss of step 0" in report
     table = pd.read_csv(tmp_path / "lr_x100.csv").set_index(["config", "seed"])
     assert table.loc[("layernorm", 1), "outcome"] == "did not converge" and table.loc[("batchnorm", 1), "outcome"] == "converged"
-    assert table.loc[("no_tricks", 0), "outcome"] == "diverged at step 7"
+    assert table.loc[("no_tricks", 0), "outcome"] == "diverged at step 7" and "wide" not in table.index.get_level_values(0)
 
 
 def test_runs_are_classified_by_their_overrides_tag(tracking, tmp_path):
@@ -201,10 +202,15 @@ def test_missing_experiment_and_no_finished_runs(tracking, tmp_path, capsys):
     client = MlflowClient()
     exp = client.create_experiment("empty")
     client.create_run(exp)  # still running: nothing finished
-    assert main(["--experiment", "nope", "--output", str(tmp_path)]) == 2
-    assert main(["--experiment", "empty", "--output", str(tmp_path)]) == 2
+    pruned = client.create_experiment("pruned")
+    for seed in (0, 1):  # finished, but stopped by the pruner: no final result either
+        client.set_tag(make_run(client, pruned, "no_tricks", seed, 0.2), PRUNED_TAG, "true")
+    for experiment in ("nope", "empty", "pruned"):
+        assert main(["--experiment", experiment, "--output", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert errors[0].startswith("error: no experiment 'nope'") and errors[1] == "error: experiment 'empty' has no finished training runs"
+    assert errors[0].startswith("error: no experiment 'nope'")
+    assert errors[1:] == [f"error: experiment '{e}' has no finished training runs (a run the pruner stopped has no final result)"
+                          for e in ("empty", "pruned")]
 
 
 def test_short_runs_draw_what_they_can(tracking, tmp_path, capsys):
