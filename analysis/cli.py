@@ -13,13 +13,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
-from mlflow.exceptions import MlflowException
 
 from analysis import layers, load, lr, report, sections
 from analysis.load import AnalysisError
 from analysis.select import with_scale
-from cookbook.delivery import first_line
-from cookbook.tracking import store_missing
 
 ANALYSIS_EXPERIMENT = "analysis"
 
@@ -102,8 +99,7 @@ def check_inputs(output: Path) -> None:
     blocker = next((p for p in (output, *output.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise AnalysisError(f"--output {output}: {blocker} is a file, not a folder")
-    if why := store_missing(mlflow.get_tracking_uri()):
-        raise AnalysisError(why)
+    load.check_store()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_inputs(output)
         path = analyse(args.experiment, output, not args.no_mlflow_log)
-    except (AnalysisError, MlflowException, OSError) as e:  # a store that cannot be read or a folder that cannot be written
-        print(f"error: {e if isinstance(e, AnalysisError) else first_line(e)}", file=sys.stderr)
+    except load.READ_ERRORS as e:
+        print(load.refusal(e), file=sys.stderr)
         return 2
     print(f"report: {path.resolve()}")
     return 0

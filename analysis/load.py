@@ -7,10 +7,14 @@ import json
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from cookbook import tracking as t
 from cookbook.config import PARAM_PREFIX
+from cookbook.delivery import first_line
 from cookbook.range_run import LR_FIND_BLOWUP_TAG, LR_FIND_TAG
+from cookbook.tracking import store_missing
 from cookbook.train import EPOCH_LOSS, TEST_ACC, TEST_LOSS
 from experiments.pruning import PRUNED_TAG
 from experiments.storage import STRESS_TAG, SWEEP_TAG
@@ -27,6 +31,22 @@ NUMERIC = ("lr", "width", "depth", "warmup_epochs", "epochs", "batch_size", "tra
 
 class AnalysisError(RuntimeError):
     """The experiment cannot be analysed at all (missing, or no finished training runs)."""
+
+
+# What a reading command refuses in one line (exit 2): its own errors, and a store that cannot be read (an MLflow error,
+# a file that is not a database, which SQLAlchemy raises as it is, a folder that cannot be written)
+READ_ERRORS = (AnalysisError, MlflowException, SQLAlchemyError, OSError)
+
+
+def refusal(error: Exception) -> str:
+    """The one line a reading command prints for one of READ_ERRORS."""
+    return f"error: {error if isinstance(error, AnalysisError) else first_line(error)}"
+
+
+def check_store() -> None:
+    """Refuse a SQLite store that does not exist before MLflow makes an empty one there."""
+    if why := store_missing(mlflow.get_tracking_uri()):
+        raise AnalysisError(why)
 
 
 def training_runs(experiment: str) -> pd.DataFrame:

@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="precision")
     args = parser.parse_args(argv)
     try:
+        load.check_store()
         table = compare(precision_runs(args.experiment))
         if table.empty:
             raise AnalysisError(f"no config in '{args.experiment}' has a seed trained in both fp32 and bf16 at one setting")
-    except AnalysisError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except load.READ_ERRORS as e:
+        print(load.refusal(e), file=sys.stderr)
         return 2
     print(table.to_markdown(index=False, floatfmt=".4f"))
     return 0

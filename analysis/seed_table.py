@@ -8,7 +8,6 @@ import argparse
 import sys
 
 from analysis import load, sections
-from analysis.load import AnalysisError
 from analysis.select import with_scale
 
 
@@ -17,9 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="seed-table")
     args = parser.parse_args(argv)
     try:
+        load.check_store()
         section = sections.results_table(with_scale(load.training_runs(args.experiment)))
-    except (AnalysisError, sections.Skip) as e:
+    except sections.Skip as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except load.READ_ERRORS as e:
+        print(load.refusal(e), file=sys.stderr)
         return 2
     print(section.text + "\n")
     print(section.tables["results"].to_markdown(index=False))

@@ -2,10 +2,13 @@
 on its survivors, one scale that covers the configs, one config per size sweep."""
 import json
 
+import mlflow
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 from test_analysis import make_run
 
+from analysis import precision_effect, seed_table
 from analysis.cli import main
 from analysis.load import stress_reports
 from analysis.lr import boundaries, latest_per_config, warmup_size
@@ -104,3 +107,18 @@ def test_the_latest_stress_study_is_the_one_the_store_started_last(tracking):
         client.log_text(run, json.dumps([{"config": "no_tricks", "boundary_lr": boundary}]), STRESS_REPORT)
         client.set_terminated(run)
     assert latest_per_config(stress_reports("studies"))["no_tricks"]["boundary_lr"] == 0.5
+
+
+@pytest.mark.parametrize("tool", ["analysis", "seed_table", "precision_effect"])
+def test_every_reading_tool_refuses_a_store_that_is_missing_or_not_a_database(tool, tracking, tmp_path, monkeypatch, capsys):
+    entry = {"analysis": main, "seed_table": seed_table.main, "precision_effect": precision_effect.main}[tool]
+    argv = ["--experiment", "x"] + (["--output", str(tmp_path / "out")] if tool == "analysis" else [])
+    missing, garbage = tmp_path / "typo.db", tmp_path / "garbage.db"
+    garbage.write_text("not a database")
+    for store in (missing, garbage):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        mlflow.set_tracking_uri(f"sqlite:///{store}")
+        assert entry(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"error: no tracking store at sqlite:///{missing}; point MLFLOW_TRACKING_URI at the store the runs are in"
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err) and not missing.exists()
