@@ -58,28 +58,31 @@ def analyse(experiment: str, output: Path, log_to_mlflow: bool = True) -> Path:
     """Write the report folder for experiment; return the HTML report's path."""
     built, skipped = build_sections(experiment)
     source = f"Experiment `{experiment}` in `{store_name()}`; every number below is read from its tracked runs."
-    report.save(built, output)
+    written = report.save(built, output)
     md = report.markdown(f"Stability cookbook: {experiment}", built, skipped, source)
     (output / "report.md").write_text(md)
     html_path = output / "report.html"
     html_path.write_text(report.to_html(md, output))
+    files = [*written, output / "report.md", html_path]
+    report.keep_manifest(output, files)
     for s in built:
         for fig in s.figures.values():
             plt.close(fig)
     for name, why in skipped.items():
         print(f"not drawn: {name}: {why}", file=sys.stderr)
     if log_to_mlflow:
-        log_report(experiment, output, built)
+        log_report(experiment, files, built)
     return html_path
 
 
-def log_report(experiment: str, output: Path, built: list[sections.Section]) -> None:
-    """Log the folder to an MLflow run (the `mlflow run` one if inside it) so the figures show in the UI."""
+def log_report(experiment: str, files: list[Path], built: list[sections.Section]) -> None:
+    """Log this report's files to an MLflow run (the `mlflow run` one if inside it) so the figures show in the UI."""
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(ANALYSIS_EXPERIMENT)
     with mlflow.start_run(run_name=f"analysis-{experiment}"):
         mlflow.set_tags({"analysed_experiment": experiment})
-        mlflow.log_artifacts(str(output))
+        for path in files:  # not the folder: whatever else it holds is not this report
+            mlflow.log_artifact(str(path))
         for s in built:
             if "results" in s.tables:
                 mlflow.log_table(s.tables["results"], "results_table.json")

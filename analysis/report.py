@@ -9,10 +9,16 @@ import markdown_it
 
 from analysis.sections import Section
 
+MANIFEST = ".report-files"  # the files the last report wrote in its folder: gone before the next report writes
+
 
 def save(sections: list[Section], out: Path) -> list[Path]:
-    """Write figures (PNG), tables (CSV and Markdown); return every file written."""
+    """Write figures (PNG), tables (CSV and Markdown), after removing the previous report's files (a section it drew may
+    not be drawn now); return every file written."""
     out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():
+        for name in (out / MANIFEST).read_text().splitlines():
+            (out / name).unlink(missing_ok=True)
     written = []
     for section in sections:
         for name, fig in section.figures.items():
@@ -24,6 +30,11 @@ def save(sections: list[Section], out: Path) -> list[Path]:
             (out / f"{name}.md").write_text(table.to_markdown(index=False))
             written += [out / f"{name}.csv", out / f"{name}.md"]
     return written
+
+
+def keep_manifest(out: Path, files: list[Path]) -> None:
+    """Note which files this report wrote, so the next one into the folder removes exactly those."""
+    (out / MANIFEST).write_text("".join(f"{path.name}\n" for path in files))
 
 
 def markdown(title: str, sections: list[Section], skipped: dict[str, str], source: str) -> str:

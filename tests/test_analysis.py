@@ -115,6 +115,23 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     assert {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id)} >= {"report.html", "loss_curves.png"}
 
 
+def test_a_report_into_an_earlier_reports_folder_keeps_and_logs_only_its_own_files(known, tmp_path):
+    out = tmp_path / "report"
+    assert main(["--experiment", known, "--output", str(out), "--no-mlflow-log"]) == 0
+    assert (out / "lr_stress.png").is_file()
+    (out / "notes.txt").write_text("the user's own")
+    client = MlflowClient()
+    for seed in (0, 1):  # an experiment with far fewer sections
+        make_run(client, client.create_experiment("few") if seed == 0 else client.get_experiment_by_name("few").experiment_id,
+                 "no_tricks", seed, 0.2, steps=60, snapshot=False)
+    assert main(["--experiment", "few", "--output", str(out)]) == 0
+    assert not (out / "lr_stress.png").exists() and (out / "notes.txt").read_text() == "the user's own"
+    [run] = client.search_runs([client.get_experiment_by_name("analysis").experiment_id])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "report.html" in logged and "notes.txt" not in logged and "lr_stress.png" not in logged
+    assert logged - {"results_table.json"} == {p.name for p in out.iterdir() if p.name not in ("notes.txt", ".report-files")}
+
+
 def test_per_layer_table_at_three_steps_and_size_table(known, tmp_path):
     out = tmp_path / "report"
     assert main(["--experiment", known, "--output", str(out), "--no-mlflow-log"]) == 0
