@@ -99,10 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 def check_inputs(output: Path) -> None:
     """Refuse, before reading anything, a report folder that cannot be one and a SQLite store that does not exist
     (MLflow would create an empty one there and report no experiment)."""
+    check_output(output)
+    load.check_store()
+
+
+def check_output(output: Path) -> None:
+    """Refuse a report folder that cannot be one (it, or a folder above it, is a file); experiments.study asks first."""
     blocker = next((p for p in (output, *output.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise AnalysisError(f"--output {output}: {blocker} is a file, not a folder")
-    load.check_store()
 
 
 def main(argv: list[str] | None = None) -> int:

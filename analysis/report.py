@@ -16,9 +16,8 @@ def save(sections: list[Section], out: Path) -> list[Path]:
     """Write figures (PNG), tables (CSV and Markdown), after removing the previous report's files (a section it drew may
     not be drawn now); return every file written."""
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).is_file():
-        for name in (out / MANIFEST).read_text().splitlines():
-            (out / name).unlink(missing_ok=True)
+    for path in report_files(out):
+        path.unlink(missing_ok=True)
     written = []
     for section in sections:
         for name, fig in section.figures.items():
@@ -30,6 +29,12 @@ def save(sections: list[Section], out: Path) -> list[Path]:
             (out / f"{name}.md").write_text(table.to_markdown(index=False))
             written += [out / f"{name}.csv", out / f"{name}.md"]
     return written
+
+
+def report_files(out: Path) -> list[Path]:
+    """The files the last report wrote in out (none if it holds no report)."""
+    listed = out / MANIFEST
+    return [out / name for name in listed.read_text().splitlines()] if listed.is_file() else []
 
 
 def keep_manifest(out: Path, files: list[Path]) -> None:

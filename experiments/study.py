@@ -17,6 +17,10 @@ from pathlib import Path
 
 import mlflow
 
+from analysis.cli import check_output
+from analysis.load import AnalysisError
+from analysis.report import report_files
+from cookbook.config import Config, merge, validate
 from cookbook.stop import exit_now
 from experiments.storage import DEFAULT_STORAGE
 from experiments.workers import worker_env
@@ -110,18 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_phases(commands: dict[str, list[str]], phases: list[str]) -> dict[str, float] | None:
-    """Run the phases in order; their wall times in seconds, or None when one failed."""
+def run_phases(commands: dict[str, list[str]], phases: list[str]) -> tuple[dict[str, float], int]:
+    """Run the phases in order: their wall times in seconds, and 0 or the exit code of the phase that failed."""
     env, timings = worker_env(), {}  # the phases make their own runs in the experiment, not inside this one
     for i, phase in enumerate(phases):
         print(f"[study] phase {i + 1}/{len(phases)}, {PHASE_TITLES[phase]}: {' '.join(commands[phase][1:])}",
               file=sys.stderr, flush=True)
         started = time.time()
-        if subprocess.run(commands[phase], env=env).returncode != 0:
+        code = subprocess.run(commands[phase], env=env).returncode
+        if code == 2:  # bad input, refused in one line before any run: nothing to resume
+            return timings, 2
+        if code != 0:
             print(f"error: phase '{phase}' failed; rerun the same command to resume", file=sys.stderr)
-            return None
+            return timings, 1
         timings[PHASE_TITLES[phase]] = time.time() - started
-    return timings
+    return timings, 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         phases = parse_phases(args.phases)
         if args.workers < 1 or args.stack < 0:
             raise ValueError(f"workers={args.workers} must be >= 1 and stack={args.stack} >= 0")
-    except ValueError as e:
+        validate(merge(Config(), {"device": args.device or "auto", "compute": {"precision": args.precision or "fp32"}}))
+        check_output(Path(args.output or f"reports/{args.experiment}"))
+    except (ValueError, AnalysisError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     scale = SCALES[args.scale]
@@ -140,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     run_flags += [x for flag in ("device", "precision") if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))]
     commands = phase_commands(scale, args.experiment, run_flags, args.stack or default_stack(args.device, scale.seeds))
     started = time.time()
-    timings = run_phases(commands, phases)
-    if timings is None:
-        return 1
+    timings, failed = run_phases(commands, phases)
+    if failed:
+        return failed
     output = Path(args.output or f"reports/{args.experiment}")
     code = 0
     if not args.no_analysis:
@@ -154,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run . -e study`: the project run keeps the report and timings
         with mlflow.start_run():
             mlflow.log_metrics({f"study/{k.replace(' ', '_')}_seconds": v for k, v in timings.items()} | {"study/wall_seconds": wall})
-            if not args.no_analysis:
-                mlflow.log_artifacts(str(output), "report")
+            for path in report_files(output) if not args.no_analysis else []:  # this report's, not the folder's
+                mlflow.log_artifact(str(path), "report")
     print("\n".join(f"[study] {k}: {v / 60:.1f} min" for k, v in timings.items()) + f"\n[study] total {wall / 60:.1f} min")
-    if not args.no_analysis:
+    if not args.no_analysis and code == 0:
         print(f"report: {output / 'report.html'}")
     return code
 

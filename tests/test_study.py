@@ -10,7 +10,7 @@ from analysis.cli import ANALYSIS_EXPERIMENT
 from conftest import ROOT, WITH_ROOT
 from cookbook.config import CONFIGS_DIR, load_config
 from cookbook.model import build_model, parameter_count
-from experiments.study import PHASES, SCALES, X100_LR, default_stack, main, phase_commands
+from experiments.study import PHASES, SCALES, X100_LR, default_stack, main, phase_commands, run_phases
 
 
 def test_unknown_scale_and_phase_are_one_line(capsys):
@@ -18,6 +18,27 @@ def test_unknown_scale_and_phase_are_one_line(capsys):
     assert capsys.readouterr().err.strip() == f"error: scale='huge'; choose one of {', '.join(SCALES)}"
     assert main(["--phases", "seeds,warmup"]) == 2
     assert capsys.readouterr().err.strip() == f"error: phases='seeds,warmup'; choose from {', '.join(PHASES)}"
+
+
+@pytest.mark.parametrize("argv,message", [(["--precision", "fp16"], "compute.precision='fp16' is not valid; choose one of: fp32, bf16"),
+                                          (["--device", "tpu"], "device='tpu' must be one of auto, cpu, cuda, cuda:N, mps")])
+def test_bad_run_flags_are_one_line_before_any_phase(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("experiments.study.run_phases", lambda *a: pytest.fail("a phase ran"))
+    assert main(argv) == 2 and capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_phase(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("experiments.study.run_phases", lambda *a: pytest.fail("a phase ran"))
+    (tmp_path / "a_file").write_text("")
+    inside = tmp_path / "a_file" / "report"
+    assert main(["--output", str(inside)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --output {inside}: {tmp_path / 'a_file'} is a file, not a folder"
+
+
+def test_a_phase_refusing_bad_input_ends_the_study_with_its_code_and_no_resume_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("experiments.study.subprocess.run", lambda *a, **k: subprocess.CompletedProcess(a, 2))
+    timings, code = run_phases({"seeds": [sys.executable, "-m", "experiments.sweep"]}, ["seeds"])
+    assert code == 2 and "rerun the same command" not in capsys.readouterr().err
 
 
 def test_run_flags_reach_every_phase():
