@@ -64,7 +64,8 @@ def boundaries(runs: pd.DataFrame, reports: list[dict]) -> str:
     trials = runs[runs.stress.notna()]
     lines = []
     for r in latest_per_config(reports).values():  # a rerun study replaces the earlier one, as in the figure
-        at = ", ".join(sorted(trials[trials.config == r["config"]].scale.unique())) or "not found"
+        own = trials[trials.stress == r["study"]] if "study" in r else trials[trials.config == r["config"]]  # older reports
+        at = ", ".join(sorted(own.scale.unique())) or "not found"  # its own trials' scale, not an earlier study's
         found = (f"boundary {r['boundary_lr']:.3g}" + (f" [90% CI {r['boundary_lr_90ci'][0]:.3g}, {r['boundary_lr_90ci'][1]:.3g}]"
                                                        if r.get("boundary_lr_90ci") else "")
                  if r.get("boundary_lr") else "no boundary inside the range")

@@ -30,7 +30,7 @@ def report(study: optuna.Study) -> dict:
     x100 = df[(df.lr / 10**base - 100).abs() < 1e-6]
     steps_run, steps_full = int(df.steps_run.sum()), int(df.total_steps.sum())
     stopped = df[df[PRUNED_ATTR].notna()]
-    return {"config": spec["config"], "base_lr": 10**base, "lr_range": [10**lo, 10**hi], "trials": len(df),
+    return {"config": spec["config"], "study": study.study_name, "base_lr": 10**base, "lr_range": [10**lo, 10**hi], "trials": len(df),
             "converge_ratio": spec["converge_ratio"], "pruner": stored_pruner(study),
             **{k: spec[k] for k in (LR_FIND_BLOWUP_ATTR, LR_FIND_RUN_ATTR) if k in spec},
             **boundary([math.log10(v) for v in df.lr], list(~df.converged.astype(bool))),

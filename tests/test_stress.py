@@ -59,7 +59,7 @@ def test_stress_prunes_diverged_trials_and_reports_a_boundary(mnist_dir, trackin
     assert sorted(base.intermediate_values) == list(range(1, epochs + 1))  # optuna-dashboard's intermediate values
     assert base.intermediate_values[epochs] == base.user_attrs["final_loss"]
     result = report(study)
-    assert result["trials"] == 4 and result["steps_run"] < result["steps_without_pruning"]
+    assert result["trials"] == 4 and result["steps_run"] < result["steps_without_pruning"] and result["study"] == study.study_name
     assert result["smallest_failed_lr"] <= 0.1 and result["x100"][0]["diverged"]
     assert result["pruner"] == "none" and result["lr_range"] == pytest.approx([1e-3, 1.0])  # the defaults
     client = MlflowClient()
