@@ -91,10 +91,10 @@ def lr_stress(grid: pd.DataFrame, boundaries: dict[str, float]) -> plt.Figure:
 
 
 def warmup_vs_size(grid: pd.DataFrame) -> plt.Figure:
-    """grid: params (count), warmup (label), lr, final_loss. One panel per warmup setting, one curve per model size."""
-    g = sns.relplot(grid, x="lr", y="final_loss", hue="params", col="warmup", col_order=["no warmup", "warmup"], kind="line",
-                    marker="o",
-                    errorbar="sd", palette="viridis", height=3.6, aspect=1.2, hue_norm=matplotlib.colors.LogNorm())
+    """grid: params (count), warmup (label), warmup_epochs, lr, final_loss. One panel per warmup length, one curve per size."""
+    panels = list(grid.sort_values("warmup_epochs").warmup.unique())
+    g = sns.relplot(grid, x="lr", y="final_loss", hue="params", col="warmup", col_order=panels, kind="line", marker="o", errorbar="sd",
+                    palette="viridis", height=3.6, aspect=1.2, hue_norm=matplotlib.colors.LogNorm())
     g.set(xscale="log", yscale="log")
     g.set_axis_labels("peak learning rate (log)", "final train loss (nats, log)")
     g.figure.suptitle("Final loss against LR per model size, without and with warmup (diverged runs: no point)", y=1.03)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, load
-from analysis.sections import Section, Skip, fmt_ci, scale_note
+from analysis.sections import Section, Skip, fmt_ci, round_table, scale_note
 from analysis.select import LR_KEY, classified, lr_grid, main_scale, outcome, own_lr, size_sweep, sized_runs
 from analysis.stats import capped_losses, lr_sensitivity, mean_ci95, noise_verdict
 from cookbook.config import TRAIN_SIZE
@@ -137,7 +137,10 @@ def range_test_vs_boundary(reports: list[dict], tests: pd.DataFrame) -> tuple[st
             "rising each update) lies inside the stress boundary's 90% interval (without a fitted boundary: its bracket)"
             + (f"; in {never} it never blew up, so it said nothing of the boundary" if never else "")
             + "; the table says by how much it misses elsewhere. The boundary is where training at a fixed peak LR fails "
-            "(diverges or does not converge) half the time."), table.round(4)
+            "(diverges or does not converge) half the time."), round_table(table, RANGE_TEST_LRS)
+
+
+RANGE_TEST_LRS = ["range-test blow-up LR", "stress boundary LR", "largest converged", "smallest failed"]
 
 
 def fmt_interval(ci) -> str:
@@ -168,7 +171,8 @@ def isolation(runs: pd.DataFrame) -> Section:
     winner = min(at_best, key=lambda c: at_best[c].final_loss.mean())
     notes = [f"{c} vs {winner}: {noise_verdict(at.final_loss, at_best[winner].final_loss)}" for c, at in at_best.items()
              if c != winner]
-    text = (scale_note(grid) + "Each config at the LR that is best for it on the grid, among LRs where no seed diverged. "
+    compared = pd.concat(at_best.values())
+    text = (scale_note(compared) + "Each config at the LR that is best for it on the grid, among LRs where no seed diverged. "
             f"Best: **{winner}**. " + "; ".join(notes) + ".")
     return Section("Tuned comparison (best LR per config)", text, {"isolation": table})
 
@@ -187,31 +191,48 @@ def size_table(sized: pd.DataFrame, init: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+NO_WARMUP = "no warmup"
+
+
+def warmup_labels(epochs: pd.Series) -> pd.Series:
+    """'no warmup', and 'warmup' where one length was tried ('warmup 2 epochs' each, where several were: never pooled)."""
+    lengths = sorted(epochs[epochs > 0].unique())
+    named = {e: "warmup" if len(lengths) == 1 else f"warmup {e:g} epochs" for e in lengths}
+    return epochs.map(lambda e: named.get(e, NO_WARMUP))
+
+
+def warmup_verdict(wide: pd.DataFrame, warmup: str, prefix: str = "") -> str:
+    """Where no warmup's LR sensitivity exceeds this warmup length's by the rule, at the sizes run both ways ('' if none)."""
+    rule = f"no-warmup LR sensitivity more than 25% and 0.01 nats above {warmup}'s"
+    both = wide[[NO_WARMUP, warmup]].dropna() if NO_WARMUP in wide else wide.iloc[:0]
+    if both.empty:
+        return ""
+    gap = both[NO_WARMUP] - both[warmup]
+    matters = list(gap[(gap > 0.01) & (both[NO_WARMUP] > 1.25 * both[warmup])].index)
+    if matters and matters == list(both.index):
+        return (f"{prefix}Warmup matters at **every size tried**, {min(matters):,} to {max(matters):,} parameters "
+                f"({rule}); the table says by how much.")
+    if matters:
+        return (f"{prefix}Warmup starts to matter at **{min(matters):,} parameters** (the smallest size where the {rule}; "
+                f"it holds at {', '.join(f'{m:,}' for m in matters)}).")
+    return f"{prefix}Within the sizes tried warmup never mattered by the rule ({rule})."
+
+
 def warmup_size(runs: pd.DataFrame) -> Section:
     """6. Final loss against LR per model size, with and without warmup; LR sensitivity against parameter count."""
     sized = size_sweep(runs)
     if sized.empty or sized.param_count.nunique() < 2 or sized.lr.nunique() < 2:
         raise Skip("no warmup-vs-size sweep here (runs that override model.width or model.depth, at 2+ sizes and 2+ LRs)")
-    sized = sized.assign(warmup=np.where(sized.warmup_epochs > 0, "warmup", "no warmup"), params=sized.param_count)
+    sized = sized.assign(warmup=warmup_labels(sized.warmup_epochs), params=sized.param_count)
     table = size_table(sized, CHANCE_LOSS)  # the loss of a uniform prediction over 10 classes: the loss at init
     wide = table.pivot(index="params", columns="warmup", values="sensitivity")
-    rule = "no-warmup LR sensitivity more than 25% and 0.01 nats above warmup's"
-    both = wide.dropna() if {"warmup", "no warmup"} <= set(wide.columns) else wide.iloc[:0]
-    answer = (f"Within the sizes tried warmup never mattered by the rule ({rule})." if len(both) else
-              "Warmup cannot be judged here: no size was run both with and without warmup.")
-    if len(both):
-        gap = both["no warmup"] - both["warmup"]
-        matters = list(gap[(gap > 0.01) & (both["no warmup"] > 1.25 * both["warmup"])].index)
-        if matters and matters == list(both.index):
-            answer = (f"Warmup matters at **every size tried**, {min(matters):,} to {max(matters):,} parameters "
-                      f"({rule}); the table says by how much.")
-        elif matters:
-            answer = (f"Warmup starts to matter at **{min(matters):,} parameters** (the smallest size where the {rule}; "
-                      f"it holds at {', '.join(f'{m:,}' for m in matters)}).")
+    lengths = [w for w in wide.columns if w != NO_WARMUP]
+    answers = [warmup_verdict(wide, w, prefix=f"With {w}: " if len(lengths) > 1 else "") for w in lengths]
+    answer = " ".join(a for a in answers if a) or "Warmup cannot be judged here: no size was run both with and without warmup."
     sens = table[["params", "warmup", "sensitivity"]]
     others = sorted(set(sized_runs(runs).config) - set(sized.config))
     text = (scale_note(sized) + f"Config {', '.join(sorted(sized.config.unique()))}; LR sensitivity = mean over the LR grid "
             "of min(final loss, ln 10) minus the best final loss (Wortsman et al. 2023). " + answer
             + (f" Size runs of {', '.join(others)} are not drawn: one config per section." if others else ""))
-    return Section("Warmup vs model size", text, {"size_table": table.round(4), "lr_sensitivity_values": sens},
+    return Section("Warmup vs model size", text, {"size_table": round_table(table, ["best LR"]), "lr_sensitivity_values": sens},
                    {"warmup_vs_size": figures.warmup_vs_size(sized), "sensitivity_vs_size": figures.sensitivity_vs_size(sens)})

@@ -38,6 +38,12 @@ def fmt_ci(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def round_table(table: pd.DataFrame, lr_columns: list[str]) -> pd.DataFrame:
+    """Losses and ratios to 4 decimals, learning rates to 4 significant digits (a 4-decimal LR 3.4e-5 would read 0.0)."""
+    lrs = {c: pd.to_numeric(table[c]).map(lambda v: float(f"{v:.4g}")) for c in lr_columns}
+    return table.round(4).assign(**lrs)
+
+
 def scale_note(runs: pd.DataFrame) -> str:
     """The scale the section's runs were made at, and their seeds, as the section's first line."""
     seeds = ", ".join(str(v) for v in sorted(runs.seed.unique()))
@@ -126,16 +132,24 @@ def loss_curves(runs: pd.DataFrame) -> Section:
                    figures={"loss_curves": figures.loss_curves(hist)})
 
 
+CELL = ["config", "lr", "width", "depth", "warmup_epochs", "seed", "scale"]  # one training: phases that share it ran it alike
+
+
 def diverged(runs: pd.DataFrame) -> Section:
-    """8. Every diverged run, a result in itself: where and when it blew up."""
-    bad = runs[runs.diverged].sort_values(["config", "lr", "width", "seed"])
+    """8. Every diverged cell, a result in itself: where and when it blew up (a cell two phases trained, listed once)."""
+    bad = runs[runs.diverged].sort_values(["config", "lr", "width", "seed", "start_time"])
     if bad.empty:
         raise Skip("no run diverged")
-    counts = bad.groupby("config").size()
-    table = pd.DataFrame({"run": bad.run_name.fillna(bad.run_id), "config": bad.config, "LR": bad.lr, "width": bad.width,
-                          "warmup epochs": bad.warmup_epochs, "seed": bad.seed, "diverged at step": bad.diverged_step,
-                          "of steps": bad.total_steps, "stress study": bad.stress.notna(), "scale": bad.scale})
-    text = (f"{len(bad)} of {len(runs)} runs diverged ({', '.join(f'{c}: {n}' for c, n in counts.items())}): "
+    cells = bad.groupby(CELL, dropna=False, sort=False)
+    first = cells.head(1).assign(runs=cells.run_id.transform("size"), stress=cells.stress.transform(lambda s: s.notna().any()))
+    counts = first.groupby("config").size()
+    table = pd.DataFrame({"run": first.run_name.fillna(first.run_id), "config": first.config, "LR": first.lr,
+                          "width": first.width, "warmup epochs": first.warmup_epochs, "seed": first.seed,
+                          "diverged at step": first.diverged_step, "of steps": first.total_steps, "runs": first.runs,
+                          "stress study": first.stress, "scale": first.scale})
+    repeats = f"; {len(bad)} runs, a cell that two phases trained listed once" if len(bad) > len(first) else ""
+    text = (f"{len(first)} of {len(runs.drop_duplicates(CELL))} cells diverged "
+            f"({', '.join(f'{c}: {n}' for c, n in counts.items())}{repeats}): "
             "a non-finite loss or one above the divergence factor x the loss of step 0. They are marked in the LR "
             "figures, left out of means and curves, and count as the loss at init in LR sensitivity.")
     return Section("Diverged runs", text, {"diverged_runs": table})

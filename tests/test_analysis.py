@@ -76,9 +76,12 @@ def test_tuned_comparison_takes_no_lr_where_a_seed_diverged(tracking, tmp_path):
         make_run(client, exp, "no_tricks", seed, 0.4, lr=3e-3, name=f"no_tricks seed={seed} lr=0.003")
         make_run(client, exp, "no_tricks", seed, 0.05 if seed == 0 else float("nan"), lr=1e-2, diverged=seed == 1,
                  name=f"no_tricks seed={seed} lr=0.01")
+    make_run(client, exp, "no_tricks", 2, 0.45, lr=3e-3, name="no_tricks seed=2 lr=0.003")  # a seed not at the best LR
     assert main(["--experiment", "tuned", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
     isolation = pd.read_csv(tmp_path / "isolation.csv").set_index("config")
     assert isolation.loc["no_tricks", "best LR"] == 1e-3 and isolation.loc["no_tricks", "seeds"] == 2
+    tuned = (tmp_path / "report.md").read_text().split("## Tuned comparison")[1]
+    assert "fp32; seeds 0, 1.*" in tuned.split("\n\n")[1]  # the seeds compared, not every seed of the grid
 
 
 def test_report_numbers_and_figures(known, tmp_path, capsys):
@@ -106,7 +109,7 @@ def test_report_numbers_and_figures(known, tmp_path, capsys):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     isolation = pd.read_csv(out / "isolation.csv").set_index("config")
     assert isolation.loc["no_tricks", "best LR"] == 1e-3
-    assert "## Diverged runs\n\n6 of 24 runs diverged (all_tricks: 4, no_tricks: 2)" in report
+    assert "## Diverged runs\n\n6 of 24 cells diverged (all_tricks: 4, no_tricks: 2)" in report
     assert set(pd.read_csv(out / "diverged_runs.csv").run) == {
         "no_tricks seed=0 lr=0.1", "no_tricks seed=1 lr=0.1", "all_tricks seed=0 lr=0.1", "all_tricks seed=1 lr=0.1",
         "all_tricks seed=0 lr=0.1 width=0.5 warmup_epochs=0", "all_tricks seed=0 lr=0.1 width=2 warmup_epochs=0"}
@@ -275,7 +278,7 @@ def test_range_test_blow_up_beside_the_stress_boundary(tracking, tmp_path):
     common = {"trials": 10, "x100": [], "pruning_saved": 0.0}
     reports = [{"config": "no_tricks", "boundary_lr": 0.1, "boundary_lr_90ci": [0.04, 0.2], "largest_converged_lr": 0.08,
                 "smallest_failed_lr": 0.12, "lr_find_run_id": tests["no_tricks"], **common},
-               {"config": "batchnorm", "boundary_lr": 0.5, "boundary_lr_90ci": [0.25, 1.0], "largest_converged_lr": 0.4, **common},
+               {"config": "batchnorm", "boundary_lr": 0.5, "boundary_lr_90ci": [0.25, 1.0], "largest_converged_lr": 3.4567e-4, **common},
                {"config": "layernorm", "largest_converged_lr": 0.3, "smallest_failed_lr": 0.6, **common},
                {"config": "all_tricks", "largest_converged_lr": 0.3, "smallest_failed_lr": 0.6, **common}]
     parent = client.create_run(exp, run_name="stress").info.run_id
@@ -289,6 +292,7 @@ def test_range_test_blow_up_beside_the_stress_boundary(tracking, tmp_path):
     assert table.loc["layernorm", "blow-up lies"] == "the range test never blew up"
     assert table.loc["all_tricks", "blow-up lies"] == "below the bracket (largest converged, smallest failed): 3x under its low end"
     assert table.loc["all_tricks", "range test on"] == "256 images, batch 32"
+    assert table.loc["batchnorm", "largest converged"] == 3.457e-4  # 4 significant digits, not 4 decimals
     assert "In 1 of 4 configs its blow-up LR" in (text := (tmp_path / "report.md").read_text())
     assert "(without a fitted boundary: its bracket); in 1 it never blew up, so it said nothing" in text
     assert list(load.training_runs("lrfind").seed) == [0]

@@ -12,6 +12,7 @@ from analysis import precision_effect, seed_table
 from analysis.cli import main
 from analysis.load import stress_reports
 from analysis.lr import boundaries, latest_per_config, warmup_size
+from analysis.sections import diverged
 from analysis.select import with_scale
 from experiments.stress_report import STRESS_REPORT, STRESS_RUN
 
@@ -66,10 +67,33 @@ def sized(config: str, width: float, params: int, warmup: float, lr: float, loss
             "test_subset": None, "batch_size": 128, "precision": "fp32"}
 
 
+def test_a_diverged_cell_two_phases_trained_is_listed_once():
+    """The grid and the size sweep both train (no_tricks, lr 0.1, width 1, seed 0): one cell, two runs, listed once."""
+    grid = {**sized("no_tricks", 1.0, 10_000, 0.0, 0.1, float("nan")), "diverged": True, "run_id": "a", "run_name": "grid",
+            "diverged_step": 3, "total_steps": 200}
+    runs = [grid, {**grid, "run_id": "b", "run_name": "size", "start_time": 1}, {**grid, "run_id": "c", "run_name": "c", "seed": 1},
+            {**grid, "run_id": "d", "lr": 0.01, "diverged": False}]
+    section = diverged(with_scale(pd.DataFrame(runs)))
+    assert section.text.startswith("2 of 3 cells diverged (no_tricks: 2; 3 runs, a cell that two phases trained listed once): ")
+    table = section.tables["diverged_runs"]
+    assert table.run.tolist() == ["grid", "c"] and table.runs.tolist() == [2, 1]
+
+
 def test_warmup_is_not_judged_without_runs_both_with_and_without_it():
     runs = [sized("no_tricks", w, p, 0.0, lr, 0.2) for w, p in ((0.5, 10_000), (2.0, 100_000)) for lr in (1e-3, 1e-2)]
     assert "Warmup cannot be judged here: no size was run both with and without warmup." in warmup_size(
         with_scale(pd.DataFrame(runs))).text
+
+
+def test_two_warmup_lengths_are_never_pooled():
+    """1-epoch warmup flattens LR sensitivity, 3-epoch warmup does not: two rows and two verdicts, not one mean."""
+    losses = {0.0: (0.1, 2.0), 1.0: (0.1, 0.12), 3.0: (0.1, 1.9)}  # final loss at LR 1e-3, 1e-2
+    runs = [sized("no_tricks", w, p, warmup, lr, loss) for w, p in ((0.5, 10_000), (2.0, 100_000))
+            for warmup, pair in losses.items() for lr, loss in zip((1e-3, 1e-2), pair)]
+    section = warmup_size(with_scale(pd.DataFrame(runs)))
+    assert set(section.tables["size_table"].warmup) == {"no warmup", "warmup 1 epochs", "warmup 3 epochs"}
+    assert "With warmup 1 epochs: Warmup matters at **every size tried**" in section.text
+    assert "With warmup 3 epochs: Within the sizes tried warmup never mattered" in section.text
 
 
 def test_two_configs_of_equal_parameter_counts_are_never_pooled():
