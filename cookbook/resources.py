@@ -67,12 +67,15 @@ def check(cfg: Config) -> torch.device:
 
 
 def fused_needs_cuda(cfg: Config, device: torch.device) -> None:
-    """A compute.stacked_conv with 'fused' runs Triton kernels: a ConfigError off CUDA (unless Triton's CPU interpreter is on)."""
-    if "fused" not in cfg.compute.stacked_conv.split("+") or device.type == "cuda":
+    """compute.stacked_conv with 'fused', or compute.stacked_norm 'fused', runs Triton kernels: a ConfigError off CUDA
+    (unless Triton's CPU interpreter is on)."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if "fused" in cfg.compute.stacked_conv.split("+"):
         raise ConfigError(f"compute.stacked_conv={cfg.compute.stacked_conv!r} runs Triton kernels on a CUDA GPU, not on "
                           f"{device}; choose one of: {', '.join(c for c in STACKED_CONVS if c != 'fused')}")
+    if cfg.compute.stacked_norm == "fused":
+        raise ConfigError(f"compute.stacked_norm='fused' runs Triton kernels on a CUDA GPU, not on {device}; choose torch")
 
 
 def visible_gpus() -> list[str]:

@@ -1,6 +1,7 @@
 """Shared fixtures: real MNIST (built once, offline mirror if needed), a tiny config, a temporary MLflow store, fake GPUs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(mnist_dir):
     return load_mnist(mnist_dir, train_subset=256, test_subset=200)
+
+
+@pytest.fixture
+def float64(tiny_data):
+    """tiny_data in float64, with float64 the default dtype meanwhile (exact comparisons of two computations)."""
+    torch.set_default_dtype(torch.float64)
+    yield dataclasses.replace(tiny_data, train_x=tiny_data.train_x.double(), test_x=tiny_data.test_x.double())
+    torch.set_default_dtype(torch.float32)
 
 
 @pytest.fixture

@@ -38,13 +38,6 @@ def assert_same_history(got, want, rel, abs=1e-6):
         assert [v for _, v in got[key]] == pytest.approx([v for _, v in series], rel=rel, abs=abs), key
 
 
-@pytest.fixture
-def float64(tiny_data):
-    torch.set_default_dtype(torch.float64)
-    yield dataclasses.replace(tiny_data, train_x=tiny_data.train_x.double(), test_x=tiny_data.test_x.double())
-    torch.set_default_dtype(torch.float32)
-
-
 @pytest.mark.parametrize("norm,conv", [(norm, conv) for conv in ("grouped", "gemm") for norm in ("batch", "layer", "none")]
                          + [("none", "grouped+gemm+grouped")])  # a kind per conv block
 def test_each_member_equals_its_separate_run_in_float64(norm, conv, tiny_cfg, float64):
