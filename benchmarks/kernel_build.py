@@ -1,9 +1,10 @@
-"""Registers, spills and shared memory of cookbook.fused_conv's kernels as training launches them, for a GPU that need not be here.
+"""Registers, spills and shared memory of cookbook.fused_conv's and fused_norm's kernels as training launches them, for a GPU
+that need not be here.
 
     python -m benchmarks.kernel_build --arch 90                         # an H100; no GPU needed
     python -m benchmarks.kernel_build --vary block_pixels=32,128        # other tilings (as in benchmarks.fused_tiles)
 
-fused_conv's own host functions run on meta tensors of the default model's layers (K members at batch 128), with
+fused_conv's and fused_norm's own host functions run on meta tensors of the default model's layers (K members at batch 128), with
 each kernel swapped for a recorder; every recorded launch is compiled as Triton's JIT would compile it (its
 specialisation of the arguments: 16-byte-aligned pointers, integers divisible by 16 or equal to 1, which decides
 whether loads are vectorised and pipelined) for sm_<arch>, and Triton's bundled ptxas reports registers and spills.
@@ -14,6 +15,7 @@ with torch) are used only here.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -28,10 +30,10 @@ from benchmarks import usage_error
 KERNELS = ("_forward", "_grad_input", "_grad_weight")
 
 
-def recorded_launch(fc, call, tiling, processors: int) -> tuple:
-    """(kernel, args, kwargs) of the one launch call(tiling) makes on a card of `processors` multiprocessors (the weight
-    gradient's split depends on them), recorded instead of run; fc is left as it was."""
-    launches, originals = [], {name: getattr(fc, name) for name in (*KERNELS, "_processors")}
+def recorded_launches(module, kernels: tuple[str, ...], call, processors: int) -> list[tuple]:
+    """(kernel, args, kwargs) of each launch call() makes on a card of `processors` multiprocessors (the sums' splits
+    depend on them), recorded instead of run; module is left as it was."""
+    launches, originals = [], {name: getattr(module, name) for name in (*kernels, "_processors")}
 
     class Recorder:
         def __init__(self, kernel):
@@ -40,14 +42,19 @@ def recorded_launch(fc, call, tiling, processors: int) -> tuple:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
     try:
-        for name in KERNELS:
-            setattr(fc, name, Recorder(originals[name]))
-        fc._processors = lambda _: processors
-        call(tiling)
+        for name in kernels:
+            setattr(module, name, Recorder(originals[name]))
+        module._processors = lambda _: processors
+        call()
     finally:
         for name, kernel in originals.items():
-            setattr(fc, name, kernel)
-    (launch,) = launches
+            setattr(module, name, kernel)
+    return launches
+
+
+def recorded_launch(fc, call, tiling, processors: int) -> tuple:
+    """The one launch of fused_conv's kernels that call(tiling) makes."""
+    (launch,) = recorded_launches(fc, KERNELS, lambda: call(tiling), processors)
     return launch
 
 
@@ -97,6 +104,36 @@ def rows_for(triton, fc, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+NORM_KERNELS = ("_stats", "_forward", "_grad_sums", "_grad_input")
+
+
+def norm_step(fn, x, per_channel, pool: int) -> None:
+    """What one training step calls of cookbook.fused_norm for a block's map x (per-channel vectors: any values)."""
+    fn.batch_stats(x)
+    pooled = fn.pool_forward(x, per_channel, per_channel, pool)
+    fn.pool_backward(x, *[per_channel] * 4, pooled.new_empty(pooled.shape), pool)
+
+
+def norm_rows(triton, fn, args: argparse.Namespace) -> list[dict]:
+    """One row per (precision, conv block, kernel) of cookbook.fused_norm's launches in one training step."""
+    import torch
+
+    from benchmarks.fused_tiles import DTYPES
+    from benchmarks.kernel_speed import SIDE, conv_layers
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for precision in args.precisions:
+            for _, out, side in conv_layers():
+                pool = 2 if side > SIDE[-1] else 1  # the last block has no pool
+                x = torch.empty(args.batch, side, side, args.members * out, dtype=DTYPES[precision], device="meta")
+                step = functools.partial(norm_step, fn, x, torch.empty(args.members * out, device="meta"), pool)
+                for kernel, launch_args, kwargs in recorded_launches(fn, NORM_KERNELS, step, args.sms):
+                    binary = compiled(triton, kernel, launch_args, kwargs, args.arch)
+                    rows.append({"kernel": f"norm{kernel.fn.__name__}", "precision": precision, "layer": f"{out}@{side}",
+                                 "tiling": "default", **report(triton, binary, args.arch, Path(scratch))})
+    return rows
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments, --precisions as a list and --vary as {field: values}; bad ones exit 2 in one line."""
     from benchmarks.fused_tiles import DTYPES, parse_vary
@@ -123,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import triton
 
-    from cookbook import fused_conv
-    print(pd.DataFrame(rows_for(triton, fused_conv, args)).to_string(index=False))
+    from cookbook import fused_conv, fused_norm
+    rows = rows_for(triton, fused_conv, args) + norm_rows(triton, fused_norm, args)
+    print(pd.DataFrame(rows).to_string(index=False))
     print(f"\ntriton {triton.__version__}, sm_{args.arch}, {args.sms} multiprocessors, K={args.members}, batch {args.batch}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Forward + backward milliseconds of the layers we pick between: stacked conv (grouped, NCHW, gemm, fused), LayerNorm (NHWC vs NCHW).
+"""Forward + backward milliseconds of the layers we pick between: stacked conv (grouped, NCHW, gemm, fused), stacked
+BatchNorm+pool+ReLU (PyTorch's ops vs fused), LayerNorm (NHWC vs NCHW).
 
     python -m benchmarks.kernel_speed --device cuda --members 64 --precision bf16
     python -m benchmarks.kernel_speed --fastest benchmarks/results/kernel_speed-cuda-bf16-k64.csv   # -> gemm+grouped+gemm
@@ -69,7 +70,23 @@ def conv_layers() -> list[tuple[int, int, int]]:
     return list(zip([1, *outputs[:-1]], outputs, SIDE))
 
 
-def rows_for(device, members: int, batch: int, precision, repeats: int) -> pd.DataFrame:
+def batchnorm_rows(device, members: int, batch: int, channels: int, side: int, precision, repeats: int,
+                   dtype: torch.dtype) -> list[dict]:
+    """A stacked block's BatchNorm, 2x2 max-pool (not after the last conv) and ReLU: PyTorch's three ops, and on CUDA
+    cookbook.fused_norm's kernels; on the conv's output, in dtype (bf16 where autocast makes the conv's output bf16)."""
+    pool = side > SIDE[-1]
+    block = [nn.BatchNorm2d(members * channels), *([nn.MaxPool2d(2)] if pool else []), nn.ReLU(inplace=True)]
+    variants = [("torch", nn.Sequential(*block))]
+    if device.type == "cuda":
+        from cookbook.fused_norm import fuse_norms
+        variants.append(("fused", nn.Sequential(*fuse_norms(block))))
+    x = torch.randn(batch, members * channels, side, side, device=device, dtype=dtype).contiguous(memory_format=NHWC)
+    name = f"BatchNorm{'+pool' if pool else ''}+ReLU {channels} @{side} x K={members}"
+    return [{"layer": name, "variant": variant, "ms": timed_ms(forward_backward(layer.to(device), x, precision), device, repeats)}
+            for variant, layer in variants]
+
+
+def rows_for(device, members: int, batch: int, precision, repeats: int, dtype: torch.dtype = torch.float32) -> pd.DataFrame:
     """One row per (layer, variant): median fwd+bwd ms, and the ratio to the layer's first variant."""
     rows = []
     for c_in, c_out, side in conv_layers():
@@ -79,6 +96,7 @@ def rows_for(device, members: int, batch: int, precision, repeats: int) -> pd.Da
             layer = stack_layer(convs, kind).to(device, memory_format=layout)
             ms = timed_ms(forward_backward(layer, x.contiguous(memory_format=layout), precision, c_in > 1), device, repeats)
             rows.append({"layer": f"conv {c_in}->{c_out} @{side} x K={members}", "variant": variant, "ms": ms})
+        rows += batchnorm_rows(device, members, batch, c_out, side, precision, repeats, dtype)
         y = torch.randn(batch, c_out, side, side, device=device)
         norm = nn.GroupNorm(1, c_out).to(device)  # the model's LayerNorm
         for variant, layout in (("group_norm", NHWC), ("group_norm-nchw", NCHW)):
@@ -140,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     configure(True, device)  # the kernels training runs with by default (deterministic): the table picks its kinds
     precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    table = rows_for(device, args.members, args.batch, precision, args.repeats)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    table = rows_for(device, args.members, args.batch, precision, args.repeats, dtype)
     write_table(table, table_stem(args))
     return 0
 

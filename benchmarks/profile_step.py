@@ -36,6 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--stacked-conv", default="auto", help="compute.stacked_conv, as in training")
+    parser.add_argument("--stacked-norm", default="torch", choices=["torch", "fused"], help="compute.stacked_norm")
     parser.add_argument("--rows", type=int, default=25, help="ops printed (all are written)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
@@ -51,7 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace):
     """One epoch of --steps full batches, a one-batch test pass, eager steps."""
-    compute = {"precision": args.precision, "stacked_conv": args.stacked_conv, "cuda_graphs": False}
+    compute = {"precision": args.precision, "stacked_conv": args.stacked_conv, "stacked_norm": args.stacked_norm,
+               "cuda_graphs": False}
     cfg = load_config(args.config, CONFIGS_DIR, {"device": args.device, "epochs": 1, "data": {"data_dir": args.data_dir},
                                                  "compute": compute})
     batch = cfg.data.batch_size
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = by_name(events, args.steps, on_device, DeviceType.CPU)  # on CUDA: the device time of the kernels each op launched
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"profile_step-{device.type}-{args.precision}-k{args.members}"
+    fused = "-fusednorm" if args.stacked_norm == "fused" and cfg.model.norm == "batch" else ""
+    stem = out / f"profile_step-{device.type}-{args.precision}-k{args.members}{fused}"
     ops.to_csv(f"{stem}-ops.csv", index=False)
     show(ops, f"ops, self {'device' if on_device else 'CPU'} time", args.rows)
     if on_device:  # every kernel, also those no op is credited with (Triton's launches)
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels.to_csv(f"{stem}-kernels.csv", index=False)
         show(kernels, "kernels", args.rows)
     conv = conv_kind(cfg.compute.stacked_conv, device)
-    print(f"K={args.members}, {args.precision}, {conv} convs\nmachine: {machine()}\nwritten: {stem}-*.csv")
+    print(f"K={args.members}, {args.precision}, {conv} convs, {args.stacked_norm} BatchNorm+pool+ReLU\n"
+          f"machine: {machine()}\nwritten: {stem}-*.csv")
     return 0
 
 

@@ -126,10 +126,14 @@ def _accumulator(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _processors(x: torch.Tensor) -> int:
+    """Streaming multiprocessors of x's GPU (2 under the interpreter, so that the tests cut the sums into chunks)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+
+
 def _split(rows: int, x: torch.Tensor, channel_blocks: int) -> tuple[int, int]:
     """(chunks, rows per chunk) of a sum over rows: about PROGRAMS_PER_SM programs a multiprocessor, no chunk empty."""
-    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-    wanted = max(1, min(triton.cdiv(rows, BLOCK_ROWS), -(-PROGRAMS_PER_SM * processors // channel_blocks)))
+    wanted = max(1, min(triton.cdiv(rows, BLOCK_ROWS), -(-PROGRAMS_PER_SM * _processors(x) // channel_blocks)))
     chunk = triton.cdiv(triton.cdiv(rows, wanted), BLOCK_ROWS) * BLOCK_ROWS
     return triton.cdiv(rows, chunk), chunk
 

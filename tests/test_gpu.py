@@ -61,9 +61,10 @@ def test_cuda_graph_replay_gives_the_eager_steps_history(name, precision, optimi
     assert first_difference(graphed, eager) is None
 
 
-def stacked_histories(cfg, data, k=3) -> list[dict]:
+def stacked_histories(cfg, data, k=3, hooks=()) -> list[dict]:
+    """Each member's history; hooks go to the first member's."""
     recs = [Recorder() for _ in range(k)]
-    train_stacked([dataclasses.replace(cfg, seed=s) for s in range(k)], data, [[r] for r in recs])
+    train_stacked([dataclasses.replace(cfg, seed=s) for s in range(k)], data, [[r, *(hooks if i == 0 else ())] for i, r in enumerate(recs)])
     return [{m: v for m, v in r.history.items() if not m.startswith("time/")} for r in recs]
 
 
@@ -149,6 +150,21 @@ def test_matmul_stacked_runs_are_bit_identical_and_members_match_separate_runs(n
     first, again = stacked_histories(cfg, data, k=2), stacked_histories(cfg, data, k=2)
     assert [first_difference(a, b) for a, b in zip(first, again)] == [None] * 2
     rel = 5e-2 if precision == "bf16" else 1e-2  # separate runs' cuDNN convs: bf16, or TF32 in fp32
+    for seed, member in enumerate(first):
+        alone = history(dataclasses.replace(cfg, seed=seed), data)
+        assert [v for _, v in member["train/loss"]] == pytest.approx([v for _, v in alone["train/loss"]], rel=rel)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_norm_stacked_runs_are_bit_identical_never_wait_and_members_match_separate_runs(precision, data):
+    cfg = cfg_of("batchnorm", precision=precision, stacked_conv="fused", stacked_norm="fused")
+    try:  # CUDA graphs on (the default): a host sync inside the captured kernels' launches would raise here
+        first = stacked_histories(cfg, data, k=2, hooks=[NoSyncInsideEpochs()])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    again = stacked_histories(cfg, data, k=2)
+    assert [first_difference(a, b) for a, b in zip(first, again)] == [None] * 2
+    rel = 5e-2 if precision == "bf16" else 1e-2  # separate runs' cuDNN convs and BatchNorm: bf16, or TF32 in fp32
     for seed, member in enumerate(first):
         alone = history(dataclasses.replace(cfg, seed=seed), data)
         assert [v for _, v in member["train/loss"]] == pytest.approx([v for _, v in alone["train/loss"]], rel=rel)
