@@ -1,6 +1,9 @@
 """Continue a stopped run from its last per-epoch checkpoint, into the same MLflow run and the same metric history."""
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -11,7 +14,7 @@ from .delivery import NOT_STORED_TAG, spool_path
 from .monitor import STEP_LOSS
 from .range_run import LR_FIND_TAG
 from .stop import gone, process_id
-from .tracking import PROCESS_TAG, MlflowTracker, store_missing
+from .tracking import PROCESS_TAG, SPOOL_TAG, MlflowTracker, store_missing
 
 
 class ResumedTracker(MlflowTracker):
@@ -31,7 +34,8 @@ class ResumedTracker(MlflowTracker):
         history = self.client.get_metric_history(self.run_id, STEP_LOSS)
         self.stored_through = max((m.step for m in history), default=-1)
         self.steps_logged = self.stored_through + 1  # a resume stopped before it passes them still has these
-        for key, value in {PROCESS_TAG: process_id(), **self.extra_tags}.items():  # e.g. the sweep trial that resumes it
+        here = {PROCESS_TAG: process_id(), SPOOL_TAG: str(spool_path(self.run_id).resolve())}  # the spool moves with it
+        for key, value in {**here, **self.extra_tags}.items():  # e.g. the sweep trial that resumes it
             self.client.set_tag(self.run_id, key, value)
 
     def on_metrics(self, rows):
@@ -94,9 +98,11 @@ def resumable(client: MlflowClient, run_id: str):
     """The run and its checkpoint file, if it can be resumed here; else a one-line ConfigError saying why not."""
     run = recorded_training(client, run_id, "resume")
     process = run.data.tags.get(PROCESS_TAG, "")
-    if spool_path(run_id).is_file():  # resumed first, the spool's replay would end the run again with its old count
-        raise ConfigError(f"run {run_id} has writes spooled in {spool_path(run_id)}; store them first with "
-                          "`python -m cookbook sync`, then resume")
+    # resumed first, a spool's replay would end the run again with its old count: here, or where the run trained
+    for spool in dict.fromkeys([spool_path(run_id).resolve(), Path(run.data.tags.get(SPOOL_TAG, spool_path(run_id))).resolve()]):
+        if spool.is_file():
+            raise ConfigError(f"run {run_id} has writes spooled in {spool}; store them first with `python -m cookbook "
+                              f"sync --spool-dir {shlex.quote(str(spool.parent))}`, then resume")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} finished; there is nothing to resume")
     if NOT_STORED_TAG in run.data.tags:  # resumed, it would end FINISHED around values the store never took

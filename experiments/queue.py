@@ -48,11 +48,11 @@ def enqueue_missing(study: optuna.Study) -> int:
 
 
 def is_duplicate(study: optuna.Study, trial: optuna.Trial, key: str) -> bool:
-    """Another trial already finished this cell or is running it (possible only if a cell was enqueued twice)."""
-    for other in recorded_trials(study) + study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if other.number != trial.number and other.user_attrs.get(QUEUED_CELL_ATTR) == key:
-            return True
-    return False
+    """Another trial already finished this cell, or an earlier trial is running it (possible only if a cell was enqueued
+    twice). Only the later copy yields: two copies taken at the same instant would otherwise each prune the other."""
+    running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number < trial.number]
+    return any(other.number != trial.number and other.user_attrs.get(QUEUED_CELL_ATTR) == key
+               for other in recorded_trials(study) + running)
 
 
 def take_cell(trial: optuna.Trial) -> dict:

@@ -12,10 +12,12 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import DATA_DIR, WITH_ROOT, created_store, training_run
-from cookbook.checkpoint import load
-from cookbook.config import merge, validate
-from cookbook.delivery import NOT_STORED_TAG
+from cookbook.checkpoint import checkpoint_path, load, save
+from cookbook.config import ConfigError, merge, validate
+from cookbook.delivery import NOT_STORED_TAG, spool_path, write_spool
 from cookbook.hooks import Hook, Recorder
+from cookbook.resume import ResumedTracker, resumable
+from cookbook.tracking import SPOOL_TAG
 from cookbook.train import RESUMED_TAG, train
 
 
@@ -119,6 +121,7 @@ def test_sigkilled_run_resumes_from_its_checkpoint_to_the_uninterrupted_history(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING" and stored < 3 * PER_EPOCH  # killed, mid-training
+    assert client.get_run(run_id).data.tags[SPOOL_TAG] == str((tmp_path / "mlflow-spool" / f"{run_id}.jsonl").resolve())
     assert (tmp_path / "checkpoints" / f"{run_id}.pt").is_file()
     resumed = cli("resume", run_id, "--no-system-metrics", "--no-log-model", env=env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -170,7 +173,6 @@ def test_a_resume_stopped_before_it_passes_the_stored_steps_keeps_their_count(tr
     """steps_run is what the run stored: a resume interrupted while it replays stored steps must not lower it."""
     from mlflow.entities import Metric
 
-    from cookbook.resume import ResumedTracker
     client = MlflowClient()
     run_id = training_run(client, "resumed")
     client.log_batch(run_id, metrics=[Metric("train/loss", 1.0, 0, step) for step in range(10)], synchronous=True)
@@ -184,16 +186,16 @@ def test_a_resume_stopped_before_it_passes_the_stored_steps_keeps_their_count(tr
     assert len(client.get_metric_history(run_id, "train/loss")) == 10
 
 
-def test_a_run_with_spooled_writes_is_synced_before_it_resumes(tracking, tmp_path, monkeypatch):
-    from cookbook.config import ConfigError
-    from cookbook.delivery import spool_path, write_spool
-    from cookbook.resume import resumable
+@pytest.mark.parametrize("folder", [".", "elsewhere"])  # elsewhere: the run trained in another folder (its spool_file tag)
+def test_a_run_with_spooled_writes_is_synced_before_it_resumes(folder, tracking, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     client = MlflowClient()
     run_id = training_run(client, "spooled")
     client.set_terminated(run_id, "KILLED")
-    write_spool(spool_path(run_id), tracking, run_id, [{"op": "end", "status": "KILLED"}])
-    with pytest.raises(ConfigError, match="python -m cookbook sync"):
+    spool = spool_path(run_id, tmp_path / folder / "mlflow-spool").resolve()
+    client.set_tag(run_id, SPOOL_TAG, str(spool))
+    write_spool(spool, tracking, run_id, [{"op": "end", "status": "KILLED"}])
+    with pytest.raises(ConfigError, match=f"spooled in {spool}; store them first with `python -m cookbook sync --spool-dir"):
         resumable(client, run_id)
 
 
@@ -202,7 +204,6 @@ def test_an_epoch_summary_stored_before_the_kill_is_not_stored_twice(tracking, t
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    from cookbook.resume import ResumedTracker
     client = MlflowClient()
     run_id = training_run(client, "resumed")
     client.log_batch(run_id, metrics=[Metric("test/acc", 0.5, 111, 2), Metric("time/epoch_seconds", 3.0, 111, 2)],
@@ -235,9 +236,6 @@ def test_a_checkpoint_past_what_the_store_holds_is_not_resumed(stored_steps, sum
     So is a batch the store refused (the run's metrics_not_stored)."""
     from mlflow.entities import Metric
 
-    from cookbook.checkpoint import checkpoint_path, save
-    from cookbook.config import ConfigError
-    from cookbook.resume import resumable
     monkeypatch.chdir(tmp_path)
     client = MlflowClient()
     run_id = training_run(client, "hole")
@@ -260,7 +258,6 @@ def test_a_run_that_cannot_run_here_is_one_line_before_its_run_is_touched(comman
     """A run tracked on a bigger machine (here: 1000x wider) is refused as `train` would refuse it, not trained into OOM."""
     from mlflow.entities import Metric, Param
 
-    from cookbook.checkpoint import checkpoint_path, save
     from cookbook.cli import main
     from cookbook.config import Config, to_params
     monkeypatch.chdir(tmp_path)

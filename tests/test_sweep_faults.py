@@ -79,6 +79,27 @@ def test_a_cell_stopped_before_its_worker_read_it_is_given_back_as_that_cell(tmp
         take_cell(study.ask())
 
 
+@pytest.mark.parametrize("first", ["earlier", "later"])
+def test_two_copies_of_a_cell_taken_at_the_same_instant_train_it_once(tmp_path, first):
+    """A cell enqueued twice, both copies asked by two workers before either reads its cell: the earlier trial trains
+    it and the later one is pruned as its duplicate, whichever checks first (each used to prune the other)."""
+    study = small_sweep(tmp_path, f"twice-{first}")
+    key = study.trials[0].user_attrs["queued_cell"]
+    study.enqueue_trial({"cell": key}, user_attrs={"queued_cell": key})  # trial 4: the second copy
+    earlier = study.ask()
+    for _ in range(3):  # the other cells, out of the way
+        study.tell(study.ask(), state=TrialState.FAIL)
+    later = study.ask()
+    assert (earlier.number, later.number) == (0, 4) and later.user_attrs["queued_cell"] == key
+    outcomes = {}
+    for trial in ([earlier, later] if first == "earlier" else [later, earlier]):
+        try:
+            outcomes[trial.number] = cell_key(take_cell(trial))
+        except optuna.TrialPruned as pruning:
+            outcomes[trial.number] = str(pruning)
+    assert outcomes == {0: key, 4: f"duplicate of a finished or running '{key}'"}
+
+
 def test_a_worker_stopped_while_claiming_fails_every_trial_it_asked(tmp_path, monkeypatch):
     """A stacked worker stopped between two ask()s: no claimed trial stays RUNNING (on another machine nothing would
     recover it), each fails and is given back."""
