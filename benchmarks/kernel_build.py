@@ -33,7 +33,7 @@ KERNELS = ("_forward", "_grad_input", "_grad_weight")
 def recorded_launches(module, kernels: tuple[str, ...], call, processors: int) -> list[tuple]:
     """(kernel, args, kwargs) of each launch call() makes on a card of `processors` multiprocessors (the sums' splits
     depend on them), recorded instead of run; module is left as it was."""
-    launches, originals = [], {name: getattr(module, name) for name in (*kernels, "_processors")}
+    launches, originals = [], {name: getattr(module, name) for name in (*kernels, "_processors") if hasattr(module, name)}
 
     class Recorder:
         def __init__(self, kernel):
@@ -44,7 +44,8 @@ def recorded_launches(module, kernels: tuple[str, ...], call, processors: int) -
     try:
         for name in kernels:
             setattr(module, name, Recorder(originals[name]))
-        module._processors = lambda _: processors
+        if "_processors" in originals:
+            module._processors = lambda _: processors
         call()
     finally:
         for name, kernel in originals.items():
@@ -107,11 +108,12 @@ def rows_for(triton, fc, args: argparse.Namespace) -> list[dict]:
 NORM_KERNELS = ("_stats", "_forward", "_grad_sums", "_grad_input")
 
 
-def norm_step(fn, x, per_channel, pool: int) -> None:
-    """What one training step calls of cookbook.fused_norm for a block's map x (per-channel vectors: any values)."""
-    fn.batch_stats(x)
-    pooled = fn.pool_forward(x, per_channel, per_channel, pool)
-    fn.pool_backward(x, *[per_channel] * 4, pooled.new_empty(pooled.shape), pool)
+def norm_step(fn, x, table, pool: int) -> None:
+    """What one training step launches of cookbook.fused_norm for a block's map x ([B, C] tables: any values)."""
+    fn.image_stats(x)
+    pooled = fn.pool_forward(x, table, table, pool)
+    fn.grad_sums(x, *[table] * 4, pooled, pool)
+    fn.grad_input(x, *[table] * 6, pooled, pool)
 
 
 def norm_rows(triton, fn, args: argparse.Namespace) -> list[dict]:
@@ -126,7 +128,7 @@ def norm_rows(triton, fn, args: argparse.Namespace) -> list[dict]:
             for _, out, side in conv_layers():
                 pool = 2 if side > SIDE[-1] else 1  # the last block has no pool
                 x = torch.empty(args.batch, side, side, args.members * out, dtype=DTYPES[precision], device="meta")
-                step = functools.partial(norm_step, fn, x, torch.empty(args.members * out, device="meta"), pool)
+                step = functools.partial(norm_step, fn, x, torch.empty(args.batch, args.members * out, device="meta"), pool)
                 for kernel, launch_args, kwargs in recorded_launches(fn, NORM_KERNELS, step, args.sms):
                     binary = compiled(triton, kernel, launch_args, kwargs, args.arch)
                     rows.append({"kernel": f"norm{kernel.fn.__name__}", "precision": precision, "layer": f"{out}@{side}",

@@ -78,8 +78,8 @@ def batchnorm_rows(device, members: int, batch: int, channels: int, side: int, p
     block = [nn.BatchNorm2d(members * channels), *([nn.MaxPool2d(2)] if pool else []), nn.ReLU(inplace=True)]
     variants = [("torch", nn.Sequential(*block))]
     if device.type == "cuda":
-        from cookbook.fused_norm import fuse_norms
-        variants.append(("fused", nn.Sequential(*fuse_norms(block))))
+        from cookbook.fused_norm import FusedNormSequential
+        variants.append(("fused", FusedNormSequential(block)))
     x = torch.randn(batch, members * channels, side, side, device=device, dtype=dtype).contiguous(memory_format=NHWC)
     name = f"BatchNorm{'+pool' if pool else ''}+ReLU {channels} @{side} x K={members}"
     return [{"layer": name, "variant": variant, "ms": timed_ms(forward_backward(layer.to(device), x, precision), device, repeats)}

@@ -8,10 +8,10 @@
 set -u
 out=${1:?usage: on_gpu.sh OUT_DIR [STAGE ...]}
 shift
-# the default: issue 11's open question first, cookbook.fused_norm (compute.stacked_norm) against PyTorch's ops, per
-# block (kernels_bf16) and in five-epoch K=64 runs, then the CUDA tests and where the step's time goes with and without it
-default="kernels_bf16 stacked_fusednorm_5ep stacked_fused_5ep tests profile_step_fusednorm profile_step"
-everything="kernels_bf16 stacked_fusednorm_5ep stacked_fused_5ep tests profile_step_fusednorm profile_step fused_tiles \
+# the default: issue 11's open question first, cookbook.fused_norm (compute.fused_norm) against PyTorch's ops, per
+# block (kernels_bf16), in five-epoch K=64 runs and in single runs, then the CUDA tests and where the step's time goes
+default="kernels_bf16 stacked_fusednorm_5ep stacked_fused_5ep tests train_fusednorm profile_step_fusednorm"
+everything="kernels_bf16 stacked_fusednorm_5ep stacked_fused_5ep tests train_fusednorm profile_step_fusednorm profile_step fused_tiles \
 stacked_fastest_5ep stacked_fused_bf16 stacked_fusednorm_bf16 kernels_fp32 stacked_fused_fp32 kernel_build train_speed \
 stacked_hybrid_bf16 stacked_hybrid_5ep stacked_grouped_bf16 stacked_gemm_bf16 stacked_hybrid_fp32 stacked_nondet reference"
 wanted=" ${*:-$default} "
@@ -46,12 +46,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
   torch.cuda.get_device_name())" >> "$res/gpu.txt" 2>&1
 cat "$res/gpu.txt"
 stage kernels_bf16 60 python3 -m benchmarks.kernel_speed --device cuda --precision bf16 --members 64 --out "$res"
-stacked stacked_fusednorm_5ep 90 --precision bf16 --stacked-conv fused --stacked-norm fused --ks 1,64 --epochs 5 \
+stacked stacked_fusednorm_5ep 90 --precision bf16 --stacked-conv fused --fused-norm --ks 1,64 --epochs 5 \
   --out "$res/five-epochs"
 stacked stacked_fused_5ep 90 --precision bf16 --stacked-conv fused --ks 1,64 --epochs 5 --out "$res/five-epochs"  # same card
 stage tests 180 python3 -m pytest -v -rA -p no:cacheprovider tests/test_gpu.py tests/test_gpu_system.py  # -v: a verdict per line
+stage train_fusednorm 90 python3 -m benchmarks.train_speed --device cuda --modes ours,ours-fusednorm --epochs 2 --repeats 1 \
+  --out "$res/fusednorm"  # single runs, fp32: layernorm's 0.4 s per epoch target
 stage profile_step_fusednorm 60 python3 -m benchmarks.profile_step --device cuda --members 64 --precision bf16 \
-  --stacked-norm fused --out "$res"
+  --fused-norm --out "$res"
 stage profile_step 60 python3 -m benchmarks.profile_step --device cuda --members 64 --precision bf16 --out "$res"  # where the step goes
 stage fused_tiles 110 python3 -m benchmarks.fused_tiles --precision bf16 --members 64 --out "$res"  # which tiling next
 case "$wanted" in *" stacked_fastest_5ep "*)  # each conv block's fastest kind in kernels_bf16's table, end to end
@@ -61,7 +63,7 @@ case "$wanted" in *" stacked_fastest_5ep "*)  # each conv block's fastest kind i
     --out "$res/five-epochs";;
 esac
 stacked stacked_fused_bf16 100 --precision bf16 --stacked-conv fused --ks 1,4,16,64,128 --epochs 2
-stacked stacked_fusednorm_bf16 100 --precision bf16 --stacked-conv fused --stacked-norm fused --ks 1,4,16,64,128 --epochs 2
+stacked stacked_fusednorm_bf16 100 --precision bf16 --stacked-conv fused --fused-norm --ks 1,4,16,64,128 --epochs 2
 stage kernels_fp32 45 python3 -m benchmarks.kernel_speed --device cuda --precision fp32 --members 64 --out "$res"
 stacked stacked_fused_fp32 80 --precision fp32 --stacked-conv fused --ks 1,16,64 --epochs 2
 stage kernel_build 30 python3 -m benchmarks.kernel_build --arch 90  # registers and spills with the device's Triton

@@ -36,7 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--stacked-conv", default="auto", help="compute.stacked_conv, as in training")
-    parser.add_argument("--stacked-norm", default="torch", choices=["torch", "fused"], help="compute.stacked_norm")
+    parser.add_argument("--fused-norm", action="store_true", help="compute.fused_norm, as in training")
     parser.add_argument("--rows", type=int, default=25, help="ops printed (all are written)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
@@ -52,7 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace):
     """One epoch of --steps full batches, a one-batch test pass, eager steps."""
-    compute = {"precision": args.precision, "stacked_conv": args.stacked_conv, "stacked_norm": args.stacked_norm,
+    compute = {"precision": args.precision, "stacked_conv": args.stacked_conv, "fused_norm": args.fused_norm,
                "cuda_graphs": False}
     cfg = load_config(args.config, CONFIGS_DIR, {"device": args.device, "epochs": 1, "data": {"data_dir": args.data_dir},
                                                  "compute": compute})
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = by_name(events, args.steps, on_device, DeviceType.CPU)  # on CUDA: the device time of the kernels each op launched
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fused = "-fusednorm" if args.stacked_norm == "fused" and cfg.model.norm == "batch" else ""
+    fused = "-fusednorm" if args.fused_norm and cfg.model.norm != "none" else ""
     stem = out / f"profile_step-{device.type}-{args.precision}-k{args.members}{fused}"
     ops.to_csv(f"{stem}-ops.csv", index=False)
     show(ops, f"ops, self {'device' if on_device else 'CPU'} time", args.rows)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         kernels.to_csv(f"{stem}-kernels.csv", index=False)
         show(kernels, "kernels", args.rows)
     conv = conv_kind(cfg.compute.stacked_conv, device)
-    print(f"K={args.members}, {args.precision}, {conv} convs, {args.stacked_norm} BatchNorm+pool+ReLU\n"
+    print(f"K={args.members}, {args.precision}, {conv} convs, fused_norm {str(args.fused_norm).lower()}\n"
           f"machine: {machine()}\nwritten: {stem}-*.csv")
     return 0
 

@@ -63,8 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nondeterministic", action="store_true", help="compute.deterministic off (CUDA)")
     parser.add_argument("--stacked-conv", default="auto",
                         help="compute.stacked_conv: auto, gemm, hybrid, grouped, fused (Triton, CUDA) or one per conv block joined by +")
-    parser.add_argument("--stacked-norm", default="torch", choices=["torch", "fused"],
-                        help="compute.stacked_norm: BatchNorm+pool+ReLU as PyTorch's ops or cookbook.fused_norm's kernels (CUDA)")
+    parser.add_argument("--fused-norm", action="store_true", help="compute.fused_norm: norm+pool+ReLU as Triton kernels (CUDA)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="compute.channels_last")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="benchmarks/results")
@@ -85,7 +84,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def run_config(args: argparse.Namespace):
     """The config each run trains, from the config file and the command line."""
     compute = {"precision": args.precision, "deterministic": not args.nondeterministic, "stacked_conv": args.stacked_conv,
-               "stacked_norm": args.stacked_norm, "channels_last": args.channels_last}
+               "fused_norm": args.fused_norm, "channels_last": args.channels_last}
     return load_config(args.config, CONFIGS_DIR, {"epochs": args.epochs, "device": args.device, "compute": compute,
                                                   "data": {"data_dir": args.data_dir, "train_subset": args.train_subset,
                                                            "test_subset": args.test_subset}})
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     conv = conv_kind(cfg.compute.stacked_conv, resolve_device(args.device))
     suffix = ("-nondet" if args.nondeterministic else "") + ("" if args.channels_last else "-nchw") + \
-        ("-fusednorm" if args.stacked_norm == "fused" and cfg.model.norm == "batch" else "")
+        ("-fusednorm" if args.fused_norm and cfg.model.norm != "none" else "")
     stem = out / f"stacked_speed-{device}-{args.precision}-{conv}{suffix}"
     rows = []
     for k in ks:

@@ -37,7 +37,8 @@ from cookbook.train import EPOCH_LOSS, resolve_device, train
 
 # Our loop's modes and the compute settings each changes (eager / nondet: what CUDA graphs and determinism buy or cost).
 MODE_COMPUTE = {"ours": {}, "ours+mlflow": {}, "ours-bf16": {"precision": "bf16"}, "ours-eager": {"cuda_graphs": False},
-                "ours-nondet": {"deterministic": False}, "ours-nchw": {"channels_last": False}}
+                "ours-nondet": {"deterministic": False}, "ours-nchw": {"channels_last": False},
+                "ours-fusednorm": {"fused_norm": True}}
 MODES = ("reference", *MODE_COMPUTE)
 
 

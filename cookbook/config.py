@@ -84,7 +84,7 @@ class ComputeConfig:
     deterministic: bool = True  # CUDA: deterministic kernels only, so a seed gives bit-identical histories on one card
     cuda_graphs: bool = True  # CUDA: replay the training step as one CUDA graph (a small CNN is launch-bound)
     stacked_conv: str = "auto"  # stacked members' convs: a STACKED_CONVS name, or BLOCK_CONVS per conv block joined by '+'
-    stacked_norm: Literal["torch", "fused"] = "torch"  # stacked BatchNorm+pool+ReLU: PyTorch's ops or cookbook.fused_norm's
+    fused_norm: bool = False  # CUDA: norm + pool + ReLU as cookbook.fused_norm's Triton kernels (not yet timed on a card)
 
 
 @dataclass

@@ -1,14 +1,17 @@
-"""BatchNorm with batch statistics, 2x2 max-pool and ReLU of a stacked model's channels-last maps in four Triton kernels.
+"""A norm (BatchNorm with batch statistics, or GroupNorm), 2x2 max-pool and ReLU of channels-last maps in four Triton kernels.
 
-PyTorch runs a block's BatchNorm2d, MaxPool2d(2) and ReLU as separate kernels, each reading and writing the whole
-map, and the pool stores an int64 index per output. At K=64 members the first block's map is 0.4 GB in bf16 and
-those passes, not the convolutions, fill most of the step. Here the forward reads the conv's output twice
-(statistics, then normalise-pool-ReLU writing only the pooled map) and the backward twice (its two sums, then the
-input gradient), recomputing each window's argmax instead of storing it. Statistics merge per-chunk means and
-squared deviations (Chan et al.) in a fixed order: no atomics, deterministic on one card. Off CUDA the kernels run
-only under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them against PyTorch's ops.
+PyTorch runs a block's norm, MaxPool2d(2) and ReLU as separate kernels, each reading and writing the whole map,
+and the pool stores an int64 index per output. At K=64 stacked members the first block's map is 0.4 GB in bf16,
+and those passes, not the convolutions, are the likeliest filler of the step. Here the forward reads the conv's
+output twice (per image and channel statistics, then normalise-pool-ReLU writing only the pooled map) and the
+backward twice (per image and channel sums, then the input gradient), recomputing each window's argmax instead of
+storing it. BatchNorm's statistics merge the images', GroupNorm's a group's channels' (Chan et al.), in a fixed
+order: no atomics, deterministic on one card. Off CUDA the kernels run only under Triton's interpreter
+(TRITON_INTERPRET=1), which is how the tests check them against PyTorch's ops.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,6 @@ import triton.language as tl
 from torch import nn
 
 BLOCK_ROWS, BLOCK_CHANNELS = 32, 64  # each program's tile: rows (pixels or pool windows) x channels
-PROGRAMS_PER_SM = 4  # the statistics' and gradient sums' rows are cut until there are this many programs a multiprocessor
 
 
 @triton.jit
@@ -31,7 +33,8 @@ def _window(q, QH, QW, H, W, S: tl.constexpr, i):
 @triton.jit
 def _window_max(x, scale, shift, q, c, live, QH, QW, H, W, C,
                 S: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """Each window's largest normalised value (NaN if any is NaN), its position in the window and its input value."""
+    """Each window's largest normalised value x * scale + shift (NaN if any is NaN), its position in the window and
+    its input value; scale and shift are [BR, BC] (each window's image's) or [1, BC]."""
     best = tl.full((BR, BC), float("-inf"), ACC)
     arg = tl.zeros((BR, BC), tl.int32)
     chosen = tl.zeros((BR, BC), ACC)
@@ -39,86 +42,95 @@ def _window_max(x, scale, shift, q, c, live, QH, QW, H, W, C,
         src, ok = _window(q, QH, QW, H, W, S, i)
         mask = (live & ok)[:, None] & (c < C)[None, :]
         v = tl.load(x + src[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
-        y = tl.where(mask, v * scale[None, :] + shift[None, :], float("-inf"))
+        y = tl.where(mask, v * scale + shift, float("-inf"))
         take = (y > best) | (y != y)  # the first maximum in the window, as max_pool2d's; a NaN wins
         best, arg, chosen = tl.where(take, y, best), tl.where(take, i, arg), tl.where(take, v, chosen)
     return best, arg, chosen
 
 
 @triton.jit
-def _stats(x, part_mean, part_m2, N, C, CHUNK, BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """Per channel, the mean and summed squared deviation of this program's chunk of rows (merged tile by tile)."""
-    part, c = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC)
-    mean, m2, n = tl.zeros((BC,), ACC), tl.zeros((BC,), ACC), tl.zeros((BC,), ACC)
-    for r0 in range(part * CHUNK, part * CHUNK + CHUNK, BR):
+def _per_image(table, img, c, C):
+    """A [B, C] table's entries for image img's channels c, as a [1, BC] row."""
+    return tl.load(table + img * C + c, mask=c < C, other=0.0)[None, :]
+
+
+@triton.jit
+def _stats(x, mean, m2, P, C, BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """Per channel, the mean and summed squared deviation of one image's P pixels, merged tile by tile (Chan et al.)."""
+    img, c = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC)
+    mu, ss, n = tl.zeros((BC,), ACC), tl.zeros((BC,), ACC), tl.zeros((BC,), ACC)
+    for r0 in range(0, P, BR):
         rows = r0 + tl.arange(0, BR)
-        mask = (rows < N)[:, None] & (c < C)[None, :]
-        v = tl.load(x + rows.to(tl.int64)[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
-        count = tl.maximum(tl.minimum(N - r0, BR), 0).to(ACC)  # 0 past the end: the merge below then changes nothing
-        tile_mean = tl.sum(v, 0) / tl.maximum(count, 1.0)
+        mask = (rows < P)[:, None] & (c < C)[None, :]
+        v = tl.load(x + (img.to(tl.int64) * P + rows)[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
+        count = tl.minimum(P - r0, BR).to(ACC)
+        tile_mean = tl.sum(v, 0) / count
         d = tl.where(mask, v - tile_mean[None, :], 0.0)
         total = n + count
-        delta = tile_mean - mean
-        mean += delta * count / total
-        m2 += tl.sum(d * d, 0) + delta * delta * n * count / total
+        delta = tile_mean - mu
+        mu += delta * count / total
+        ss += tl.sum(d * d, 0) + delta * delta * n * count / total
         n = total
-    tl.store(part_mean + part * C + c, mean, mask=c < C)
-    tl.store(part_m2 + part * C + c, m2, mask=c < C)
+    tl.store(mean + img * C + c, mu, mask=c < C)
+    tl.store(m2 + img * C + c, ss, mask=c < C)
 
 
 @triton.jit
-def _forward(x, scale, shift, out, Q, H, W, C, S: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """out[window] = ReLU(max over the window of x * scale + shift), over the H//S x W//S windows."""
-    q, c = tl.program_id(0) * BR + tl.arange(0, BR), tl.program_id(1) * BC + tl.arange(0, BC)
-    sc, sh = tl.load(scale + c, mask=c < C, other=0.0), tl.load(shift + c, mask=c < C, other=0.0)
-    best, _, _ = _window_max(x, sc, sh, q, c, q < Q, H // S, W // S, H, W, C, S, BR, BC, ACC)
+def _forward(x, scale, shift, out, H, W, C, S: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """out[window] = ReLU(max over the window of x * scale + shift), over image program_id(2)'s H//S x W//S windows."""
+    local, c, img = tl.program_id(0) * BR + tl.arange(0, BR), tl.program_id(1) * BC + tl.arange(0, BC), tl.program_id(2)
+    windows = (H // S) * (W // S)
+    q, live = img * windows + local, local < windows
+    sc, sh = _per_image(scale, img, c, C), _per_image(shift, img, c, C)
+    best, _, _ = _window_max(x, sc, sh, q, c, live, H // S, W // S, H, W, C, S, BR, BC, ACC)
     y = tl.where(best > 0, best, tl.where(best != best, best, 0.0))  # ReLU keeps NaN, as torch.relu does
-    tl.store(out + q.to(tl.int64)[:, None] * C + c[None, :], y.to(out.dtype.element_ty), mask=(q < Q)[:, None] & (c < C)[None, :])
+    mask = live[:, None] & (c < C)[None, :]
+    tl.store(out + q.to(tl.int64)[:, None] * C + c[None, :], y.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_sums(x, scale, shift, mean, rstd, grad, part_dy, part_dyx, Q, H, W, C, CHUNK,
+def _grad_sums(x, scale, shift, mean, rstd, grad, sum_dy, sum_dyx, H, W, C,
                S: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """Per channel, this chunk's sums of dy and dy * xhat, dy being the gradient reaching the norm's output (its window's
-    argmax only, where the ReLU passed it)."""
-    part, c = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC)
-    sc, sh = tl.load(scale + c, mask=c < C, other=0.0), tl.load(shift + c, mask=c < C, other=0.0)
-    mu, rs = tl.load(mean + c, mask=c < C, other=0.0), tl.load(rstd + c, mask=c < C, other=0.0)
+    """Per channel of one image, the sums of dy and dy * xhat, dy being the gradient reaching the norm's output (its
+    window's argmax only, where the ReLU passed it)."""
+    img, c = tl.program_id(0), tl.program_id(1) * BC + tl.arange(0, BC)
+    sc, sh = _per_image(scale, img, c, C), _per_image(shift, img, c, C)
+    mu, rs = _per_image(mean, img, c, C), _per_image(rstd, img, c, C)
     dy_sum, dyx_sum = tl.zeros((BC,), ACC), tl.zeros((BC,), ACC)
-    for q0 in range(part * CHUNK, part * CHUNK + CHUNK, BR):
-        q = q0 + tl.arange(0, BR)
-        best, _, chosen = _window_max(x, sc, sh, q, c, q < Q, H // S, W // S, H, W, C, S, BR, BC, ACC)
-        mask = (q < Q)[:, None] & (c < C)[None, :] & (best > 0)
+    windows = (H // S) * (W // S)
+    for w0 in range(0, windows, BR):
+        q = img * windows + w0 + tl.arange(0, BR)
+        live = w0 + tl.arange(0, BR) < windows
+        best, _, chosen = _window_max(x, sc, sh, q, c, live, H // S, W // S, H, W, C, S, BR, BC, ACC)
+        mask = live[:, None] & (c < C)[None, :] & (best > 0)
         dy = tl.load(grad + q.to(tl.int64)[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
         dy_sum += tl.sum(dy, 0)
-        dyx_sum += tl.sum(dy * (chosen - mu[None, :]) * rs[None, :], 0)
-    tl.store(part_dy + part * C + c, dy_sum, mask=c < C)
-    tl.store(part_dyx + part * C + c, dyx_sum, mask=c < C)
+        dyx_sum += tl.sum(dy * (chosen - mu) * rs, 0)
+    tl.store(sum_dy + img * C + c, dy_sum, mask=c < C)
+    tl.store(sum_dyx + img * C + c, dyx_sum, mask=c < C)
 
 
 @triton.jit
-def _grad_input(x, scale, shift, mean, rstd, grad, mean_dy, mean_dyx, grad_x, Q, H, W, C,
+def _grad_input(x, scale, shift, mean, rstd, coef_a, coef_b, grad, grad_x, H, W, C,
                 S: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) at every input pixel, over ceil(H/S) x ceil(W/S) windows
-    (a partial window at an odd edge is pooled by none: dy = 0 there)."""
-    q, c = tl.program_id(0) * BR + tl.arange(0, BR), tl.program_id(1) * BC + tl.arange(0, BC)
+    """dx = scale * dy - a - xhat * b at every input pixel of image program_id(2) (a, b: the norm's terms per image and
+    channel), over its ceil(H/S) x ceil(W/S) windows (a partial window at an odd edge is pooled by none: dy = 0)."""
+    local, c, img = tl.program_id(0) * BR + tl.arange(0, BR), tl.program_id(1) * BC + tl.arange(0, BC), tl.program_id(2)
     QH, QW, HO, WO = (H + S - 1) // S, (W + S - 1) // S, H // S, W // S
-    sc, sh = tl.load(scale + c, mask=c < C, other=0.0), tl.load(shift + c, mask=c < C, other=0.0)
-    mu, rs = tl.load(mean + c, mask=c < C, other=0.0), tl.load(rstd + c, mask=c < C, other=0.0)
-    a, b = tl.load(mean_dy + c, mask=c < C, other=0.0), tl.load(mean_dyx + c, mask=c < C, other=0.0)
-    best, arg, _ = _window_max(x, sc, sh, q, c, q < Q, QH, QW, H, W, C, S, BR, BC, ACC)
-    img, r = q // (QH * QW), q % (QH * QW)
-    pooled = (q < Q) & (r // QW < HO) & (r % QW < WO)
-    out = ((img * HO + r // QW) * WO + r % QW).to(tl.int64)
-    live = pooled[:, None] & (c < C)[None, :] & (best > 0)
-    dy = tl.load(grad + out[:, None] * C + c[None, :], mask=live, other=0.0).to(ACC)
+    q, live = img * QH * QW + local, local < QH * QW
+    sc, sh = _per_image(scale, img, c, C), _per_image(shift, img, c, C)
+    mu, rs = _per_image(mean, img, c, C), _per_image(rstd, img, c, C)
+    a, b = _per_image(coef_a, img, c, C), _per_image(coef_b, img, c, C)
+    best, arg, _ = _window_max(x, sc, sh, q, c, live, QH, QW, H, W, C, S, BR, BC, ACC)
+    pooled = live & (local // QW < HO) & (local % QW < WO)
+    out = ((img * HO + local // QW) * WO + local % QW).to(tl.int64)
+    dy = tl.load(grad + out[:, None] * C + c[None, :], mask=pooled[:, None] & (c < C)[None, :] & (best > 0), other=0.0)
     for i in tl.static_range(S * S):
         src, ok = _window(q, QH, QW, H, W, S, i)
-        mask = ((q < Q) & ok)[:, None] & (c < C)[None, :]
-        v = tl.load(x + src[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
-        xhat = (v - mu[None, :]) * rs[None, :]
-        dx = sc[None, :] * (tl.where(arg == i, dy, 0.0) - a[None, :] - xhat * b[None, :])
-        tl.store(grad_x + src[:, None] * C + c[None, :], dx.to(grad_x.dtype.element_ty), mask=mask)
+        inside = (live & ok)[:, None] & (c < C)[None, :]
+        v = tl.load(x + src[:, None] * C + c[None, :], mask=inside, other=0.0).to(ACC)
+        dx = sc * tl.where(arg == i, dy.to(ACC), 0.0) - a - (v - mu) * rs * b
+        tl.store(grad_x + src[:, None] * C + c[None, :], dx.to(grad_x.dtype.element_ty), mask=inside)
 
 
 def _accumulator(x: torch.Tensor) -> torch.dtype:
@@ -126,106 +138,106 @@ def _accumulator(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _processors(x: torch.Tensor) -> int:
-    """Streaming multiprocessors of x's GPU (2 under the interpreter, so that the tests cut the sums into chunks)."""
-    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+def _launch(acc: torch.dtype, **window) -> dict:
+    """Tile sizes and accumulator of a launch (and S, the pool's window side, for the kernels that pool)."""
+    return {"BR": BLOCK_ROWS, "BC": BLOCK_CHANNELS, "ACC": tl.float64 if acc == torch.float64 else tl.float32, **window}
 
 
-def _split(rows: int, x: torch.Tensor, channel_blocks: int) -> tuple[int, int]:
-    """(chunks, rows per chunk) of a sum over rows: about PROGRAMS_PER_SM programs a multiprocessor, no chunk empty."""
-    wanted = max(1, min(triton.cdiv(rows, BLOCK_ROWS), -(-PROGRAMS_PER_SM * _processors(x) // channel_blocks)))
-    chunk = triton.cdiv(triton.cdiv(rows, wanted), BLOCK_ROWS) * BLOCK_ROWS
-    return triton.cdiv(rows, chunk), chunk
-
-
-def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of x [..., C] (contiguous), chunk partials merged in chunk order."""
-    c, acc = x.shape[-1], _accumulator(x)
-    rows = x.numel() // c
-    blocks = triton.cdiv(c, BLOCK_CHANNELS)
-    parts, chunk = _split(rows, x, blocks)
-    part_mean, part_m2 = (x.new_empty(parts, c, dtype=acc) for _ in range(2))
-    _stats[(parts, blocks)](x, part_mean, part_m2, rows, c, chunk, BR=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(acc))
-    counts = (rows - torch.arange(parts, dtype=acc, device=x.device) * chunk).clamp(max=chunk)[:, None]
-    mean = (counts * part_mean).sum(0) / rows
-    return mean, (part_m2 + counts * (part_mean - mean) ** 2).sum(0) / rows
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def pool_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, pool: int) -> torch.Tensor:
-    """ReLU(max_pool(x * scale + shift, pool)) of x [B, H, W, C]: [B, H // pool, W // pool, C] in x's dtype."""
+def image_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel of x [B, H, W, C] (contiguous): the mean and summed squared deviation over H x W, [B, C]."""
     b, h, w, c = x.shape
-    out = x.new_empty(b, h // pool, w // pool, c)
-    windows = out.numel() // c
-    grid = (triton.cdiv(windows, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS))
-    _forward[grid](x, scale, shift, out, windows, h, w, c, S=pool, BR=BLOCK_ROWS, BC=BLOCK_CHANNELS, ACC=_tl(scale.dtype))
+    mean, m2 = (x.new_empty(b, c, dtype=_accumulator(x)) for _ in range(2))
+    _stats[(b, triton.cdiv(c, BLOCK_CHANNELS))](x, mean, m2, h * w, c, **_launch(mean.dtype))
+    return mean, m2
+
+
+def merged(mean: torch.Tensor, m2: torch.Tensor, count: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of parts of `count` values each (their means and summed squared deviations along dim),
+    merged in a fixed order: Chan et al.'s pairwise formula, exact however the parts fall."""
+    total = mean.mean(dim, keepdim=True)
+    squares = m2.sum(dim, keepdim=True) + count * (mean - total).square().sum(dim, keepdim=True)
+    return total, squares / (count * mean.shape[dim])
+
+
+def pool_forward(x, scale, shift, pool: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ReLU(max_pool(x * scale + shift, pool)) of x [B, H, W, C], scale and shift [B, C]: [B, H // pool, W // pool, C]."""
+    b, h, w, c = x.shape
+    out = x.new_empty(b, h // pool, w // pool, c, dtype=out_dtype or x.dtype)
+    grid = (triton.cdiv((h // pool) * (w // pool), BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS), b)
+    _forward[grid](x, scale, shift, out, h, w, c, **_launch(scale.dtype, S=pool))
     return out
 
 
-def pool_backward(x, scale, shift, mean, rstd, grad, pool: int):
-    """(dx, d scale-free sums): the input gradient and the sums of dy and dy * xhat (the weight's and bias's gradients)."""
+def grad_sums(x, scale, shift, mean, rstd, grad, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel, the sums of dy and dy * xhat ([B, C] each): dy reaches the norm's output at each pooled
+    window's argmax where the ReLU passed it."""
+    b, _, _, c = x.shape
+    sum_dy, sum_dyx = (torch.empty_like(scale) for _ in range(2))
+    _grad_sums[(b, triton.cdiv(c, BLOCK_CHANNELS))](x, scale, shift, mean, rstd, grad, sum_dy, sum_dyx, x.shape[1],
+                                                     x.shape[2], c, **_launch(scale.dtype, S=pool))
+    return sum_dy, sum_dyx
+
+
+def grad_input(x, scale, shift, mean, rstd, coef_a, coef_b, grad, pool: int) -> torch.Tensor:
+    """dx = scale * dy - coef_a - xhat * coef_b at every pixel of x (all but x and grad: [B, C])."""
     b, h, w, c = x.shape
-    acc, launch = scale.dtype, {"S": pool, "BR": BLOCK_ROWS, "BC": BLOCK_CHANNELS, "ACC": _tl(scale.dtype)}
-    windows, blocks = grad.numel() // c, triton.cdiv(c, BLOCK_CHANNELS)
-    parts, chunk = _split(windows, x, blocks)
-    part_dy, part_dyx = (x.new_empty(parts, c, dtype=acc) for _ in range(2))
-    _grad_sums[(parts, blocks)](x, scale, shift, mean, rstd, grad, part_dy, part_dyx, windows, h, w, c, chunk, **launch)
-    dy, dyx = part_dy.sum(0), part_dyx.sum(0)
     grad_x = torch.empty_like(x)
-    cells = b * triton.cdiv(h, pool) * triton.cdiv(w, pool)
-    n = b * h * w
-    _grad_input[(triton.cdiv(cells, BLOCK_ROWS), blocks)](x, scale, shift, mean, rstd, grad, dy / n, dyx / n, grad_x,
-                                                           cells, h, w, c, **launch)
-    return grad_x, dyx, dy
+    cells = triton.cdiv(h, pool) * triton.cdiv(w, pool)  # windows of an image, partial ones at odd edges included
+    _grad_input[(triton.cdiv(cells, BLOCK_ROWS), triton.cdiv(c, BLOCK_CHANNELS), b)](
+        x, scale, shift, mean, rstd, coef_a, coef_b, grad, grad_x, h, w, c, **_launch(scale.dtype, S=pool))
+    return grad_x
 
 
-class BatchNormPoolReLUFunction(torch.autograd.Function):
-    """ReLU(max_pool(batch_norm(x), pool)) of x [B, H, W, C] with batch statistics; updates the running ones in place."""
+def per_pixel_row(t: torch.Tensor, b: int, c: int) -> torch.Tensor:
+    """A statistic per channel ([1, C]) or per image and group ([B, G, 1]) as a contiguous [B, C] table."""
+    return (t.expand(b, c) if t.dim() == 2 else t.expand(b, t.shape[1], c // t.shape[1]).reshape(b, c)).contiguous()
+
+
+class NormPoolReLUFunction(torch.autograd.Function):
+    """ReLU(max_pool(norm(x), pool)) of x [B, H, W, C]: norm is BatchNorm with batch statistics (groups 0; the running
+    ones updated in place) or GroupNorm(groups, C)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, pool: int):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, pool, groups, out_dtype):
         x = x.contiguous()
-        mean, var = batch_stats(x)
-        n = x.numel() // x.shape[-1]
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_((var * n / max(n - 1, 1)).to(running_var.dtype), momentum)  # unbiased, as BatchNorm2d keeps
-        rstd = (var + eps).rsqrt()
-        scale = weight.to(mean.dtype) * rstd
-        shift = bias.to(mean.dtype) - mean * scale
-        ctx.save_for_backward(x, mean, rstd, scale, shift)
-        ctx.pool, ctx.param_dtype = pool, weight.dtype
-        return pool_forward(x, scale, shift, pool)
+        b, h, w, c = x.shape
+        mean, m2 = image_stats(x)
+        if groups:
+            mean, var = merged(mean.view(b, groups, -1), m2.view(b, groups, -1), h * w, 2)  # [B, G, 1]
+        else:
+            mean, var = merged(mean, m2, h * w, 0)  # [1, C]
+            n = b * h * w
+            running_mean.lerp_(mean[0].to(running_mean.dtype), momentum)
+            running_var.lerp_((var[0] * n / max(n - 1, 1)).to(running_var.dtype), momentum)  # unbiased, as BatchNorm keeps
+        mean, rstd = per_pixel_row(mean, b, c), per_pixel_row((var + eps).rsqrt(), b, c)
+        scale = (weight.to(mean.dtype) * rstd).contiguous()
+        shift = (bias.to(mean.dtype) - mean * scale).contiguous()
+        ctx.save_for_backward(x, weight, mean, rstd, scale, shift)
+        ctx.pool, ctx.groups = pool, groups
+        return pool_forward(x, scale, shift, pool, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, mean, rstd, scale, shift = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = pool_backward(x, scale, shift, mean, rstd, grad.contiguous(), ctx.pool)
-        return grad_x, grad_weight.to(ctx.param_dtype), grad_bias.to(ctx.param_dtype), None, None, None, None, None
+        x, weight, mean, rstd, scale, shift = ctx.saved_tensors
+        b, h, w, c = x.shape
+        grad = grad.contiguous()
+        sum_dy, sum_dyx = grad_sums(x, scale, shift, mean, rstd, grad, ctx.pool)
+        if ctx.groups:  # dx = rstd * (gamma dy - mean over the group of gamma dy - xhat * that of gamma dy xhat)
+            gamma, n = weight.to(scale.dtype), h * w * c // ctx.groups
+            per_group = lambda s: (gamma * s).view(b, ctx.groups, -1).sum(2, keepdim=True) / n  # noqa: E731
+            coef_a, coef_b = rstd * per_pixel_row(per_group(sum_dy), b, c), rstd * per_pixel_row(per_group(sum_dyx), b, c)
+        else:  # dx = gamma rstd * (dy - mean of dy - xhat * mean of dy xhat), means over the batch's pixels
+            n = b * h * w
+            coef_a, coef_b = scale * (sum_dy.sum(0) / n), scale * (sum_dyx.sum(0) / n)
+        grad_x = grad_input(x, scale, shift, mean, rstd, coef_a.contiguous(), coef_b.contiguous(), grad, ctx.pool)
+        return (grad_x, sum_dyx.sum(0).to(weight.dtype), sum_dy.sum(0).to(weight.dtype)) + (None,) * 7
 
 
-class FusedBatchNormPoolReLU(nn.BatchNorm2d):
-    """A BatchNorm2d, then MaxPool2d(pool) (pool 1: none), then ReLU, as one module with the BatchNorm's parameters and
-    buffers. Training runs the kernels on channels-last maps; evaluation (running statistics) runs PyTorch's ops."""
-
-    def __init__(self, norm: nn.BatchNorm2d, pool: int):
-        if norm.momentum is None or not norm.affine or not norm.track_running_stats:
-            raise ValueError(f"fusing takes an affine BatchNorm2d with running statistics and a momentum, not {norm}")
-        super().__init__(norm.num_features, eps=norm.eps, momentum=norm.momentum, device=norm.weight.device)
-        self.load_state_dict(norm.state_dict())
-        self.pool = pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            y = super().forward(x)
-            return F.relu(F.max_pool2d(y, self.pool) if self.pool > 1 else y)
-        self.num_batches_tracked.add_(1)
-        out = BatchNormPoolReLUFunction.apply(x.permute(0, 2, 3, 1), self.weight, self.bias, self.running_mean,
-                                              self.running_var, self.momentum, self.eps, self.pool)
-        return out.permute(0, 3, 1, 2)  # channels-last [B, C, H // pool, W // pool]
+def fusable(norm: nn.Module) -> bool:
+    """An affine GroupNorm, or an affine BatchNorm2d keeping running statistics with a momentum (StableNet's norms)."""
+    if isinstance(norm, nn.GroupNorm):
+        return norm.affine
+    return isinstance(norm, nn.BatchNorm2d) and norm.affine and norm.track_running_stats and norm.momentum is not None
 
 
 def two_by_two(layer: nn.Module) -> bool:
@@ -234,14 +246,52 @@ def two_by_two(layer: nn.Module) -> bool:
             and layer.padding in (0, (0, 0)) and layer.dilation in (1, (1, 1)) and not layer.ceil_mode)
 
 
-def fuse_norms(layers: list[nn.Module]) -> list[nn.Module]:
-    """Each BatchNorm2d followed by ReLU, or by a 2x2 max-pool and ReLU, as one FusedBatchNormPoolReLU; the modules
-    it absorbs become Identity, so that every index, hence every parameter's name, stays."""
-    fused = list(layers)
-    for i, layer in enumerate(layers):
-        pooled = i + 1 < len(layers) and two_by_two(layers[i + 1])
-        relu = i + 1 + pooled
-        if isinstance(layer, nn.BatchNorm2d) and relu < len(layers) and isinstance(layers[relu], nn.ReLU):
-            fused[i] = FusedBatchNormPoolReLU(layer, 2 if pooled else 1)
-            fused[i + 1:relu + 1] = [nn.Identity() for _ in range(relu - i)]
-    return fused
+@functools.cache
+def group_norm_dtype(device: str, dtype: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype F.group_norm gives for dtype input on device under autocast to `autocast` (None: off); asked of
+    PyTorch once, not restated from its autocast op lists."""
+    with torch.autocast(device, dtype=autocast or dtype, enabled=autocast is not None):
+        return F.group_norm(torch.zeros(1, 1, 2, 1, dtype=dtype, device=device), 1).dtype
+
+
+def norm_pool_relu(norm: nn.Module, x: torch.Tensor, pool: int) -> torch.Tensor:
+    """ReLU(max_pool(norm(x))) of x [B, C, H, W] in training mode, through the kernels; channels-last out."""
+    device = x.device.type
+    if isinstance(norm, nn.GroupNorm):  # CUDA's autocast runs group_norm in float32, the CPU's in the input's dtype
+        autocast = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        args = (None, None, 0.0, norm.eps, pool, norm.num_groups, group_norm_dtype(device, x.dtype, autocast))
+    else:
+        norm.num_batches_tracked.add_(1)
+        args = (norm.running_mean, norm.running_var, norm.momentum, norm.eps, pool, 0, x.dtype)
+    with torch.autocast(device, enabled=False):
+        out = NormPoolReLUFunction.apply(x.permute(0, 2, 3, 1), norm.weight, norm.bias, *args)
+    return out.permute(0, 3, 1, 2)
+
+
+class FusedNormSequential(nn.Sequential):
+    """An nn.Sequential whose runs of norm, optional 2x2 max-pool and ReLU go through the kernels while training (the
+    same modules, parameter names and state; evaluation runs them as they are). plain() gives the nn.Sequential back."""
+
+    def __init__(self, layers):
+        super().__init__(*layers)
+        self.runs = {}  # first layer of a run -> (pool, layer after the run)
+        for i, layer in enumerate(layers):
+            pooled = i + 1 < len(layers) and two_by_two(layers[i + 1])
+            relu = i + 1 + pooled
+            if fusable(layer) and relu < len(layers) and isinstance(layers[relu], nn.ReLU):
+                self.runs[i] = (2 if pooled else 1, relu + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        layers, i = list(self), 0
+        while i < len(layers):
+            if i in self.runs:
+                pool, after = self.runs[i]
+                x, i = norm_pool_relu(layers[i], x, pool), after
+            else:
+                x, i = layers[i](x), i + 1
+        return x
+
+    def plain(self) -> nn.Sequential:
+        return nn.Sequential(*self)

@@ -41,7 +41,11 @@ def save_model(model: torch.nn.Module, run_id: str) -> Path:
     path = spool_path(run_id).with_suffix(".model").resolve()  # the spool may be replayed from another folder
     shutil.rmtree(path, ignore_errors=True)
     example = np.zeros((1, 1, 28, 28), dtype=np.float32)  # one normalised MNIST image's shape
-    mlflow.pytorch.save_model(copy.deepcopy(model).cpu().eval(), str(path), input_example=example, serialization_format="pickle",
+    model = copy.deepcopy(model).cpu().eval()
+    for name, child in list(model.named_children()):  # cookbook.fused_norm's training-time Sequential: the plain one
+        if hasattr(child, "plain"):
+            setattr(model, name, child.plain())
+    mlflow.pytorch.save_model(model, str(path), input_example=example, serialization_format="pickle",
                               pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                               code_paths=[str(Path(__file__).parent)])  # the pickle names cookbook's classes: load anywhere
     return path

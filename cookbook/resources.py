@@ -67,15 +67,15 @@ def check(cfg: Config) -> torch.device:
 
 
 def fused_needs_cuda(cfg: Config, device: torch.device) -> None:
-    """compute.stacked_conv with 'fused', or compute.stacked_norm 'fused', runs Triton kernels: a ConfigError off CUDA
-    (unless Triton's CPU interpreter is on)."""
+    """compute.stacked_conv with 'fused', or compute.fused_norm, runs Triton kernels: a ConfigError off CUDA (unless
+    Triton's CPU interpreter is on)."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return
     if "fused" in cfg.compute.stacked_conv.split("+"):
         raise ConfigError(f"compute.stacked_conv={cfg.compute.stacked_conv!r} runs Triton kernels on a CUDA GPU, not on "
                           f"{device}; choose one of: {', '.join(c for c in STACKED_CONVS if c != 'fused')}")
-    if cfg.compute.stacked_norm == "fused":
-        raise ConfigError(f"compute.stacked_norm='fused' runs Triton kernels on a CUDA GPU, not on {device}; choose torch")
+    if cfg.compute.fused_norm:
+        raise ConfigError(f"compute.fused_norm=true runs Triton kernels on a CUDA GPU, not on {device}; set it false")
 
 
 def visible_gpus() -> list[str]:

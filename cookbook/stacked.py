@@ -36,7 +36,6 @@ from .train import (
 )
 
 STACKED_CONV_TAG = "stacked_conv"  # on a run trained as one member of a stacked model: its convs' kind
-STACKED_NORM_TAG = "stacked_norm"  # and whether its BatchNorm, pool and ReLU ran as cookbook.fused_norm's kernels
 
 
 class StackedLinear(nn.Module):
@@ -97,17 +96,13 @@ def stack_layer(layers: list[nn.Module], conv: str = "grouped") -> nn.Module:
 class StackedStableNet(nn.Module):
     """K StableNets of one architecture as one module; input [B, K, 28, 28] (member k's images in channel k)."""
 
-    def __init__(self, members: list[StableNet], conv: str = "grouped", norm: str = "torch"):
+    def __init__(self, members: list[StableNet], conv: str = "grouped"):
         super().__init__()
         self.members = len(members)
         layers = list(zip(*(m.features for m in members)))
         kinds = iter(block_convs(conv, sum(isinstance(layer[0], nn.Conv2d) for layer in layers)))
-        stacked = [stack_layer(list(layer), next(kinds)) if isinstance(layer[0], nn.Conv2d) else stack_layer(list(layer))
-                   for layer in layers]
-        if norm == "fused":
-            from .fused_norm import fuse_norms  # Triton: imported only when asked for
-            stacked = fuse_norms(stacked)
-        self.features = nn.Sequential(*stacked)
+        self.features = nn.Sequential(*[stack_layer(list(layer), next(kinds)) if isinstance(layer[0], nn.Conv2d)
+                                        else stack_layer(list(layer)) for layer in layers])
         self.classifier = StackedLinear([m.classifier for m in members])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +198,7 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
         torch.manual_seed(c.seed)  # as build_parts seeds a separate run
         members.append(build_model(c.model))
     conv = conv_kind(cfg.compute.stacked_conv, device)
-    norm = cfg.compute.stacked_norm if cfg.model.norm == "batch" else "torch"  # it fuses BatchNorm blocks only
-    parts = build_parts(cfg, len(data.train_y), device, StackedStableNet(members, conv, norm))
+    parts = build_parts(cfg, len(data.train_y), device, StackedStableNet(members, conv))
     runner = StepRunner(stacked_update(parts, data, cfg), graphs=uses_graphs(cfg, device))
     n_train, steps_per_epoch, total = len(data.train_y), parts.steps_per_epoch, parts.total_steps
     shuffles = [torch.Generator().manual_seed(c.seed) for c in cfgs]
@@ -215,8 +209,7 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     for fan, result in zip(fans, results):
         fan.on_start({"total_steps": total, "steps_per_epoch": steps_per_epoch, "param_count": result.param_count,
                       "param_names": parts.monitor.names, "device": str(device), "stacked_members": k,
-                      "tags": {**tags, "cuda_graphs": str(runner.graphs).lower(), STACKED_CONV_TAG: conv,
-                               STACKED_NORM_TAG: norm}})
+                      "tags": {**tags, "cuda_graphs": str(runner.graphs).lower(), STACKED_CONV_TAG: conv}})
     for epoch in range(1, cfg.epochs + 1):
         alive = [i for i, r in enumerate(results) if not r.diverged]
         if not alive:

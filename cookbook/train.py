@@ -145,6 +145,9 @@ def build_parts(cfg: Config, n_train: int, device: torch.device, model: nn.Modul
     if model is None:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
+    if cfg.compute.fused_norm:  # the same modules and state; training runs their norm, pool and ReLU as Triton kernels
+        from .fused_norm import FusedNormSequential
+        model.features = FusedNormSequential(model.features)
     model = model.to(device)
     if cfg.compute.channels_last:
         model = model.to(memory_format=torch.channels_last)

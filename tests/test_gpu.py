@@ -157,7 +157,7 @@ def test_matmul_stacked_runs_are_bit_identical_and_members_match_separate_runs(n
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fused_norm_stacked_runs_are_bit_identical_never_wait_and_members_match_separate_runs(precision, data):
-    cfg = cfg_of("batchnorm", precision=precision, stacked_conv="fused", stacked_norm="fused")
+    cfg = cfg_of("batchnorm", precision=precision, stacked_conv="fused", fused_norm=True)
     try:  # CUDA graphs on (the default): a host sync inside the captured kernels' launches would raise here
         first = stacked_histories(cfg, data, k=2, hooks=[NoSyncInsideEpochs()])
     finally:
