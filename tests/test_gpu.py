@@ -155,16 +155,19 @@ def test_matmul_stacked_runs_are_bit_identical_and_members_match_separate_runs(n
         assert [v for _, v in member["train/loss"]] == pytest.approx([v for _, v in alone["train/loss"]], rel=rel)
 
 
+@pytest.mark.parametrize("name", ["batchnorm", "layernorm"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_norm_stacked_runs_are_bit_identical_never_wait_and_members_match_separate_runs(precision, data):
-    cfg = cfg_of("batchnorm", precision=precision, stacked_conv="fused", fused_norm=True)
+def test_fused_norm_runs_are_bit_identical_never_wait_and_match_pytorchs_ops(name, precision, data):
+    cfg = cfg_of(name, precision=precision, stacked_conv="fused", fused_norm=True)
     try:  # CUDA graphs on (the default): a host sync inside the captured kernels' launches would raise here
         first = stacked_histories(cfg, data, k=2, hooks=[NoSyncInsideEpochs()])
+        single = history(cfg, data)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    again = stacked_histories(cfg, data, k=2)
-    assert [first_difference(a, b) for a, b in zip(first, again)] == [None] * 2
-    rel = 5e-2 if precision == "bf16" else 1e-2  # separate runs' cuDNN convs and BatchNorm: bf16, or TF32 in fp32
-    for seed, member in enumerate(first):
-        alone = history(dataclasses.replace(cfg, seed=seed), data)
-        assert [v for _, v in member["train/loss"]] == pytest.approx([v for _, v in alone["train/loss"]], rel=rel)
+    assert [first_difference(a, b) for a, b in zip(first, stacked_histories(cfg, data, k=2))] == [None] * 2
+    assert first_difference(single, history(cfg, data)) is None
+    rel = 5e-2 if precision == "bf16" else 1e-2  # PyTorch's norms and cuDNN's convs: bf16, or TF32 in fp32
+    plain = dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, fused_norm=False))
+    for fused, seed in ((single, 0), (first[0], 0), (first[1], 1)):  # the single run, then each stacked member
+        alone = history(dataclasses.replace(plain, seed=seed), data)
+        assert [v for _, v in fused["train/loss"]] == pytest.approx([v for _, v in alone["train/loss"]], rel=rel)
