@@ -8,6 +8,7 @@ import json
 
 from cookbook import resources
 from cookbook.config import CONFIGS_DIR, available_configs, flag_overrides, load_config
+from cookbook.data import ensure_mnist
 from experiments.pruning import NO_PRUNER
 from experiments.storage import SweepError
 
@@ -70,14 +71,22 @@ def make_cells(configs: str, seeds: str, lrs: str, widths: str = "", depths: str
 
 
 def check_cells(cells: list[dict], settings: dict) -> None:
-    """Every cell's config with the shared settings is valid and fits this machine's device (one line otherwise)."""
+    """Every cell's config with the shared settings is valid and fits this machine's device, and its data folder holds
+    MNIST or can be given it (made there now, once, not by each worker): one line otherwise, before any store is made."""
+    folders = set()
     for cell in cells:
-        resources.check(load_config(cell["config"], CONFIGS_DIR, overrides(cell, settings)))
+        cfg = load_config(cell["config"], CONFIGS_DIR, overrides(cell, settings))
+        resources.check(cfg)
+        folders.add(cfg.data.data_dir)
+    for folder in sorted(folders):
+        ensure_mnist(folder)
 
 
 def cell_key(cell: dict) -> str:
-    """Stable readable id, e.g. 'all_tricks seed=0 lr=0.001' (fields left to the config are omitted)."""
-    return " ".join([cell["config"]] + [f"{k}={cell[k]:g}" for k in GRID[1:] if cell.get(k) is not None])
+    """Stable readable id, e.g. 'all_tricks seed=0 lr=0.001' (fields left to the config are omitted; integers whole:
+    seed 1000000 is not 1e+06)."""
+    return " ".join([cell["config"]] + [f"{k}={cell[k]:d}" if isinstance(cell[k], int) else f"{k}={cell[k]:g}"
+                                        for k in GRID[1:] if cell.get(k) is not None])
 
 
 def group_key(cell: dict) -> str:

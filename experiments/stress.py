@@ -148,11 +148,13 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], dict, list[int]]:
     if args.workers < 1:
         raise SweepError(f"workers={args.workers} must be >= 1")
     seeds = parse_list(args.seeds, int, "seeds")
+    if len(set(seeds)) < len(seeds):  # each seed's base and x100 probes are queued once: a repeat would change only the name
+        raise SweepError(f"seeds={args.seeds!r} lists a seed more than once; give each seed once")
     if args.n_trials < 2 * len(seeds) or not 100 < args.factor < math.inf or not 0 < args.converge_ratio < 1:
         raise SweepError(f"need n_trials >= 2 x seeds ({2 * len(seeds)}), a finite factor > 100, 0 < converge_ratio < 1; got "
                          f"n_trials={args.n_trials}, factor={args.factor}, converge_ratio={args.converge_ratio}")
     args.pruner = check_pruner(args.pruner, STRESS_PRUNER, ranking=False)
-    check_cells([{"config": name, "lr": 1.0} for name in configs], settings)
+    check_cells([{"config": name, "lr": 1.0, "seed": seed} for name in configs for seed in seeds], settings)
     return configs, settings, seeds
 
 

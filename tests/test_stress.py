@@ -33,6 +33,9 @@ TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--bat
     (["--converge-ratio", "1.5"], "0 < converge_ratio < 1"),
     (["--storage", "redis://x"], "unknown scheme 'redis'"),
     (["--pruner", "median"], "pruner='median'; choose one of none, threshold (a stress study maximises"),
+    (["--seeds", "-1", "--n-trials", "4"], "seed=-1 must be in 0..2**64-1"),  # checked as each trial's config
+    (["--seeds", "0,0", "--n-trials", "4"], "seeds='0,0' lists a seed more than once"),
+    (["--data-dir", "/dev/null"], "cannot write MNIST under /dev/null"),  # not each worker's error, after the study
 ])
 def test_bad_input_is_one_line_before_any_work(argv, message, tracking, tmp_path, capsys):
     storage = tmp_path / "journal.log"

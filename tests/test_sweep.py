@@ -32,6 +32,8 @@ def test_grid_is_the_product_of_the_lists():
     sized = make_cells("all_tricks", "0", "", widths="0.5,2", depths="4", warmups="0,1")
     assert cell_key(sized[0]) == "all_tricks seed=0 width=0.5 depth=4 warmup_epochs=0"
     assert study_name(cells, {}) == study_name(make_cells("no_tricks,all_tricks", "0,1", "1e-3,3e-2"), {})
+    assert [cell_key(c) for c in make_cells("no_tricks", "1000000,1000001", "1e-3")] == [
+        "no_tricks seed=1000000 lr=0.001", "no_tricks seed=1000001 lr=0.001"]  # whole seeds: not two 'seed=1e+06'
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -140,8 +142,11 @@ def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
     assert main(["run", "--configs", "no_tricks", "--storage", "redis://x", *TINY]) == 2
     assert main(["run", "--configs", "no_tricks", "--epochs", "0", "--storage", str(storage)]) == 2
     assert main(["run", "--configs", "no_tricks", "--widths", "1,1000", "--storage", str(storage), *TINY]) == 2
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert [e.split(":")[0] for e in errors] == ["error"] * 4 and "model.width=1000 model.depth=3 needs about" in errors[3]
+    (tmp_path / "a_file").write_text("")  # a data folder that cannot be one: refused here, not by each worker after the study
+    assert main(["run", "--configs", "no_tricks", "--storage", str(storage), *TINY, "--data-dir", str(tmp_path / "a_file")]) == 2
+    errors = [line for line in capsys.readouterr().err.strip().splitlines() if "download failed" not in line]  # data's note
+    assert [e.split(":")[0] for e in errors] == ["error"] * 5 and "model.width=1000 model.depth=3 needs about" in errors[3]
+    assert f"cannot write MNIST under {tmp_path / 'a_file'}" in errors[4]
     assert not storage.exists() and mlflow.get_experiment_by_name("stability-cookbook") is None
 
 
