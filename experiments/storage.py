@@ -146,11 +146,13 @@ def recorded_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def run_status(client: MlflowClient, run_id: str | None) -> str | None:
-    """The run's status in this store, None if the store has no such run."""
+    """The run's status in this store, None if the store has no such run, or only a deleted one (the UI's delete: the
+    analysis no longer sees it, so its cell is to be trained again)."""
     try:
-        return recorded_run(client, run_id).info.status if run_id else None
+        run = recorded_run(client, run_id) if run_id else None
     except ConfigError:
         return None
+    return run.info.status if run and run.info.lifecycle_stage != "deleted" else None
 
 
 def check_records(study: optuna.Study) -> int:

@@ -64,7 +64,7 @@ from experiments.stress_range import (
 )
 from experiments.stress_report import DONE, STRESS_REPORT, STRESS_RUN, done_trials, format_report, report
 from experiments.study_figures import log_stress_history
-from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker, worker_index
+from experiments.workers import cached_mnist, join_workers, parent_and_experiment, parent_run, serve, spawn, start_worker, worker_index
 
 
 def set_attrs(trial: optuna.Trial, attrs: dict) -> None:
@@ -187,7 +187,7 @@ def run_stress(args: argparse.Namespace) -> int:
     reports, short = [], []
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(args.experiment)
-    with mlflow.start_run(run_name=STRESS_RUN) as parent:
+    with parent_run(mlflow.start_run(run_name=STRESS_RUN)) as parent:
         for name in configs:
             study = start_study(args, name, seeds, settings, parent.info)
             complete = run_workers(args, study)

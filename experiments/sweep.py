@@ -51,7 +51,7 @@ from experiments.storage import (
 )
 from experiments.study_figures import log_study_figures
 from experiments.sweep_summary import print_summary, summary
-from experiments.workers import cached_mnist, join_workers, parent_and_experiment, serve, spawn, start_worker
+from experiments.workers import cached_mnist, join_workers, parent_and_experiment, parent_run, serve, spawn, start_worker
 
 POLL_SECONDS = 2.0  # progress lines; a worker waiting on another's cell looks again after IDLE_SECONDS
 IDLE_SECONDS = 0.5
@@ -217,7 +217,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     before = state_counts(study)
     print(f"[sweep] study '{name}' in {args.storage}: {before['total']} cells, {before['done']} already done, "
           f"{queued} queued now", file=sys.stderr)
-    with start_parent_run(study, args.experiment) as parent:
+    with parent_run(start_parent_run(study, args.experiment)) as parent:
         mlflow.set_tags({SWEEP_TAG: name, "optuna_storage": args.storage, "cells": str(before["total"]), MLFLOW_RUN_NAME: name,
                          PRUNER_ATTR: args.pruner})
         study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)

@@ -1,6 +1,7 @@
 """Worker processes of sweeps and stress studies: how they start, share data and stop together."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -55,7 +56,7 @@ def spawn(module: str, args: list[str], n: int, device: str | None = None) -> li
 
 def join_workers(procs: list[subprocess.Popen], wait: Callable[[list[subprocess.Popen]], object]) -> None:
     """wait(procs); on SIGTERM/Ctrl-C stop the workers the same way (they end their runs KILLED and give their cells
-    back), wait for them, and end this process's parent run KILLED."""
+    back) and wait for them (parent_run then ends the coordinator's run KILLED)."""
     try:
         wait(procs)
     except KeyboardInterrupt:
@@ -63,8 +64,19 @@ def join_workers(procs: list[subprocess.Popen], wait: Callable[[list[subprocess.
             proc.terminate()
         for proc in procs:
             proc.wait()
-        mlflow.end_run("KILLED")
         raise
+
+
+@contextlib.contextmanager
+def parent_run(active: mlflow.ActiveRun):
+    """A coordinator's parent run, ended KILLED (not FAILED, MLflow's end for an exception) when SIGTERM or Ctrl-C
+    stops the coordinator anywhere inside it: waiting for its workers, or summarising after them."""
+    with active as run:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
 
 
 @functools.lru_cache(maxsize=2)

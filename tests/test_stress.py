@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from analysis.load import stress_reports
 from conftest import DATA_DIR, WITH_ROOT, training_victim
 from cookbook.lr_find import START_LR, RangeTest
+from cookbook.stop import Terminated
 from experiments import stress
 from experiments.storage import open_storage
 from experiments.stress import main
@@ -186,3 +187,16 @@ def test_a_budget_left_unspent_ends_the_stress_run_failed_and_the_command_1(trac
                                                                 "finished; the same command resumes")
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
     assert run.info.status == "FAILED" and stress_reports("stability-cookbook") == []
+
+
+def test_a_coordinator_stopped_while_it_reports_ends_its_stress_run_killed(tracking, tmp_path, monkeypatch):
+    """SIGTERM after the workers, while the boundary is drawn: the stress run ends KILLED, not FAILED (nor FINISHED)."""
+    monkeypatch.setattr(stress, "run_workers", lambda args, study: True)
+
+    def stopped(*args):
+        raise Terminated()
+    monkeypatch.setattr(stress, "log_stress_history", stopped)
+    assert main(["run", "--configs", "no_tricks", "--seeds", "0", "--n-trials", "2", "--storage", str(tmp_path / "j.log"),
+                 *TINY]) == 143
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
+    assert run.info.status == "KILLED"

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import DATA_DIR, WITH_ROOT, created_store
+from cookbook.stop import Terminated
 from experiments.grid import cell_key, make_cells
 from experiments.queue import claim, enqueue_missing, open_study, take_cell
 from experiments.storage import give_back, open_storage, stamp_owner
@@ -48,6 +49,30 @@ def test_rerun_against_another_store_trains_the_cells_it_lacks(mnist_dir, tracki
     assert main(argv) == 0  # back to the first store: its runs are there, nothing trained
     assert "queued again" not in capsys.readouterr().err and finished_cell_runs(tracking) == first
     assert len(optuna.load_study(study_name="two", storage=open_storage(storage)).trials) == 4
+
+
+def test_a_cell_whose_run_was_deleted_is_trained_again(mnist_dir, tracking, tmp_path, capsys):
+    argv = ["run", "--configs", "no_tricks", "--seeds", "0", "--storage", str(tmp_path / "journal.log"), *TINY]
+    assert main(argv) == 0
+    client = MlflowClient()
+    [run] = [r for r in client.search_runs([client.get_experiment_by_name("stability-cookbook").experiment_id]) if "cell" in r.data.tags]
+    client.delete_run(run.info.run_id)  # the UI's delete: the analysis no longer sees the cell
+    assert main(argv) == 0
+    assert f"[sweep] 1 done cells have no FINISHED run in {tracking}: queued again" in capsys.readouterr().err
+    assert finished_cell_runs(tracking) == ["no_tricks seed=0"]  # a new run: search_runs leaves deleted ones out
+
+
+def test_a_coordinator_stopped_while_it_summarises_ends_its_parent_run_killed(mnist_dir, tracking, tmp_path, monkeypatch):
+    """SIGTERM after the workers finished, while the summary is drawn: the parent run ends KILLED, not FAILED."""
+    from experiments import sweep
+
+    def stopped(study):
+        raise Terminated()
+    monkeypatch.setattr(sweep, "summary", stopped)
+    assert main(["run", "--configs", "no_tricks", "--seeds", "0", "--storage", str(tmp_path / "journal.log"), *TINY]) == 143
+    client = MlflowClient()
+    [parent] = client.search_runs([client.get_experiment_by_name("stability-cookbook").experiment_id], "tags.cells != ''")
+    assert parent.info.status == "KILLED"
 
 
 def small_sweep(tmp_path, name: str) -> optuna.Study:
