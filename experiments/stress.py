@@ -19,6 +19,7 @@ import sys
 
 import mlflow
 import optuna
+from optuna.trial import TrialState
 
 from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, load_config
 from cookbook.data import DataError
@@ -131,6 +132,12 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
     return attach_pruner(study)
 
 
+def budget(n_trials: int) -> optuna.study.MaxTrialsCallback:
+    """Stops a worker once the finished trials and those other workers are running reach n_trials: counting finished
+    ones only, each worker would start one more while another's last trial runs (6 trials of 5 with two workers)."""
+    return optuna.study.MaxTrialsCallback(n_trials, states=(*DONE, TrialState.RUNNING))
+
+
 def work(storage: str, name: str, n_trials: int, experiment: str, threads: int | None = None) -> None:
     """Run trials until the study holds n_trials finished ones (shared budget across workers)."""
     study = open_stress_study(storage, config="", name=name)  # a study that is not there: nothing made, not even a store
@@ -139,7 +146,7 @@ def work(storage: str, name: str, n_trials: int, experiment: str, threads: int |
     parent, experiment = parent_and_experiment(study, experiment)
     if len(study.get_trials(deepcopy=False, states=DONE)) < n_trials:
         serve(study, lambda: study.optimize(lambda t: objective(t, experiment, parent), n_trials=n_trials,
-                                            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=DONE)]))
+                                            callbacks=[budget(n_trials)]))
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], dict, list[int]]:

@@ -200,3 +200,14 @@ def test_a_coordinator_stopped_while_it_reports_ends_its_stress_run_killed(track
                  *TINY]) == 143
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_workers_share_the_trial_budget_without_overshooting_it(tmp_path):
+    """Two finished trials and another worker's running one: a worker whose trial ends with 4 of n_trials=4 counted stops,
+    where counting finished trials only it started one more (6 of 5 with two workers)."""
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "j.log")), study_name="budget")
+    for value in (1.0, 2.0):
+        study.tell(study.ask(), value)
+    other = study.ask()  # another worker's trial, running
+    study.optimize(lambda t: 0.0, n_trials=10, callbacks=[stress.budget(4)])
+    assert len(study.trials) == 4 and study.trials[other.number].state == TrialState.RUNNING
