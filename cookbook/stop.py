@@ -77,8 +77,21 @@ def stop_on_signals():
 
 
 def process_id() -> str:
-    """host:pid of this process, stored on each run and trial it owns."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:start of this process (start: when it started, where /proc says; host:pid where not), stored on each
+    run and trial it owns."""
+    started = start_time(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}" + (f":{started}" if started else "")
+
+
+def start_time(pid: int) -> str | None:
+    """When process pid started, in clock ticks since the epoch (boot time + its start after boot), or None where there
+    is no /proc: with the pid, it names one process even after a reboot or container restart hands the pid out again."""
+    try:
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        after_boot = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return str(boot * os.sysconf("SC_CLK_TCK") + after_boot)
 
 
 def pid_alive(pid: int) -> bool:
@@ -96,9 +109,12 @@ def pid_alive(pid: int) -> bool:
 
 
 def gone(process: str) -> bool:
-    """True if `process` (host:pid) ran on this host and exists no more."""
-    host, _, pid = process.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+    """True if `process` (host:pid:start, or host:pid as recorded before starts were) ran on this host and exists no
+    more: its pid is free, or another process holds it now (the same pid, another start)."""
+    host, pid, *start = process.split(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return not pid_alive(int(pid)) or bool(start and start_time(int(pid)) not in (None, start[0]))
 
 
 def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:

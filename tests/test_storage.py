@@ -7,6 +7,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
+from cookbook.stop import start_time
 from experiments.storage import fail_running, heartbeat, open_storage
 
 
@@ -84,3 +85,21 @@ def test_a_retry_is_not_failed_for_its_originals_dead_worker_and_an_unclaimed_tr
     gone.set_user_attr(storage.OWNER_ATTR, dead_process())
     gone.set_user_attr(storage.OWNER_TRIAL_ATTR, gone.number)
     assert storage.recover_dead_workers(study) == 1 and study.trials[gone.number].state == TrialState.FAIL
+
+
+def test_a_worker_whose_pid_another_process_holds_now_is_dead(tracking, tmp_path):
+    """After a reboot or a container restart pids are handed out again: a stale RUNNING trial whose worker's pid a live
+    process holds would look alive for ever (a rerun waited on it without end). Its start time says it is not that one."""
+    from experiments import storage
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        study = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
+        for start in (start_time(holder.pid), "12345"):  # the holder itself; an earlier process with its pid
+            trial = study.ask()
+            study._storage.set_trial_user_attr(trial._trial_id, storage.OWNER_ATTR, f"{socket.gethostname()}:{holder.pid}:{start}")
+            study._storage.set_trial_user_attr(trial._trial_id, storage.OWNER_TRIAL_ATTR, trial.number)
+        assert storage.recover_dead_workers(study) == 1
+        assert [t.state for t in study.trials[:2]] == [TrialState.RUNNING, TrialState.FAIL]
+    finally:
+        holder.kill()
+        holder.wait()
