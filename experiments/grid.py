@@ -6,11 +6,13 @@ import hashlib
 import itertools
 import json
 
+import optuna
+
 from cookbook import resources
 from cookbook.config import CONFIGS_DIR, available_configs, flag_overrides, load_config
 from cookbook.data import ensure_mnist
 from experiments.pruning import NO_PRUNER
-from experiments.storage import SweepError
+from experiments.storage import SweepError, open_storage
 
 GRID = ("config", "seed", "lr", "width", "depth", "warmup_epochs")  # cell fields, in key order
 LIST_FLAGS = ("configs", "seeds", "lrs", "widths", "depths", "warmup_epochs")  # the flags that take comma lists: the grid
@@ -105,5 +107,18 @@ def spec_name(prefix: str, spec, digits: int) -> str:
 
 
 def study_name(cells: list[dict], settings: dict, pruner: str = NO_PRUNER) -> str:
-    """The sweep's study: named by its grid, settings and pruner (no pruner keeps the names earlier sweeps had)."""
+    """The sweep's study: named by its grid (its cells in key order: the same lists in another order are the same
+    sweep), settings and pruner (no pruner keeps the names earlier sweeps had)."""
+    return given_order_name(sorted(cells, key=cell_key), settings, pruner)
+
+
+def sweep_name(storage: str, cells: list[dict], settings: dict, pruner: str = NO_PRUNER) -> str:
+    """The grid's study name; or, where the storage holds a study of the same grid named by the order its lists were
+    given (the names sweeps had before), that one, so that an earlier sweep resumes instead of training every cell again."""
+    earlier = given_order_name(cells, settings, pruner)
+    return earlier if earlier in optuna.get_all_study_names(open_storage(storage)) else study_name(cells, settings, pruner)
+
+
+def given_order_name(cells: list[dict], settings: dict, pruner: str = NO_PRUNER) -> str:
+    """The name of a study of these cells in this order: what sweeps were named before names sorted the grid."""
     return spec_name("sweep", [cells, settings] + ([pruner] if pruner != NO_PRUNER else []), 10)

@@ -33,7 +33,7 @@ from cookbook.stacked import train_stacked
 from cookbook.stop import exit_code, exit_now
 from cookbook.tracking import MlflowTracker, ready_store
 from cookbook.train import EPOCH_LOSS, train
-from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, study_name, train_settings
+from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, sweep_name, train_settings
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
 from experiments.queue import Claim, claim, enqueue_missing, open_study, state_counts, take_cell
 from experiments.resume_cells import finished_result, stopped_run
@@ -205,7 +205,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     settings = train_settings(args)
     cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs, settings)
     check_cells(cells, settings)
-    name = args.study or study_name(cells, settings, args.pruner)
+    name = args.study or sweep_name(args.storage, cells, settings, args.pruner)
     study = open_study(args.storage, name, cells, settings, args.pruner)  # a bad storage fails here, before the MLflow store is made
     ready_store()  # before anything touches MLflow: coordinators may start together on a fresh store
     recover_dead_workers(study)

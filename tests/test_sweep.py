@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from conftest import DATA_DIR, WITH_ROOT, training_victim
 from cookbook.config import ConfigError
-from experiments.grid import cell_key, make_cells, overrides, parse_list, study_name
+from experiments.grid import cell_key, given_order_name, make_cells, overrides, parse_list, study_name, sweep_name
 from experiments.queue import open_study
 from experiments.storage import SweepError, open_storage
 from experiments.sweep import main
@@ -31,9 +31,17 @@ def test_grid_is_the_product_of_the_lists():
     assert overrides(cells[0], {"epochs": 2}) == {"seed": 0, "optim": {"lr": 0.001}, "epochs": 2}
     sized = make_cells("all_tricks", "0", "", widths="0.5,2", depths="4", warmups="0,1")
     assert cell_key(sized[0]) == "all_tricks seed=0 width=0.5 depth=4 warmup_epochs=0"
-    assert study_name(cells, {}) == study_name(make_cells("no_tricks,all_tricks", "0,1", "1e-3,3e-2"), {})
+    assert study_name(cells, {}) == study_name(make_cells("all_tricks,no_tricks", "1,0", "3e-2,1e-3"), {})  # lists' order
     assert [cell_key(c) for c in make_cells("no_tricks", "1000000,1000001", "1e-3")] == [
         "no_tricks seed=1000000 lr=0.001", "no_tricks seed=1000001 lr=0.001"]  # whole seeds: not two 'seed=1e+06'
+
+
+def test_a_sweep_named_by_the_order_of_its_lists_is_resumed_under_that_name(tmp_path):
+    """Sweeps were named by their cells in the order given; the same grid finds such a study instead of a new one."""
+    cells, storage = make_cells("no_tricks,all_tricks", "0", "1e-3"), str(tmp_path / "journal.log")
+    assert sweep_name(storage, cells, {}) == study_name(cells, {}) != given_order_name(cells, {})
+    open_study(storage, given_order_name(cells, {}), cells, {})
+    assert sweep_name(storage, cells, {}) == given_order_name(cells, {})
 
 
 @pytest.mark.parametrize("kwargs,message", [
