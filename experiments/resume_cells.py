@@ -2,8 +2,13 @@
 that finished is the cell's result."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import optuna
 from mlflow import MlflowClient
 
+from cookbook.checkpoint import load as load_checkpoint
 from cookbook.config import ConfigError
 from cookbook.resume import resumable
 from cookbook.tracking import DIVERGED_STEP_TAG, DIVERGED_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG
@@ -46,3 +51,13 @@ def finished_result(client: MlflowClient, experiment: str, sweep: str, cell: str
             diverged_step=int(tags[DIVERGED_STEP_TAG]) if diverged else None,
             final={k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
     return None
+
+
+def report_stored_epochs(trial: optuna.Trial, run_id: str, checkpoint: Path) -> None:
+    """A cell continued from its checkpoint: the epochs trained before it reach the trial as intermediate values too
+    (the pruner compares trials epoch by epoch; training reports only the epochs it runs now)."""
+    if checkpoint.is_file():
+        through = load_checkpoint(checkpoint)["epoch"]
+        for point in MlflowClient().get_metric_history(run_id, EPOCH_LOSS):
+            if point.step <= through and math.isfinite(point.value):
+                trial.report(point.value, step=point.step)

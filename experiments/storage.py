@@ -67,9 +67,11 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
 
 def load_existing(spec: str, name: str, marker: str, kind: str) -> optuna.Study:
     """The stored study `name`, if it is a `kind` (it has the study attr `marker`); else a one-line SweepError, and a
-    journal file that does not exist is not made."""
+    journal file or SQLite database that does not exist is not made."""
     if "://" not in spec and not Path(spec).is_file():
         raise SweepError(f"no study '{name}' in storage '{spec}' (no such journal file)")
+    if spec.startswith("sqlite:///") and not Path(spec.split(":///", 1)[1]).is_file():
+        raise SweepError(f"no study '{name}' in storage '{spec}' (no such database file)")
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(spec))
     except KeyError:

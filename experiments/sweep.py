@@ -36,7 +36,7 @@ from cookbook.train import EPOCH_LOSS, train
 from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, sweep_name, train_settings
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
 from experiments.queue import Claim, claim, enqueue_missing, open_study, state_counts, take_cell
-from experiments.resume_cells import finished_result, stopped_run
+from experiments.resume_cells import finished_result, report_stored_epochs, stopped_run
 from experiments.storage import (
     CELL_TAG,
     DEFAULT_STORAGE,
@@ -106,8 +106,10 @@ def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -
     cfg, data, tracker = cell_run(trial, cell, experiment, parent_run_id, resume=True)
     with prunable(tracker):
         trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
+        report_stored_epochs(trial, tracker.run_id, checkpoint_path(tracker.run_id))
         result = train(cfg, data, [tracker, ReportToOptuna(trial)], checkpoint=checkpoint_path(tracker.run_id))
     return record_result(trial, result)
+
 
 
 def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent_run_id: str | None) -> None:

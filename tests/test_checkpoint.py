@@ -163,6 +163,8 @@ def test_sweep_cell_of_a_sigkilled_worker_resumes_from_its_checkpoint(mnist_dir,
     trials = optuna.load_study(study_name="resume", storage=open_storage(storage)).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].user_attrs["mlflow_run_id"] == run_id  # the same run, continued
+    epoch_losses = {m.step: m.value for m in client.get_metric_history(run_id, "epoch/train_loss")}
+    assert trials[1].intermediate_values == epoch_losses and len(epoch_losses) == 3  # the pruner sees epoch 1 too
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and int(run.data.tags[RESUMED_TAG]) in (PER_EPOCH, 2 * PER_EPOCH)
     assert run.data.tags["trial"] == "1"

@@ -127,6 +127,10 @@ def test_a_worker_given_a_missing_or_other_kind_of_study_is_one_line(tmp_path, c
     assert main(["work", "--study", "nope", "--storage", str(journal)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no study 'nope' in storage '{journal}'")
     assert not (tmp_path / "mlflow.db").exists()
+    database = tmp_path / "optuna.db"  # an RDB URL to a SQLite file that is not there: none made either
+    assert main(["work", "--study", "nope", "--storage", f"sqlite:///{database}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no study 'nope' in storage 'sqlite:///{database}' (no such database file)")
+    assert not database.exists()
     stressed = optuna.create_study(study_name="stress-x", storage=open_storage(str(journal)), direction="maximize")
     stressed.set_user_attr("config", "no_tricks")
     with pytest.raises(SweepError, match=f"study 'stress-x' in storage '{journal}' is not a sweep"):
