@@ -108,13 +108,19 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def pid_of(process: str) -> int | None:
+    """The pid in a process_id (host:pid:start, or host:pid as recorded before starts were); None if it has none."""
+    fields = process.split(":")
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
 def gone(process: str) -> bool:
-    """True if `process` (host:pid:start, or host:pid as recorded before starts were) ran on this host and exists no
-    more: its pid is free, or another process holds it now (the same pid, another start)."""
-    host, pid, *start = process.split(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    """True if `process` (a process_id) ran on this host and exists no more: its pid is free, or another process holds it
+    now (the same pid, another start)."""
+    host, pid, start = process.split(":")[0], pid_of(process), process.split(":")[2:]
+    if host != socket.gethostname() or pid is None:
         return False
-    return not pid_alive(int(pid)) or bool(start and start_time(int(pid)) not in (None, start[0]))
+    return not pid_alive(pid) or bool(start and start_time(pid) not in (None, start[0]))
 
 
 def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from analysis.load import stress_reports
 from conftest import DATA_DIR, WITH_ROOT, training_victim
 from cookbook.lr_find import START_LR, RangeTest
-from cookbook.stop import Terminated
+from cookbook.stop import Terminated, pid_of
 from experiments import stress
 from experiments.storage import open_storage
 from experiments.stress import main
@@ -148,7 +148,7 @@ def test_a_sigkilled_stress_worker_is_replaced_and_its_trial_ends_killed(mnist_d
         victim = training_victim(optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(storage)).get_trials(
             states=(TrialState.RUNNING,))) if summaries else None
     assert victim is not None, f"no trial was training (coordinator exit {coordinator.poll()})"
-    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    os.kill(pid_of(victim.user_attrs["worker"]), signal.SIGKILL)
     assert coordinator.wait(timeout=600) == 0
     study = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(storage))
     assert study.trials[victim.number].state == TrialState.FAIL

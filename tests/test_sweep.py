@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from conftest import DATA_DIR, WITH_ROOT, training_victim
 from cookbook.config import ConfigError
+from cookbook.stop import pid_of
 from experiments.grid import cell_key, given_order_name, make_cells, overrides, parse_list, study_name, sweep_name
 from experiments.queue import open_study
 from experiments.storage import SweepError, open_storage
@@ -233,7 +234,7 @@ def test_sigkilled_worker_loses_only_its_cell(mnist_dir, tracking, storage_url):
     grid = ["--configs", "no_tricks,layernorm,batchnorm", "--seeds", "0", "--workers", "2", *slow]
     coordinator = subprocess.Popen([*sweep, "run", *grid, *argv], env=env)
     victim = wait_for_training_cell(storage_url, "kill", time.time() + 300)
-    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    os.kill(pid_of(victim.user_attrs["worker"]), signal.SIGKILL)
     replacement = subprocess.Popen([*sweep, "work", *argv], env=env)  # "restart it": a worker joining the study
     assert coordinator.wait(timeout=600) == 0 and replacement.wait(timeout=120) == 0
     study, done = finished_cells(storage_url, "kill")
