@@ -109,10 +109,10 @@ def test_training_through_the_kernels_equals_pytorchs_ops_in_float64(norm, stack
     run with and without. Two steps: the interpreter is slow."""
     calls = []
     monkeypatch.setattr(fused, "image_stats", lambda x, stats=fused.image_stats: calls.append(x.shape) or stats(x))
-    plain = validate(merge(tiny_cfg, {"epochs": 1, "data": {"train_subset": 16, "batch_size": 8}, "model": {"norm": norm}}))
+    plain = validate(merge(tiny_cfg, {"epochs": 1, "data": {"train_subset": 8, "batch_size": 4}, "model": {"norm": norm}}))
     cfgs = [dataclasses.replace(plain, seed=s, compute=dataclasses.replace(plain.compute, fused_norm=True))
             for s in ((0, 1) if stacked else (0,))]
-    data = dataclasses.replace(float64, train_x=float64.train_x[:16], train_y=float64.train_y[:16])
+    data = dataclasses.replace(float64, train_x=float64.train_x[:8], train_y=float64.train_y[:8])
     got = [Recorder() for _ in cfgs]
     if stacked:
         train_stacked(cfgs, data, [[r] for r in got])
@@ -123,7 +123,7 @@ def test_training_through_the_kernels_equals_pytorchs_ops_in_float64(norm, stack
         want = Recorder()
         train(dataclasses.replace(cfg, compute=plain.compute), data, [want])
         assert_same_history(rec.history, want.history, rel=1e-9)
-    assert len(calls) == 2 * 3 and calls[0] == (8, 28, 28, len(cfgs) * 32)  # 2 steps x 3 blocks, members stacked
+    assert len(calls) == 2 * 3 and calls[0] == (4, 28, 28, len(cfgs) * 32)  # 2 steps x 3 blocks, members stacked
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
