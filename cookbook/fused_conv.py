@@ -146,7 +146,7 @@ def _grad_weight(x, grad_y, partial, M, H, W, CHUNK, K, C: tl.constexpr, OUT: tl
     tl.store(out, acc, mask=(r[:, None] < 9 * C) & (n[None, :] < OUT))
 
 
-def _accumulator(x: torch.Tensor) -> torch.dtype:
+def accumulator(x: torch.Tensor) -> torch.dtype:
     """The dtype sums over x are accumulated in: float64 for float64 inputs, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -154,7 +154,7 @@ def _accumulator(x: torch.Tensor) -> torch.dtype:
 def _precision(x: torch.Tensor) -> dict:
     """Accumulator dtype and tl.dot input precision: fp64 exact, fp32 TF32 where cuDNN's convs may use it, else fp32."""
     tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    return {"ACC": tl.float64 if _accumulator(x) == torch.float64 else tl.float32, "PREC": "tf32" if tf32 else "ieee"}
+    return {"ACC": tl.float64 if accumulator(x) == torch.float64 else tl.float32, "PREC": "tf32" if tf32 else "ieee"}
 
 
 def _processors(x: torch.Tensor) -> int:
@@ -192,7 +192,7 @@ def grad_weight(x: torch.Tensor, grad_y: torch.Tensor, tiling: Tiling = TILING) 
     blocks, rows = (triton.cdiv(9 * c, launch["BR"]), triton.cdiv(out, launch["BN"])), launch["BM"]
     split = weight_split(blocks[0] * blocks[1] * k, triton.cdiv(pixels, rows), _processors(x), tiling.programs_per_sm)
     chunk = triton.cdiv(triton.cdiv(pixels, split), rows) * rows
-    partial = x.new_empty(split, k, 9 * c, out, dtype=_accumulator(x))
+    partial = x.new_empty(split, k, 9 * c, out, dtype=accumulator(x))
     _grad_weight[(*blocks, k * split)](x, grad_y, partial, pixels, h, w, chunk, K=k, C=c, OUT=out, SPLIT=split,
                                        **launch, **_precision(x))
     return partial.sum(0)
@@ -213,5 +213,5 @@ class FusedStackedConvFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_input(grad_y, weight) if ctx.needs_input_grad[0] else None
         grad_w = grad_weight(x, grad_y).to(weight.dtype)
-        grad_b = grad_y.view(-1, *grad_y.shape[3:]).sum(0, dtype=_accumulator(x))
+        grad_b = grad_y.view(-1, *grad_y.shape[3:]).sum(0, dtype=accumulator(x))
         return grad_x, grad_w, grad_b.to(weight.dtype)

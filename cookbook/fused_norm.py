@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from .fused_conv import accumulator
+
 BLOCK_ROWS, BLOCK_CHANNELS = 32, 64  # each program's tile: rows (pixels or pool windows) x channels
 
 
@@ -133,11 +135,6 @@ def _grad_input(x, scale, shift, mean, rstd, coef_a, coef_b, grad, grad_x, H, W,
         tl.store(grad_x + src[:, None] * C + c[None, :], dx.to(grad_x.dtype.element_ty), mask=inside)
 
 
-def _accumulator(x: torch.Tensor) -> torch.dtype:
-    """float64 sums for float64 maps (the tests' exact comparisons), else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _launch(acc: torch.dtype, **window) -> dict:
     """Tile sizes and accumulator of a launch (and S, the pool's window side, for the kernels that pool)."""
     return {"BR": BLOCK_ROWS, "BC": BLOCK_CHANNELS, "ACC": tl.float64 if acc == torch.float64 else tl.float32, **window}
@@ -146,7 +143,7 @@ def _launch(acc: torch.dtype, **window) -> dict:
 def image_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel of x [B, H, W, C] (contiguous): the mean and summed squared deviation over H x W, [B, C]."""
     b, h, w, c = x.shape
-    mean, m2 = (x.new_empty(b, c, dtype=_accumulator(x)) for _ in range(2))
+    mean, m2 = (x.new_empty(b, c, dtype=accumulator(x)) for _ in range(2))
     _stats[(b, triton.cdiv(c, BLOCK_CHANNELS))](x, mean, m2, h * w, c, **_launch(mean.dtype))
     return mean, m2
 
