@@ -281,13 +281,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """`work` or `run`, after the checks that need no storage."""
+    if args.stack < 1:  # work's too: joiners are started by hand
+        raise SweepError(f"stack={args.stack} must be >= 1")
     if args.command == "work":
         work(args.storage, args.study, args.experiment, args.threads, args.stack)
         return 0
     if args.workers < 1:
         raise SweepError(f"workers={args.workers} must be >= 1")
-    if args.stack < 1:
-        raise SweepError(f"stack={args.stack} must be >= 1")
     args.pruner = check_pruner(args.pruner, SWEEP_PRUNER, args.stack)
     return run_sweep(args)
 

@@ -128,6 +128,8 @@ def test_a_worker_given_a_missing_or_other_kind_of_study_is_one_line(tmp_path, c
     assert main(["work", "--study", "nope", "--storage", str(journal)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no study 'nope' in storage '{journal}'")
     assert not (tmp_path / "mlflow.db").exists()
+    assert main(["work", "--study", "grid", "--storage", str(journal), "--stack", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: stack=0 must be >= 1"
     database = tmp_path / "optuna.db"  # an RDB URL to a SQLite file that is not there: none made either
     assert main(["work", "--study", "nope", "--storage", f"sqlite:///{database}"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no study 'nope' in storage 'sqlite:///{database}' (no such database file)")
