@@ -13,8 +13,8 @@ from .config import PARAM_PREFIX, ConfigError
 from .delivery import NOT_STORED_TAG, spool_path
 from .monitor import STEP_LOSS
 from .range_run import LR_FIND_TAG
-from .stop import gone, process_id
-from .tracking import PROCESS_TAG, SPOOL_TAG, MlflowTracker, store_missing
+from .stop import gone
+from .tracking import PROCESS_TAG, SPOOL_TAG, MlflowTracker, store_missing, whereabouts
 
 
 class ResumedTracker(MlflowTracker):
@@ -34,8 +34,7 @@ class ResumedTracker(MlflowTracker):
         history = self.client.get_metric_history(self.run_id, STEP_LOSS)
         self.stored_through = max((m.step for m in history), default=-1)
         self.steps_logged = self.stored_through + 1  # a resume stopped before it passes them still has these
-        here = {PROCESS_TAG: process_id(), SPOOL_TAG: str(spool_path(self.run_id).resolve())}  # the spool moves with it
-        for key, value in {**here, **self.extra_tags}.items():  # e.g. the sweep trial that resumes it
+        for key, value in {**whereabouts(self.run_id), **self.extra_tags}.items():  # e.g. the sweep trial that resumes it
             self.client.set_tag(self.run_id, key, value)
 
     def on_metrics(self, rows):

@@ -117,10 +117,10 @@ def pid_of(process: str) -> int | None:
 def gone(process: str) -> bool:
     """True if `process` (a process_id) ran on this host and exists no more: its pid is free, or another process holds it
     now (the same pid, another start)."""
-    host, pid, start = process.split(":")[0], pid_of(process), process.split(":")[2:]
-    if host != socket.gethostname() or pid is None:
+    fields, pid = process.split(":"), pid_of(process)
+    if fields[0] != socket.gethostname() or pid is None:
         return False
-    return not pid_alive(pid) or bool(start and start_time(pid) not in (None, start[0]))
+    return not pid_alive(pid) or (len(fields) > 2 and start_time(pid) not in (None, fields[2]))
 
 
 def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:

@@ -40,6 +40,11 @@ CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diver
 PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
 PROCESS_TAG = "process"  # host:pid of the training process: `sync` closes RUNNING runs whose process is gone
 SPOOL_TAG = "spool_file"  # where the run's writes go while the store is away: `resume` checks there, from any folder
+
+
+def whereabouts(run_id: str) -> dict[str, str]:
+    """The tags saying which process trains the run now and where it spools: set when it starts and when it resumes."""
+    return {PROCESS_TAG: process_id(), SPOOL_TAG: str(spool_path(run_id).resolve())}
 GPU_TAG = "gpu"  # the physical GPU a CUDA run trained on (inside a sweep worker "cuda:0" is whichever GPU it was given)
 THREADS_TAG, DEVICE_TAG, TORCH_TAG = "torch_threads", "device", "torch_version"  # what reproduce matches
 OVERRIDES_TAG = "overrides"  # comma list of the config keys the run sets differently from its config file; "" = none
@@ -151,8 +156,8 @@ class MlflowTracker(Hook):
         commit, dirty = git_state()
         tags = {
             CONFIG_TAG: self.cfg.name, SEED_TAG: str(self.cfg.seed), OVERRIDES_TAG: ",".join(self.overrides),
-            "git_commit": commit, "git_dirty": str(dirty).lower(), PROCESS_TAG: process_id(),
-            SPOOL_TAG: str(spool_path(self.run_id).resolve()), TORCH_TAG: torch.__version__, THREADS_TAG: str(torch.get_num_threads()),
+            "git_commit": commit, "git_dirty": str(dirty).lower(), **whereabouts(self.run_id),
+            TORCH_TAG: torch.__version__, THREADS_TAG: str(torch.get_num_threads()),
             MLFLOW_RUN_NAME: self.run_name, **{f"data_md5.{k}": v for k, v in self.data_md5.items()}, **self.extra_tags,
         }
         if self.cfg.description:
