@@ -1,6 +1,7 @@
 """Optuna storages for sweeps: a journal file by default (many processes, one machine), any RDB URL for many machines."""
 from __future__ import annotations
 
+import copy
 import datetime
 import warnings
 from pathlib import Path
@@ -35,9 +36,16 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     client, run_id = MlflowClient(), trial.user_attrs.get(RUN_ID_ATTR)
     if run_status(client, run_id) == "RUNNING":  # None: its run is in another store (the sweep moved), nothing to close
         client.set_terminated(run_id, "KILLED")
+    retried = copy.deepcopy(trial)
+    retried.user_attrs = queued_as(trial)  # Optuna's retry copies every attr: a killed trial's outcome (pruned_at_epoch...) too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)(study, trial)  # named for heartbeats; requeues any failed trial
+        RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)(study, retried)  # named for heartbeats; requeues any failed trial
+
+
+def queued_as(trial: FrozenTrial) -> dict:
+    """The attrs that say what a trial is to train (a sweep cell's queue key), none of what it did: its retry's own."""
+    return {QUEUED_CELL_ATTR: trial.user_attrs[QUEUED_CELL_ATTR]} if QUEUED_CELL_ATTR in trial.user_attrs else {}
 
 
 def open_storage(spec: str) -> optuna.storages.BaseStorage:
@@ -82,7 +90,7 @@ def load_existing(spec: str, name: str, marker: str, kind: str) -> optuna.Study:
 
 
 def stamp_owner(trial: optuna.Trial) -> None:
-    """Mark the trial as this process's, with its number: a retry copies its failed original's attrs, owner included."""
+    """Mark the trial as this process's, with its number (retries queued by earlier versions carry their original's owner)."""
     trial.set_user_attr(OWNER_ATTR, process_id())
     trial.set_user_attr(OWNER_TRIAL_ATTR, trial.number)
 
@@ -177,7 +185,6 @@ def give_back(study: optuna.Study) -> int:
     """Queue again what this worker was running when it was stopped (its trials failed): same params; return how many."""
     mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if owner(t) == process_id()]
     for trial in mine:  # a sweep cell keeps its queue key; a stress trial its (LR, seed) point
-        queued = {QUEUED_CELL_ATTR: trial.user_attrs[QUEUED_CELL_ATTR]} if QUEUED_CELL_ATTR in trial.user_attrs else None
         # stopped before it suggested them, a trial's params are only those it was queued with
-        study.enqueue_trial({**trial.system_attrs.get("fixed_params", {}), **trial.params}, user_attrs=queued)
+        study.enqueue_trial({**trial.system_attrs.get("fixed_params", {}), **trial.params}, user_attrs=queued_as(trial))
     return len(mine)

@@ -67,8 +67,9 @@ def dead_process() -> str:
 
 def test_a_retry_is_not_failed_for_its_originals_dead_worker_and_an_unclaimed_trial_is_after_the_grace(tracking, tmp_path,
                                                                                                       monkeypatch):
-    """A retry carries its failed original's attrs, owner included: until its own worker stamps it, that owner's death
-    is not its own. A trial no worker claimed (one stopped inside ask()) would stay RUNNING for ever: failed after the grace."""
+    """A retry queued by an earlier version carries its failed original's owner: until its own worker stamps it, that
+    owner's death is not its own.
+    A trial no worker claimed (one stopped inside ask()) would stay RUNNING for ever: failed after the grace."""
     from experiments import storage
     study = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
     study.enqueue_trial({}, user_attrs={storage.OWNER_ATTR: dead_process(), storage.OWNER_TRIAL_ATTR: 7})  # a retry of 7
@@ -103,3 +104,22 @@ def test_a_worker_whose_pid_another_process_holds_now_is_dead(tracking, tmp_path
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_retry_keeps_what_its_original_was_to_train_and_none_of_what_it_did(tracking, tmp_path):
+    """A trial killed between the pruner's decision and tell() holds pruned_at_epoch: Optuna's retry copied it, and its
+    retry, completed, was read as pruned (and kept the killed trial's run id and steps until it set its own)."""
+    from experiments import storage
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "journal.log")))
+    study.enqueue_trial({"cell": "a"}, user_attrs={storage.QUEUED_CELL_ATTR: "a"})
+    cells = {"cell": optuna.distributions.CategoricalDistribution(["a", "b"])}
+    killed = study.ask(cells)
+    for name, value in {storage.PRUNED_ATTR: 2, "steps_run": 10, storage.RUN_ID_ATTR: "0" * 32}.items():
+        killed.set_user_attr(name, value)
+    study.tell(killed, state=TrialState.FAIL)
+    storage.requeue(study, study.trials[0])
+    retry = study.ask(cells)
+    assert retry.params == {"cell": "a"} and retry.user_attrs == {storage.QUEUED_CELL_ATTR: "a"}
+    assert optuna.storages.RetryFailedTrialCallback.retry_history(study.trials[1]) == [0]
+    study.tell(retry, 0.5)
+    assert [(t.number, storage.PRUNED_ATTR in t.user_attrs) for t in storage.finished_trials(study)] == [(1, False)]
