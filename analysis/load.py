@@ -14,7 +14,7 @@ from cookbook import tracking as t
 from cookbook.config import PARAM_PREFIX
 from cookbook.delivery import first_line
 from cookbook.range_run import LR_FIND_BLOWUP_TAG, LR_FIND_TAG
-from cookbook.tracking import store_missing
+from cookbook.tracking import store_unreadable
 from cookbook.train import EPOCH_LOSS, TEST_ACC, TEST_LOSS
 from experiments.pruning import PRUNED_TAG
 from experiments.storage import STRESS_TAG, SWEEP_TAG
@@ -45,7 +45,7 @@ def refusal(error: Exception) -> str:
 
 def check_store() -> None:
     """Refuse a SQLite store that does not exist before MLflow makes an empty one there."""
-    if why := store_missing(mlflow.get_tracking_uri()):
+    if why := store_unreadable(mlflow.get_tracking_uri()):
         raise AnalysisError(why)
 
 

@@ -186,7 +186,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from .delivery import SPOOL_DIR, replay
-    from .tracking import close_orphans, store_missing
+    from .tracking import close_orphans, store_unreadable
 
     spool_dir = args.spool_dir or SPOOL_DIR
     files = sorted(Path(spool_dir).glob("*.jsonl"))
@@ -198,7 +198,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"run {path.stem}: {stored} writes stored, {remaining} left; run {status}")
     print(f"{len(files) - len(left)}/{len(files)} spooled runs synced from {spool_dir}")
     uri = args.tracking_uri or mlflow.get_tracking_uri()  # no store there: no runs to close, and none made
-    orphans = [] if store_missing(uri) else close_orphans(MlflowClient(uri), skip=left)
+    orphans = [] if store_unreadable(uri) else close_orphans(MlflowClient(uri), skip=left)
     for run_id, steps in orphans:
         resume = f"; `python -m cookbook resume {run_id}` continues it" if checkpoint_path(run_id).is_file() else ""
         print(f"run {run_id}: its process is gone; ended KILLED with the {steps} steps it stored{resume}")

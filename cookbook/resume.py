@@ -14,7 +14,7 @@ from .delivery import NOT_STORED_TAG, spool_path
 from .monitor import STEP_LOSS
 from .range_run import LR_FIND_TAG
 from .stop import gone
-from .tracking import PROCESS_TAG, SPOOL_TAG, MlflowTracker, store_missing, whereabouts
+from .tracking import PROCESS_TAG, SPOOL_TAG, MlflowTracker, store_unreadable, whereabouts
 
 
 class ResumedTracker(MlflowTracker):
@@ -67,7 +67,7 @@ class ResumedTracker(MlflowTracker):
 def store_client() -> MlflowClient:
     """A client of the store runs are read from; a one-line ConfigError where it is a SQLite file that does not exist
     (MLflow would make an empty store there)."""
-    if why := store_missing(mlflow.get_tracking_uri()):
+    if why := store_unreadable(mlflow.get_tracking_uri()):
         raise ConfigError(why)
     return MlflowClient()
 

@@ -76,12 +76,16 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None
 
 
-def store_missing(uri: str) -> str | None:
-    """Why, in one line, where a SQLite store's file does not exist (MLflow would make an empty one there and find
-    nothing in it); None where the store exists or is not SQLite. For the commands that read runs."""
+def store_unreadable(uri: str) -> str | None:
+    """Why, in one line, runs cannot be read from a SQLite store: its file does not exist (MLflow would make an empty
+    one there and find nothing in it). None where they can, once a process making its tables is done (a reader
+    racing MLflow's migrations fails), or where the store is not SQLite. For the commands that read runs."""
     path = sqlite_file(uri)
     if path is not None and not path.is_file():
         return f"no tracking store at {uri}; point MLFLOW_TRACKING_URI at the store the runs are in"
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError), open(store_lock(path)) as lock:  # none: nobody made it through ready_store
+            fcntl.flock(lock, fcntl.LOCK_SH)  # waits while ready_store holds it (read-only: another user's lock file opens)
     return None
 
 
@@ -103,10 +107,14 @@ def check_writable(uri: str, path: Path) -> None:
 def _create_sqlite_store(uri: str) -> None:
     path = sqlite_file(uri).resolve()
     check_writable(uri, path)
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]  # one lock per store file, outside the project folder
-    with open(Path(tempfile.gettempdir()) / f"stability-cookbook-store-{digest}.lock", "a") as lock:
+    with open(store_lock(path), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         MlflowClient(uri).search_experiments(max_results=1)
+
+
+def store_lock(path: Path) -> Path:
+    """The lock file a SQLite store's tables are made under: one per store file, outside the project folder."""
+    return Path(tempfile.gettempdir()) / f"stability-cookbook-store-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]}.lock"
 
 
 class MlflowTracker(Hook):
