@@ -16,7 +16,6 @@ from cookbook.delivery import first_line
 from cookbook.range_run import LR_FIND_BLOWUP_TAG, LR_FIND_TAG
 from cookbook.tracking import store_unreadable
 from cookbook.train import EPOCH_LOSS, TEST_ACC, TEST_LOSS
-from experiments.pruning import PRUNED_TAG
 from experiments.storage import STRESS_TAG, SWEEP_TAG
 from experiments.stress_report import STRESS_REPORT, STRESS_RUN
 
@@ -60,8 +59,8 @@ def training_runs(experiment: str) -> pd.DataFrame:
     config_col = f"tags.{t.CONFIG_TAG}"
     if config_col in runs:
         runs = runs[runs[config_col].notna()]
-    if f"tags.{PRUNED_TAG}" in runs:  # a trial the pruner stopped is shorter than its study says: no final result
-        runs = runs[runs[f"tags.{PRUNED_TAG}"] != "true"]
+    if f"tags.{t.PRUNED_TAG}" in runs:  # a trial the pruner stopped is shorter than its study says: no final result
+        runs = runs[runs[f"tags.{t.PRUNED_TAG}"] != "true"]
     if runs.empty or config_col not in runs:
         raise AnalysisError(f"experiment '{experiment}' has no finished training runs (a run the pruner stopped has no "
                             "final result)")

@@ -13,13 +13,23 @@ from pathlib import Path
 import yaml
 
 from . import resources
-from .checkpoint import checkpoint_path
-from .config import CONFIGS_DIR, DEFAULT_EXPERIMENT, FLAG_KEYS, Config, ConfigError, from_params, load_config, to_yaml, unflatten
+from .checkpoint import checkpoint_path, remove
+from .config import (
+    CONFIGS_DIR,
+    DEFAULT_EXPERIMENT,
+    FLAG_KEYS,
+    Config,
+    ConfigError,
+    file_config,
+    from_params,
+    load_config,
+    to_yaml,
+    unflatten,
+)
 from .data import DataError, load_mnist
 from .hooks import Recorder
 from .lr_find import END_LR, START_LR, STEPS, UNUSED_KEYS
 from .progress import Progress
-from .reproduce import compare
 from .stop import exit_code
 from .train import EPOCH_GRAD_NORM, EPOCH_LOSS, TEST_ACC, TEST_LOSS, resolve_device, train
 from .yaml_values import load_yaml
@@ -77,9 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .tracking import MlflowTracker  # here: the library trains without MLflow installed
 
     with MlflowTracker(cfg, data.md5, experiment=args.experiment, run_name=args.run_name,
-                       system_metrics=not args.no_system_metrics, base=load_config(args.config, args.configs_dir),
+                       system_metrics=not args.no_system_metrics, base=file_config(args.config, args.configs_dir),
                        log_model=not args.no_log_model) as tracker:
         result = train(cfg, data, [Progress(label), tracker], checkpoint=checkpoint_path(tracker.run_id))
+    remove(checkpoint_path(tracker.run_id))  # only now: killed while its model was stored, the run resumes to its end
     print_summary(label, result, time.time() - started)
     print_where(tracker.run_id)
     return 0
@@ -97,6 +108,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                         log_model=not args.no_log_model) as tracker:
         print(f"resuming run {args.run_id} after step {tracker.stored_through} from {path}")
         result = train(cfg, data, [Progress(f"resume {label}"), tracker], checkpoint=path)
+    remove(path)
     print_summary(label, result, time.time() - started)
     print_where(tracker.run_id)
     return 0
@@ -160,19 +172,18 @@ def match_recorded(cfg, tags: dict[str, str]):
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import compare, outcome_verdict, stopped_after, through
     from .resume import recorded_training, store_client
-    from .tracking import DIVERGED_TAG, STEPS_RUN_TAG
     client = store_client()
     run = recorded_training(client, args.run_id, "reproduce")
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
-    recorder = Recorder()
-    result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder])
+    result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder := Recorder()])
     tracked = {key: [(m.step, m.value) for m in client.get_metric_history(args.run_id, key)] for key in run.data.metrics}
-    report = compare(tracked, recorder.history)
-    outcome = f"diverged={str(result.diverged).lower()} steps_run={result.steps_run}"
-    tracked_outcome = f"diverged={run.data.tags.get(DIVERGED_TAG)} steps_run={run.data.tags.get(STEPS_RUN_TAG)}"
-    report.append(("outcome (tags)", "exact" if outcome == tracked_outcome else f"MISMATCH: tracked {tracked_outcome}, rerun {outcome}"))
+    stopped = stopped_after(run.info.status, run.data.tags)  # pruned or killed: the rerun trains on, compared as far
+    rerun = recorder.history if stopped is None else through(recorder.history, stopped, result.total_steps // cfg.epochs)
+    report = compare(tracked, rerun)
+    report.append(("outcome (tags)", outcome_verdict(run.info.status, run.data.tags, result.diverged, result.steps_run)))
     for key, verdict in report:
         print(f"{key:48s} {verdict}")
     bad = [k for k, v in report if v.startswith("MISMATCH")]

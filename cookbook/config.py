@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .yaml_values import load_yaml
+from .yaml_values import dump_yaml, load_yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"  # the named configs
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000  # MNIST's published split: the most a subset can take
@@ -170,11 +170,12 @@ def stacked_conv_ok(value: str, depth: int) -> bool:
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError for values that are well-typed but meaningless; return cfg."""
+    train_size = cfg.data.train_subset or TRAIN_SIZE
     checks = [
         (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr), "optim.lr", cfg.optim.lr, "must be a positive number"),
         (cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1"),
         (0 <= cfg.seed < 2**64, "seed", cfg.seed, "must be in 0..2**64-1 (torch's seeds; a negative one aliases one of them)"),
-        (cfg.model.width > 0, "model.width", cfg.model.width, "must be > 0"),
+        (0 < 128 * cfg.model.width < math.inf, "model.width", cfg.model.width, "must be a finite number > 0"),
         (1 <= cfg.model.depth <= 5, "model.depth", cfg.model.depth, "must be in 1..5 (28x28 input)"),
         (cfg.optim.max_norm is None or cfg.optim.max_norm > 0, "optim.max_norm", cfg.optim.max_norm, "must be > 0 or none"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "must be >= 0"),
@@ -183,6 +184,9 @@ def validate(cfg: Config) -> Config:
          "must be in [0, epochs] (a longer warmup never reaches optim.lr)"),
         (0 <= cfg.schedule.lr_min <= cfg.optim.lr, "schedule.lr_min", cfg.schedule.lr_min, "must be in [0, optim.lr]"),
         (cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1"),
+        (not (cfg.model.norm == "batch" and cfg.model.depth == 5 and 1 in (cfg.data.batch_size, train_size % cfg.data.batch_size)),
+         "data.batch_size", cfg.data.batch_size, f"leaves a batch of 1 image of {train_size}: BatchNorm at depth 5 sees a "
+         "1x1 map, one value per channel"),
         (cfg.data.train_subset is None or 2 <= cfg.data.train_subset <= TRAIN_SIZE, "data.train_subset", cfg.data.train_subset,
          f"must be in 2..{TRAIN_SIZE} (MNIST's training images) or none"),
         (cfg.data.test_subset is None or 1 <= cfg.data.test_subset <= TEST_SIZE, "data.test_subset", cfg.data.test_subset,
@@ -216,6 +220,11 @@ def available_configs(configs_dir: Path) -> list[str]:
 
 def load_config(name_or_path: str, configs_dir: Path, overrides: dict | None = None) -> Config:
     """Resolve defaults <- config file <- overrides (nested dict) into a validated Config."""
+    return validate(merge(file_config(name_or_path, configs_dir), overrides or {}))
+
+
+def file_config(name_or_path: str, configs_dir: Path) -> Config:
+    """Defaults <- config file, as written: not validated (the overrides given with it may be what makes it valid)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = Path(configs_dir) / f"{name_or_path}.yaml"
@@ -227,8 +236,7 @@ def load_config(name_or_path: str, configs_dir: Path, overrides: dict | None = N
         raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})") from None
-    cfg = merge(Config(name=path.stem), data, where="")
-    return validate(merge(cfg, overrides or {}))
+    return merge(Config(name=path.stem), data, where="")
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -274,11 +282,6 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-def format_param(value: Any) -> str:
-    """A config value as an MLflow param string that load_yaml reads back to the same value."""
-    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
-
-
 # MLflow params of the resolved config are prefixed: `mlflow run` logs its raw MLproject
 # parameters (seed='' ...) as params too, and a param value can never change once logged.
 PARAM_PREFIX = "config."
@@ -287,7 +290,7 @@ MAX_PARAM_CHARS = 6000  # MLflow's longest param value (mlflow.utils.validation.
 
 def to_params(cfg: Config) -> dict[str, str]:
     """The resolved config as MLflow params: {'config.optim.lr': '0.001', ...}."""
-    return {PARAM_PREFIX + k: format_param(v) for k, v in flatten(cfg).items()}
+    return {PARAM_PREFIX + k: dump_yaml(v) for k, v in flatten(cfg).items()}
 
 
 def from_params(params: dict[str, str]) -> Config:

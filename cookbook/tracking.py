@@ -40,6 +40,7 @@ CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diver
 PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
 PROCESS_TAG = "process"  # host:pid of the training process: `sync` closes RUNNING runs whose process is gone
 SPOOL_TAG = "spool_file"  # where the run's writes go while the store is away: `resume` checks there, from any folder
+PRUNED_TAG = "pruned"  # "true" on a run a study's pruner stopped (it ends FINISHED with the steps it ran)
 
 
 def whereabouts(run_id: str) -> dict[str, str]:

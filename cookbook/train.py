@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load, remove, save
+from .checkpoint import load, save
 from .clipping import clip_gradients, is_diverged
 from .config import Config, OptimConfig
 from .data import MNIST, batches, on_device
@@ -253,7 +253,8 @@ def restore(state: dict, parts: Parts, result: TrainResult, shuffle: torch.Gener
 
 def train(cfg: Config, data: MNIST, hooks: list[Hook] = (), checkpoint: Path | None = None) -> TrainResult:
     """Train StableNet under cfg on data; report through hooks; return the result.
-    checkpoint: a file saved after every epoch and resumed from if it exists (removed when the run completes)."""
+    checkpoint: a file saved after every epoch and resumed from if it exists (its caller removes it once the run's
+    record is complete: the tracker's model upload and end come after this returns)."""
     hook = Hooks(list(hooks))
     device = resolve_device(cfg.device)
     tags = configure(cfg.compute.deterministic, device)
@@ -292,6 +293,5 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = (), checkpoint: Path | N
             save(checkpoint, checkpoint_state(parts, epoch, result, shuffle, check))
     result.snapshots = [r for r in parts.monitor.snapshot_table() if r["step"] < result.steps_run]
     result.model = None if result.diverged else parts.model
-    hook.on_end(result)  # stopped in here (a model being stored), the run still resumes from its last epoch
-    remove(checkpoint)
+    hook.on_end(result)
     return result

@@ -29,3 +29,11 @@ CoreLoader.add_constructor(INT, lambda loader, node: int(loader.construct_scalar
 def load_yaml(text: str) -> Any:
     """text as YAML 1.2 core-schema values (raises yaml.YAMLError)."""
     return yaml.load(text, Loader=CoreLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def dump_yaml(value: Any) -> str:
+    """value as one line of YAML that load_yaml reads back to the same value (how config values are stored as params)."""
+    text = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+    if isinstance(value, str) and load_yaml(text) != value:  # PyYAML leaves '1e3', '08' plain (1.1 strings): 1.2 numbers
+        text = yaml.safe_dump(value, default_style='"').removesuffix("\n...\n").strip()
+    return text

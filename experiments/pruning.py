@@ -8,7 +8,7 @@ import optuna
 
 from cookbook.checkpoint import checkpoint_path, remove
 from cookbook.hooks import Hook
-from cookbook.tracking import DIVERGED_TAG, STEPS_RUN_TAG, MlflowTracker
+from cookbook.tracking import DIVERGED_TAG, PRUNED_TAG, STEPS_RUN_TAG, MlflowTracker
 from cookbook.train import EPOCH_LOSS
 from experiments.boundary import CHANCE_LOSS
 from experiments.storage import PRUNED_ATTR, SweepError
@@ -23,7 +23,6 @@ SWEEP_PRUNER = NO_PRUNER  # a grid is evidence, not a search: every cell runs to
 # trials that learn best.
 STRESS_PRUNER = NO_PRUNER
 PRUNER_ATTR = "pruner"  # study attr and parent-run tag: its name (Optuna stores no pruner; each worker builds it from this)
-PRUNED_TAG = "pruned"  # MLflow tag "true" on a run the pruner stopped (it ends FINISHED with the steps it ran)
 
 
 class TrainingPruned(Exception):
@@ -98,14 +97,15 @@ class ReportToOptuna(Hook):
 @contextlib.contextmanager
 def prunable(tracker: MlflowTracker):
     """Enter the trial's tracker; if the pruner stops the training, end the run FINISHED (tagged pruned=true, with the
-    steps it ran) and then raise optuna.TrialPruned, so that Optuna records the trial PRUNED."""
+    steps it ran) and then raise optuna.TrialPruned, so that Optuna records the trial PRUNED. Once the run's end is
+    stored (finished or pruned, it is complete), delete its checkpoint: stopped before, the cell resumes from it."""
     stopped = None
     with tracker:
         try:
             yield tracker
         except TrainingPruned as stop:  # a FAILED run would say something broke; this one ended by the study's rule
             tracker.set_tags({PRUNED_TAG: "true", DIVERGED_TAG: "false", STEPS_RUN_TAG: stop.steps_run})
-            remove(checkpoint_path(tracker.run_id))  # a pruned run is complete: nothing will resume it
             stopped = stop
+    remove(checkpoint_path(tracker.run_id))
     if stopped is not None:
         raise optuna.TrialPruned(str(stopped))

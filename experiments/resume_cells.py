@@ -11,9 +11,8 @@ from mlflow import MlflowClient
 from cookbook.checkpoint import load as load_checkpoint
 from cookbook.config import ConfigError
 from cookbook.resume import resumable
-from cookbook.tracking import DIVERGED_STEP_TAG, DIVERGED_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG
+from cookbook.tracking import DIVERGED_STEP_TAG, DIVERGED_TAG, PRUNED_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG
 from cookbook.train import EPOCH_LOSS, SUMMARY_KEYS, TrainResult
-from experiments.pruning import PRUNED_TAG
 from experiments.storage import CELL_TAG, SWEEP_TAG
 
 

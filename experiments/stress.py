@@ -21,7 +21,7 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, load_config
+from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, file_config, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
 from cookbook.monitor import STEP_LOSS
@@ -90,7 +90,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
     tags = {STRESS_TAG: trial.study.study_name, TRIAL_TAG: str(trial.number)}
     with prunable(MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
                                 log_model=False, extra_tags=tags, parent_run_id=parent,
-                                base=load_config(spec["config"], CONFIGS_DIR))) as tracker:
+                                base=file_config(spec["config"], CONFIGS_DIR))) as tracker:
         trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
         result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
     initial = recorder.history[STEP_LOSS][0][1] if recorder.history.get(STEP_LOSS) else float("nan")

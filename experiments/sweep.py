@@ -26,7 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from optuna.trial import TrialState
 
 from cookbook.checkpoint import checkpoint_path
-from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, Config, ConfigError, load_config
+from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, Config, ConfigError, file_config, load_config
 from cookbook.data import MNIST, DataError
 from cookbook.resume import ResumedTracker
 from cookbook.stacked import train_stacked
@@ -76,7 +76,7 @@ def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: st
     stopped = stopped_run(MlflowClient(), experiment, study.study_name, key) if resume else None
     make = functools.partial(ResumedTracker, run_id=stopped) if stopped else MlflowTracker
     tracker = make(cfg, data.md5, experiment=experiment, run_name=key, log_model=False,
-                   extra_tags=tags, parent_run_id=parent_run_id, base=load_config(cell["config"], CONFIGS_DIR))
+                   extra_tags=tags, parent_run_id=parent_run_id, base=file_config(cell["config"], CONFIGS_DIR))
     return CellRun(cfg, data, tracker)
 
 

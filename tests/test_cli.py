@@ -19,6 +19,7 @@ from cookbook.cli import build_parser, main, print_where, stop_note
 from cookbook.config import flatten, load_config
 from cookbook.data import MD5, raw_dir
 from cookbook.logged import dataset_inputs
+from cookbook.tracking import OVERRIDES_TAG
 
 
 def test_tracked_run_has_config_tags_metrics_and_artifacts(mnist_dir, tracking, capsys, tmp_path):
@@ -176,6 +177,13 @@ def test_flag_values_mean_what_they_say(argv, key, value, capsys):
                                        (["reproduce", "abc"], "nothing was tracked"), (["sync"], "spool files not yet stored are kept")])
 def test_a_signal_says_what_it_left_for_each_command(argv, note):
     assert stop_note(build_parser().parse_args(argv)).startswith(note)
+
+
+def test_a_config_file_that_only_its_overrides_make_valid_trains(mnist_dir, tracking, tmp_path):
+    """The file as written is the overrides tag's base: validated alone, it refused what --dry-run accepted."""
+    (tmp_path / "tiny_lr.yaml").write_text("# why: an LR below the default lr_min\noptim:\n  lr: 1.0e-7\n")
+    assert main(["train", "--config", str(tmp_path / "tiny_lr.yaml"), "--set", "schedule.lr_min=0", *TINY_FLAGS]) == 0
+    assert "schedule.lr_min" in only_run().data.tags[OVERRIDES_TAG].split(",")
 
 
 def test_no_track_trains_without_mlflow(mnist_dir, tracking, capsys):

@@ -60,7 +60,11 @@ def test_yaml_exponent_strings_are_numbers():
     ({"optim": {"lr": -1}}, "optim.lr=-1.0 must be a positive number"),
     ({"optim": {"lr": "nan"}}, "optim.lr='nan' must be a finite number"),
     ({"epochs": 0}, "epochs=0 must be >= 1"),
-    ({"model": {"width": -0.5}}, "model.width=-0.5 must be > 0"),
+    ({"model": {"width": -0.5}}, "model.width=-0.5 must be a finite number > 0"),
+    ({"model": {"width": 1e308}}, "model.width=1e+308 must be a finite number > 0"),  # 128 x width channels: inf
+    ({"model": {"norm": "batch", "depth": 5}, "data": {"batch_size": 1}}, "data.batch_size=1 leaves a batch of 1 image"),
+    ({"model": {"norm": "batch", "depth": 5}, "data": {"train_subset": 33, "batch_size": 32}},
+     "data.batch_size=32 leaves a batch of 1 image of 33: BatchNorm at depth 5 sees a 1x1 map, one value per channel"),
     ({"model": {"depth": 9}}, "model.depth=9 must be in 1..5"),
     ({"optim": {"name": "lion"}}, "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
     ({"model": {"init": "orthogonal"}}, "model.init='orthogonal' is not valid; choose one of: kaiming, default"),
@@ -101,6 +105,14 @@ def test_params_round_trip_to_the_same_config():
     params = to_params(cfg)
     assert from_params({**params, "seed": "", "lr": ""}) == cfg  # `mlflow run`'s raw params are ignored
     assert params["config.optim.max_norm"] == "1.0" and params["config.data.test_subset"] == "null"
+
+
+@pytest.mark.parametrize("text", ["1e3", "08", "010", "1_000", "0x10", ".5", "+1", "true", "yes", "null", "~", "", "a: b"])
+def test_a_text_value_reads_back_as_the_same_text(text):
+    """PyYAML writes YAML 1.1, where '1e3' and '08' are strings it leaves plain; read as 1.2 they were numbers, and the
+    run could not be reproduced or resumed ('description=1000.0 must be a string')."""
+    cfg = merge(Config(), {"description": text, "data": {"data_dir": text or "data"}})
+    assert from_params(to_params(cfg)) == cfg
 
 
 def test_overridden_keys_are_the_values_that_differ_from_the_file():

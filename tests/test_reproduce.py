@@ -8,7 +8,8 @@ from mlflow import MlflowClient
 
 from conftest import TINY_FLAGS, created_store, only_run
 from cookbook.cli import main
-from cookbook.reproduce import compare
+from cookbook.reproduce import compare, stopped_after, through
+from cookbook.tracking import PRUNED_TAG
 
 
 def test_reproduce_reports_exact_match(mnist_dir, tracking, capsys):
@@ -51,6 +52,34 @@ def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
     MlflowClient().log_metric(run_id, "train/loss", 123.0, step=3)  # tamper with one logged value
     assert main(["reproduce", run_id]) == 1
     assert "train/loss" in capsys.readouterr().out.split("differing:")[-1]
+
+
+def test_a_run_stopped_short_is_compared_as_far_as_it_got(mnist_dir, tracking, tiny_data, capsys):
+    """A KILLED (or pruned) run was compared with a rerun trained to the end: every metric a MISMATCH past its stop."""
+    from test_checkpoint import StopAt
+
+    from cookbook.config import CONFIGS_DIR, load_config
+    from cookbook.tracking import MlflowTracker
+    from cookbook.train import train
+    cfg = load_config("batchnorm", CONFIGS_DIR, {"epochs": 2, "data": {"batch_size": 32, "train_subset": 256, "test_subset": 200},
+                                                 "monitor": {"flush_every": 3, "layer_every": 4}})
+    with pytest.raises(KeyboardInterrupt), MlflowTracker(cfg, tiny_data.md5, system_metrics=False, log_model=False) as tracker:
+        train(cfg, tiny_data, [tracker, StopAt(11)])  # 8 steps an epoch: stopped in epoch 2, its flush of steps 11-13 stored
+    assert MlflowClient().get_run(tracker.run_id).info.status == "KILLED"
+    capsys.readouterr()
+    assert main(["reproduce", tracker.run_id]) == 0
+    out = capsys.readouterr().out
+    assert "MISMATCH" not in out and "the run stopped after 14 steps (KILLED)" in out
+    assert re.search(r"^train/loss +exact \(14 values\)$", out, re.M) and re.search(r"^test/acc +exact \(1 values\)$", out, re.M)
+
+
+def test_a_rerun_is_cut_where_the_run_stopped():
+    rerun = {"train/loss": [(s, 1.0) for s in range(16)], "epoch/train_loss": [(1, 1.0), (2, 0.5)], "grads/fc": [(0, 1.0), (12, 1.0)]}
+    assert through(rerun, 12, 8) == {"train/loss": [(s, 1.0) for s in range(12)], "epoch/train_loss": [(1, 1.0)],
+                                     "grads/fc": [(0, 1.0)]}
+    assert through(rerun, 16, 8) == rerun
+    assert stopped_after("FINISHED", {"steps_run": "16"}) is None and stopped_after("KILLED", {"steps_run": "12"}) == 12
+    assert stopped_after("FINISHED", {"steps_run": "8", PRUNED_TAG: "true"}) == 8
 
 
 def test_compare_covers_every_metric_either_side_has_step_by_step():

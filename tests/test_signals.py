@@ -146,3 +146,26 @@ def test_a_signal_while_rows_are_handed_over_reaches_every_hook_first(tiny_cfg, 
         train(tiny_cfg, tiny_data, [signaller, recorder])
     steps = [step for step, _ in recorder.history["train/loss"]]
     assert signaller.flushes >= 3 and steps == list(range(signaller.last_step + 1))
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_its_model_is_stored_resumes_to_its_end(mnist_dir, tmp_path):
+    """The model's upload is a trained run's last act. SIGKILLed there, the run was left KILLED without its checkpoint
+    (train() had removed it), so resume refused it: the checkpoint now goes only once the run's end is stored."""
+    uri = created_store(f"sqlite:///{tmp_path}/mlflow.db")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **WITH_ROOT}
+    killed = ("import os, signal, sys, cookbook.delivery as d; from cookbook.cli import main; "
+              "d.send_model = lambda *a: os.kill(os.getpid(), signal.SIGKILL); sys.exit(main(sys.argv[1:]))")
+    tiny = [*LONG[:2], "--epochs", "2", *LONG[4:], "--train-subset", "64"]  # the later --train-subset wins: 4 steps
+    proc = subprocess.run([sys.executable, "-c", killed, "train", *tiny], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_id, stored = stored_steps(MlflowClient(uri))
+    assert stored == 4 and (tmp_path / "checkpoints" / f"{run_id}.pt").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "cookbook", "resume", run_id, "--no-system-metrics"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and [o.step for o in run.outputs.model_outputs] == [4]
+    assert not (tmp_path / "checkpoints").exists() and not list((tmp_path / "mlflow-spool").glob("*"))
