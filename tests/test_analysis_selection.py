@@ -96,6 +96,17 @@ def test_two_warmup_lengths_are_never_pooled():
     assert "With warmup 3 epochs: Within the sizes tried warmup never mattered" in section.text
 
 
+def test_warmup_matters_where_no_warmup_failed_at_every_lr_and_warmup_learned():
+    """Without warmup the large model diverged at every LR: that is no LR sensitivity of 0 (LR-robust), warmup mattered."""
+    runs = [{**sized("no_tricks", w, p, warmup, lr, float("nan") if failed else loss), "diverged": failed}
+            for w, p in ((0.5, 10_000), (2.0, 100_000)) for warmup in (0.0, 1.0) for lr, loss in ((1e-3, 0.1), (1e-2, 0.2))
+            for failed in [p == 100_000 and warmup == 0.0]]
+    section = warmup_size(with_scale(pd.DataFrame(runs)))
+    row = section.tables["size_table"].set_index(["params", "warmup"]).loc[(100_000, "no warmup")]
+    assert pd.isna(row.sensitivity) and row.note == "failed at every LR"
+    assert "Warmup starts to matter at **100,000 parameters**" in section.text and "it holds at 100,000)" in section.text
+
+
 def test_two_configs_of_equal_parameter_counts_are_never_pooled():
     """BatchNorm and GroupNorm nets of one width have the same parameter count: the section draws the config with the
     most size runs (layernorm, 2 seeds) and names the other, instead of averaging batchnorm's 0.05 into its rows."""

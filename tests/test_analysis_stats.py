@@ -49,7 +49,8 @@ def test_size_table_scores_each_lr_on_all_its_seeds():
     assert row["best LR"] == 1e-3 and row["best final loss"] == 0.3
     assert row["sensitivity"] == pytest.approx((0.3 + (0.05 + init) / 2) / 2 - 0.3)
     every_lr_failed = size_table(sized.assign(diverged=True), init).iloc[0]
-    assert math.isnan(every_lr_failed["best LR"]) and every_lr_failed["sensitivity"] == 0
+    assert math.isnan(every_lr_failed["best LR"]) and math.isnan(every_lr_failed["sensitivity"])  # not 0: not LR-robust
+    assert every_lr_failed["note"] == "failed at every LR" and row["note"] == ""
 
 
 def test_a_rerun_stress_study_replaces_the_older_one():
