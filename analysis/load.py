@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import mlflow
 import pandas as pd
@@ -24,6 +25,9 @@ KEYS = {"lr": "optim.lr", "width": "model.width", "depth": "model.depth", "warmu
         "batch_size": "data.batch_size", "train_subset": "data.train_subset", "test_subset": "data.test_subset",
         "init": "model.init", "optimizer": "optim.name", "weight_decay": "optim.weight_decay", "momentum": "optim.momentum",
         "schedule": "schedule.kind", "lr_min": "schedule.lr_min"}
+# What a run must carry for any section to place it (its seed, its scale); a run without one is left out, said in a line
+REQUIRED = {"the seed tag": f"tags.{t.SEED_TAG}", **{f"param {PARAM_PREFIX}{KEYS[k]}": f"params.{PARAM_PREFIX}{KEYS[k]}"
+                                                     for k in ("epochs", "batch_size")}}
 NUMERIC = ("lr", "width", "depth", "warmup_epochs", "epochs", "batch_size", "train_subset", "test_subset", "weight_decay",
            "momentum", "lr_min")
 
@@ -64,6 +68,7 @@ def training_runs(experiment: str) -> pd.DataFrame:
     if runs.empty or config_col not in runs:
         raise AnalysisError(f"experiment '{experiment}' has no finished training runs (a run the pruner stopped has no "
                             "final result)")
+    runs = complete(runs, experiment)
     col = lambda name: runs[name] if name in runs else pd.Series(None, index=runs.index, dtype=object)  # noqa: E731
     table = pd.DataFrame({
         "run_id": runs["run_id"], "run_name": col("tags.mlflow.runName"), "config": runs[config_col],
@@ -82,6 +87,20 @@ def training_runs(experiment: str) -> pd.DataFrame:
     table["max_norm"] = pd.to_numeric(table["max_norm"].replace({"null": None}), errors="coerce")
     table.loc[table.diverged, ["final_loss", "test_loss", "test_acc"]] = float("nan")  # last values are pre-divergence
     return table.reset_index(drop=True)
+
+
+def complete(runs: pd.DataFrame, experiment: str) -> pd.DataFrame:
+    """The runs that carry every REQUIRED value; a one-line warning names how many others were left out and why (an
+    AnalysisError where none is left)."""
+    lacking = {why: runs[c].isna() if c in runs else pd.Series(True, index=runs.index) for why, c in REQUIRED.items()}
+    bad = pd.concat(lacking, axis=1).any(axis=1)
+    if not bad.any():
+        return runs
+    reasons = ", ".join(f"without {why}: {int(m.sum())}" for why, m in lacking.items() if m.any())
+    if bad.all():
+        raise AnalysisError(f"experiment '{experiment}' has no finished training run with a seed tag, epochs and batch size ({reasons})")
+    print(f"warning: left out {int(bad.sum())} of {len(runs)} finished training runs of '{experiment}' ({reasons})", file=sys.stderr)
+    return runs[~bad]
 
 
 def history(run_id: str, key: str) -> pd.Series:

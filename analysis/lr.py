@@ -177,17 +177,21 @@ def isolation(runs: pd.DataFrame) -> Section:
     return Section("Tuned comparison (best LR per config)", text, {"isolation": table})
 
 
+FAILED_EVERY_LR = "failed at every LR"
+
+
 def size_table(sized: pd.DataFrame, init: float) -> pd.DataFrame:
     """Per model size and warmup: LR sensitivity, the best LR and its loss (means over seeds, a diverged seed counting as
     the loss at init), diverged runs."""
     rows = []
     for (params, warmup), g in sized.groupby(["params", "warmup"]):
         mean = g.assign(capped=capped_losses(g.final_loss, g.diverged, init)).groupby("lr").capped.mean()
-        learned = (mean < init).any()  # else every LR failed: there is no best one
+        learned = (mean < init).any()  # else every LR failed: no best LR, and a sensitivity of 0 would read as LR-robust
         rows.append({"params": int(params), "width": g.width.iloc[0], "depth": int(g.depth.iloc[0]), "warmup": warmup,
-                     "sensitivity": lr_sensitivity(list(mean), init), "best LR": mean.idxmin() if learned else np.nan,
-                     "best final loss": mean.min() if learned else np.nan, "diverged runs": f"{int(g.diverged.sum())}/{len(g)}",
-                     "LRs": g.lr.nunique(), "seeds": g.seed.nunique()})
+                     "sensitivity": lr_sensitivity(list(mean), init) if learned else np.nan,
+                     "best LR": mean.idxmin() if learned else np.nan, "best final loss": mean.min() if learned else np.nan,
+                     "diverged runs": f"{int(g.diverged.sum())}/{len(g)}", "LRs": g.lr.nunique(), "seeds": g.seed.nunique(),
+                     "note": "" if learned else FAILED_EVERY_LR})
     return pd.DataFrame(rows)
 
 
@@ -201,15 +205,20 @@ def warmup_labels(epochs: pd.Series) -> pd.Series:
     return epochs.map(lambda e: named.get(e, NO_WARMUP))
 
 
-def warmup_verdict(wide: pd.DataFrame, warmup: str, prefix: str = "") -> str:
-    """Where no warmup's LR sensitivity exceeds this warmup length's by the rule, at the sizes run both ways ('' if none)."""
-    rule = f"no-warmup LR sensitivity more than 25% and 0.01 nats above {warmup}'s"
-    both = wide[[NO_WARMUP, warmup]].dropna() if NO_WARMUP in wide else wide.iloc[:0]
-    if both.empty:
+def warmup_verdict(table: pd.DataFrame, warmup: str, prefix: str = "") -> str:
+    """Where no warmup's LR sensitivity exceeds this warmup length's by the rule, or no warmup failed at every LR where
+    this length learned, at the sizes run both ways ('' if none)."""
+    rule = (f"no-warmup LR sensitivity more than 25% and 0.01 nats above {warmup}'s, or no warmup {FAILED_EVERY_LR} "
+            f"where {warmup} learned")
+    sens = table.pivot(index="params", columns="warmup", values="sensitivity")  # NaN: failed at every LR, or not run
+    ran = table.pivot(index="params", columns="warmup", values="LRs").notna()
+    if NO_WARMUP not in ran or not (both := ran[NO_WARMUP] & ran[warmup]).any():
         return ""
-    gap = both[NO_WARMUP] - both[warmup]
-    matters = list(gap[(gap > 0.01) & (both[NO_WARMUP] > 1.25 * both[warmup])].index)
-    if matters and matters == list(both.index):
+    without, with_ = sens.loc[both, NO_WARMUP], sens.loc[both, warmup]
+    gap = without - with_
+    only_warmup_learned = without.isna() & with_.notna()
+    matters = list(gap[((gap > 0.01) & (without > 1.25 * with_)) | only_warmup_learned].index)
+    if matters and matters == list(without.index):
         return (f"{prefix}Warmup matters at **every size tried**, {min(matters):,} to {max(matters):,} parameters "
                 f"({rule}); the table says by how much.")
     if matters:
@@ -225,14 +234,13 @@ def warmup_size(runs: pd.DataFrame) -> Section:
         raise Skip("no warmup-vs-size sweep here (runs that override model.width or model.depth, at 2+ sizes and 2+ LRs)")
     sized = sized.assign(warmup=warmup_labels(sized.warmup_epochs), params=sized.param_count)
     table = size_table(sized, CHANCE_LOSS)  # the loss of a uniform prediction over 10 classes: the loss at init
-    wide = table.pivot(index="params", columns="warmup", values="sensitivity")
-    lengths = [w for w in wide.columns if w != NO_WARMUP]
-    answers = [warmup_verdict(wide, w, prefix=f"With {w}: " if len(lengths) > 1 else "") for w in lengths]
+    lengths = sorted(set(table.warmup) - {NO_WARMUP})
+    answers = [warmup_verdict(table, w, prefix=f"With {w}: " if len(lengths) > 1 else "") for w in lengths]
     answer = " ".join(a for a in answers if a) or "Warmup cannot be judged here: no size was run both with and without warmup."
     sens = table[["params", "warmup", "sensitivity"]]
     others = sorted(set(sized_runs(runs).config) - set(sized.config))
     text = (scale_note(sized) + f"Config {', '.join(sorted(sized.config.unique()))}; LR sensitivity = mean over the LR grid "
-            "of min(final loss, ln 10) minus the best final loss (Wortsman et al. 2023). " + answer
+            "of min(final loss, ln 10) minus the best final loss (Wortsman et al. 2023); none where every LR failed. " + answer
             + (f" Size runs of {', '.join(others)} are not drawn: one config per section." if others else ""))
     return Section("Warmup vs model size", text, {"size_table": round_table(table, ["best LR"]), "lr_sensitivity_values": sens},
                    {"warmup_vs_size": figures.warmup_vs_size(sized), "sensitivity_vs_size": figures.sensitivity_vs_size(sens)})

@@ -7,9 +7,15 @@ import numpy as np
 from scipy import stats
 
 
+def finite(values) -> np.ndarray:
+    """The values as floats, None, NaN and inf left out: a seed without the value says nothing of it."""
+    v = np.asarray(values, dtype=float)
+    return v[np.isfinite(v)]
+
+
 def mean_ci95(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval over seeds (nan half-width for fewer than 2 values)."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    """Mean and the half-width of its 95% t-interval over seeds (nan half-width for fewer than 2 finite values)."""
+    v = finite(values)
     if len(v) == 0:
         return float("nan"), float("nan")
     if len(v) < 2:
@@ -34,8 +40,8 @@ def layer_spread(norms) -> float:
 
 def welch_difference(a, b) -> tuple[float, float]:
     """mean(b) - mean(a) and the 95% half-width of that difference (Welch's t, Welch-Satterthwaite df); nan half-width
-    for fewer than 2 values a side."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    for fewer than 2 finite values a side."""
+    a, b = finite(a), finite(b)
     if len(a) < 2 or len(b) < 2:
         return float(b.mean() - a.mean()) if len(a) and len(b) else float("nan"), float("nan")
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
@@ -47,8 +53,8 @@ def welch_difference(a, b) -> tuple[float, float]:
 
 def paired_difference(a, b) -> tuple[float, float]:
     """mean(b - a) over pairs (a[i], b[i]: the same seed) and its 95% t half-width (pairs - 1 df); nan half-width for
-    fewer than 2 pairs."""
-    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    fewer than 2 pairs with both values finite."""
+    d = finite(np.asarray(b, dtype=float) - np.asarray(a, dtype=float))  # a pair lacking either side is left out
     if len(d) < 2:
         return float(d.mean()) if len(d) else float("nan"), float("nan")
     return float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))

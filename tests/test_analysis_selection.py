@@ -6,6 +6,7 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from test_analysis import make_run
 
 from analysis import precision_effect, seed_table
@@ -14,6 +15,7 @@ from analysis.load import stress_reports
 from analysis.lr import boundaries, latest_per_config, warmup_size
 from analysis.sections import diverged
 from analysis.select import with_scale
+from cookbook import tracking as t
 from experiments.stress_report import STRESS_REPORT, STRESS_RUN
 
 
@@ -96,6 +98,17 @@ def test_two_warmup_lengths_are_never_pooled():
     assert "With warmup 3 epochs: Within the sizes tried warmup never mattered" in section.text
 
 
+def test_warmup_matters_where_no_warmup_failed_at_every_lr_and_warmup_learned():
+    """Without warmup the large model diverged at every LR: that is no LR sensitivity of 0 (LR-robust), warmup mattered."""
+    runs = [{**sized("no_tricks", w, p, warmup, lr, float("nan") if failed else loss), "diverged": failed}
+            for w, p in ((0.5, 10_000), (2.0, 100_000)) for warmup in (0.0, 1.0) for lr, loss in ((1e-3, 0.1), (1e-2, 0.2))
+            for failed in [p == 100_000 and warmup == 0.0]]
+    section = warmup_size(with_scale(pd.DataFrame(runs)))
+    row = section.tables["size_table"].set_index(["params", "warmup"]).loc[(100_000, "no warmup")]
+    assert pd.isna(row.sensitivity) and row.note == "failed at every LR"
+    assert "Warmup starts to matter at **100,000 parameters**" in section.text and "it holds at 100,000)" in section.text
+
+
 def test_two_configs_of_equal_parameter_counts_are_never_pooled():
     """BatchNorm and GroupNorm nets of one width have the same parameter count: the section draws the config with the
     most size runs (layernorm, 2 seeds) and names the other, instead of averaging batchnorm's 0.05 into its rows."""
@@ -146,3 +159,26 @@ def test_every_reading_tool_refuses_a_store_that_is_missing_or_not_a_database(to
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"error: no tracking store at sqlite:///{missing}; point MLFLOW_TRACKING_URI at the store the runs are in"
     assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err) and not missing.exists()
+
+
+def test_runs_without_a_seed_tag_or_scale_params_are_left_out_in_one_line(tracking, tmp_path, capsys):
+    """A finished run lacking its seed tag, or its config params (epochs, batch size), is left out with one warning line
+    by every reading tool; where that leaves none, one error line and exit 2; never a traceback."""
+    client = MlflowClient()
+    exp = client.create_experiment("incomplete")
+    for seed in (0, 1):
+        make_run(client, exp, "no_tricks", seed, 0.2 + seed / 10)
+    client.delete_tag(make_run(client, exp, "no_tricks", 2, 0.25), t.SEED_TAG)
+    for in_exp in (exp, client.create_experiment("bare")):  # a run with its tags only: no config params
+        bare = client.create_run(in_exp).info.run_id
+        client.log_batch(bare, tags=[RunTag(t.CONFIG_TAG, "no_tricks"), RunTag(t.SEED_TAG, "3"), RunTag(t.OVERRIDES_TAG, "seed")])
+        client.set_terminated(bare)
+    assert "**Lowest final loss:** no_tricks (0.2500)." in report(tmp_path, "incomplete")
+    assert seed_table.main(["--experiment", "incomplete"]) == 0 and precision_effect.main(["--experiment", "incomplete"]) == 2
+    assert main(["--experiment", "bare", "--output", str(tmp_path / "bare")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    warning = ("warning: left out 2 of 4 finished training runs of 'incomplete' (without the seed tag: 1, without param "
+               "config.epochs: 1, without param config.data.batch_size: 1)")
+    assert err.count(warning) == 3 and err[-1] == ("error: experiment 'bare' has no finished training run with a seed tag, "
+                                                   "epochs and batch size (without param config.epochs: 1, without param "
+                                                   "config.data.batch_size: 1)")

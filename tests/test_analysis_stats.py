@@ -39,6 +39,18 @@ def test_seed_noise_is_the_t_test_at_five_percent_welch_or_paired():
     assert within_noise([0.1, 0.3], [0.5, 0.7]) is True
 
 
+def test_seed_noise_leaves_out_a_seed_missing_its_value_and_needs_two_finite_values():
+    """One of 3 seeds lacks its final loss: the 2 left are judged as scipy judges them, not "fewer than 2 seeds"."""
+    nan, inf = float("nan"), float("inf")
+    welch = lambda a, b: bool(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue >= 0.05)  # noqa: E731
+    assert within_noise([0.1, 0.12, nan], [0.5, 0.52, 0.55]) is welch([0.1, 0.12], [0.5, 0.52, 0.55]) is False
+    assert within_noise([0.1, 0.3, nan], [0.12, inf, 0.33]) is welch([0.1, 0.3], [0.12, 0.33]) is True
+    pairs = [nan, 0.1, 0.3, 0.5], [0.2, 0.2, nan, 0.7]  # only the 2nd and 4th pairs are whole
+    assert within_noise(*pairs, paired=True) is bool(scipy_stats.ttest_rel([0.1, 0.5], [0.2, 0.7]).pvalue >= 0.05) is True
+    assert within_noise([0.1, 0.3, nan], [0.2, 0.4, 0.5], paired=True) is False  # the 2 whole pairs exactly 0.1 apart
+    assert within_noise([0.1, nan, inf], [0.5, 0.52]) is None and within_noise([0.1, 0.2], [nan, 0.3], paired=True) is None
+
+
 def test_size_table_scores_each_lr_on_all_its_seeds():
     """One seed of two diverged at LR 0.1: its survivor's 0.05 must not make 0.1 the best LR."""
     init = math.log(10)
@@ -49,7 +61,8 @@ def test_size_table_scores_each_lr_on_all_its_seeds():
     assert row["best LR"] == 1e-3 and row["best final loss"] == 0.3
     assert row["sensitivity"] == pytest.approx((0.3 + (0.05 + init) / 2) / 2 - 0.3)
     every_lr_failed = size_table(sized.assign(diverged=True), init).iloc[0]
-    assert math.isnan(every_lr_failed["best LR"]) and every_lr_failed["sensitivity"] == 0
+    assert math.isnan(every_lr_failed["best LR"]) and math.isnan(every_lr_failed["sensitivity"])  # not 0: not LR-robust
+    assert every_lr_failed["note"] == "failed at every LR" and row["note"] == ""
 
 
 def test_a_rerun_stress_study_replaces_the_older_one():
