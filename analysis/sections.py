@@ -133,6 +133,8 @@ def loss_curves(runs: pd.DataFrame) -> Section:
     if base.empty:
         raise Skip("no non-diverged run at a config's own settings")
     hist = load.histories(list(base.run_id), STEP_LOSS).merge(base[["run_id", "config", "seed"]], on="run_id")
+    if hist.empty:
+        raise Skip(f"none of these {len(base)} runs logged a per-step `{STEP_LOSS}`")
     return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.{note}",
                    figures={"loss_curves": figures.loss_curves(hist)})
 
@@ -166,6 +168,8 @@ def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Secti
     if base.empty:
         raise Skip(f"no non-diverged run of {' or '.join(configs)} at its own settings")
     hist = load.histories(list(base.run_id), STEP_GRAD_NORM).merge(base[["run_id", "config", "seed"]], on="run_id")
+    if hist.empty:
+        raise Skip(f"none of these {len(base)} runs logged a per-step `{STEP_GRAD_NORM}`")
     p90 = hist.groupby("config").value.quantile(0.9).to_dict()
     cv = hist.groupby(["config", "run_id"]).value.agg(grad_norm_cv).groupby("config").mean().to_dict()  # as the results table
     max_norms = base.max_norm.dropna().unique()

@@ -193,3 +193,15 @@ def test_grad_norm_cv_is_per_seed_then_averaged_as_in_the_results_table(tracking
     text = report(tmp_path, "cv")
     cv = pd.read_csv(tmp_path / "results_values.csv").set_index("config").loc["no_tricks", "grad_norm_cv_mean"]
     assert cv == pytest.approx(pd.Series([1.0, 1.5] * 4).std() / 1.25) and f"CV {cv:.2f}" in text.split("## Gradient norms: ")[1]
+
+
+def test_runs_without_step_metrics_say_so_instead_of_empty_sections(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("no_steps")
+    for config in ("no_tricks", "all_tricks"):
+        for seed in (0, 1):
+            make_run(client, exp, config, seed, 0.2, steps=0, snapshot=False)  # epoch metrics only
+    text = report(tmp_path, "no_steps")
+    assert "- **Loss curves**: none of these 4 runs logged a per-step `train/loss`" in text
+    assert "- **Gradient norms: no_tricks vs all_tricks**: none of these 4 runs logged a per-step `opt/grad_norm_preclip`" in text
+    assert ": ." not in text and "## Results table" in text
