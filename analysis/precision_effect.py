@@ -38,6 +38,22 @@ def precision_runs(experiment: str) -> pd.DataFrame:
     return latest(runs, [*SETTING, "seed", "precision"])
 
 
+MISSING = "n/a"  # a std of one pair, a mean of none: printed as such, never as nan
+
+
+def spread(v: pd.Series) -> str:
+    """'mean ± std' over the pairs, n/a for what fewer than 2 (a std) or no pairs (both) cannot give."""
+    if v.empty:
+        return MISSING
+    return f"{v.mean():.4f} ± " + (MISSING if len(v) < 2 else f"{v.std():.4f}")
+
+
+def no_pair(g: pd.DataFrame, kept: int, metric: str) -> str:
+    """Why a setting has no pair to compare: the runs that diverged, each side, and the pairs without the metric."""
+    why = [f"{p} diverged {int(g[f'diverged_{p}'].sum())}/{len(g)}" for p in PRECISIONS if g[f"diverged_{p}"].any()]
+    return "no comparable pair: " + ", ".join(why + ([f"{kept}/{len(g)} pairs lack {metric}"] if kept else []))
+
+
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
     """Per config, setting and metric: pairs, diverged runs a side, fp32 and bf16 mean ± std over the pairs, the mean
     paired difference, its 95% half-width, the paired t-test's p and the verdict. Where a config has several settings,
@@ -57,9 +73,9 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             diff, half_width = paired_difference(a, b)
             p = scipy_stats.ttest_rel(b, a).pvalue if len(a) >= 2 and (b - a).std() > 0 else float("nan")
             rows.append({"config": config, "metric": metric, "pairs": len(a), "diverged fp32/bf16": diverged,
-                         "fp32": f"{a.mean():.4f} ± {a.std():.4f}", "bf16": f"{b.mean():.4f} ± {b.std():.4f}",
+                         "fp32": spread(a), "bf16": spread(b),
                          "bf16 - fp32": diff, "95% half-width": half_width, "paired_p": p,
-                         "verdict": noise_verdict(a, b, paired=True)})
+                         "verdict": noise_verdict(a, b, paired=True) if len(a) else no_pair(g, len(ok), metric)})
     return pd.DataFrame(rows)
 
 
@@ -75,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except load.READ_ERRORS as e:
         print(load.refusal(e), file=sys.stderr)
         return 2
-    print(table.to_markdown(index=False, floatfmt=".4f"))
+    print(table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval=MISSING))
     return 0
 
 

@@ -54,13 +54,18 @@ RESULT_KEYS = ("epoch1_loss", "final_loss", "test_loss", "test_acc", "grad_norm_
 HISTORY_KEYS = ("epoch1_loss", "grad_norm_mean", "grad_norm_cv", "clip_fraction")  # the ones run_summary reads off histories
 
 
+def grad_norm_cv(norms: pd.Series) -> float:
+    """One run's pre-clip grad norm std over mean (NaN without any): per run, as seeds may differ in scale, then averaged."""
+    return norms.std() / norms.mean() if len(norms) else np.nan
+
+
 def run_summary(run: pd.Series) -> dict:
     """Per-run numbers for the results table, from the run's metric histories."""
     epoch_loss = load.history(run.run_id, EPOCH_LOSS)
     norms = load.history(run.run_id, STEP_GRAD_NORM)
     clip = load.history(run.run_id, CLIP_FRACTION)
     return {"epoch1_loss": epoch_loss.get(1, np.nan), "grad_norm_mean": norms.mean(),
-            "grad_norm_cv": norms.std() / norms.mean() if len(norms) else np.nan,
+            "grad_norm_cv": grad_norm_cv(norms),
             "clip_fraction": clip.mean() if len(clip) else np.nan}
 
 
@@ -128,6 +133,8 @@ def loss_curves(runs: pd.DataFrame) -> Section:
     if base.empty:
         raise Skip("no non-diverged run at a config's own settings")
     hist = load.histories(list(base.run_id), STEP_LOSS).merge(base[["run_id", "config", "seed"]], on="run_id")
+    if hist.empty:
+        raise Skip(f"none of these {len(base)} runs logged a per-step `{STEP_LOSS}`")
     return Section("Loss curves", scale_note(base) + f"{len(base)} runs, per-step `train/loss`.{note}",
                    figures={"loss_curves": figures.loss_curves(hist)})
 
@@ -161,8 +168,10 @@ def grad_norms(runs: pd.DataFrame, configs=("no_tricks", "all_tricks")) -> Secti
     if base.empty:
         raise Skip(f"no non-diverged run of {' or '.join(configs)} at its own settings")
     hist = load.histories(list(base.run_id), STEP_GRAD_NORM).merge(base[["run_id", "config", "seed"]], on="run_id")
+    if hist.empty:
+        raise Skip(f"none of these {len(base)} runs logged a per-step `{STEP_GRAD_NORM}`")
     p90 = hist.groupby("config").value.quantile(0.9).to_dict()
-    cv = hist.groupby("config").value.agg(lambda v: v.std() / v.mean()).to_dict()
+    cv = hist.groupby(["config", "run_id"]).value.agg(grad_norm_cv).groupby("config").mean().to_dict()  # as the results table
     max_norms = base.max_norm.dropna().unique()
     max_norm = float(max_norms[0]) if len(max_norms) else None
     text = "; ".join(f"{c}: median {hist[hist.config == c].value.median():.2f}, 90th percentile {p90[c]:.2f}, CV {cv[c]:.2f}"

@@ -22,7 +22,7 @@ SNAPSHOT = "step,param,numel,grad_norm,weight_norm\n" + "".join(
 
 
 def make_run(client, exp_id, config, seed, final, lr=1e-3, width=1.0, warmup=0.0, diverged=False, steps=2100,
-             name=None, params=100000, snapshot=True, overrides=None, epochs=2, initial=2.3, snapshot_text=SNAPSHOT):
+             name=None, params=100000, snapshot=True, overrides=None, epochs=2, initial=2.3, snapshot_text=SNAPSHOT, grad=1.0):
     """A finished run carrying what the tracker logs, with values chosen by the test."""
     run = client.create_run(exp_id, run_name=name or f"{config} seed={seed}").info.run_id
     if overrides is None:  # what the tracker would write for a config whose own values are lr 1e-3, width 1, no warmup
@@ -40,7 +40,7 @@ def make_run(client, exp_id, config, seed, final, lr=1e-3, width=1.0, warmup=0.0
                Metric("test/loss", final + 0.01, 0, 2), Metric("test/acc", 0.9 + seed / 100, 0, 2),
                Metric("epoch/clip_fraction", 0.5, 0, 1), Metric("epoch/clip_fraction", 0.25, 0, 2)]
     metrics += [Metric("train/loss", initial - s / 1000, 0, s) for s in range(0, steps, 50)]
-    metrics += [Metric("opt/grad_norm_preclip", 1.0 + (s % 100) / 100, 0, s) for s in range(0, steps, 50)]
+    metrics += [Metric("opt/grad_norm_preclip", grad * (1.0 + (s % 100) / 100), 0, s) for s in range(0, steps, 50)]
     client.log_batch(run, metrics=metrics, params=[Param(k, v) for k, v in params_.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     if snapshot:

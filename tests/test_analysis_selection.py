@@ -182,3 +182,26 @@ def test_runs_without_a_seed_tag_or_scale_params_are_left_out_in_one_line(tracki
     assert err.count(warning) == 3 and err[-1] == ("error: experiment 'bare' has no finished training run with a seed tag, "
                                                    "epochs and batch size (without param config.epochs: 1, without param "
                                                    "config.data.batch_size: 1)")
+
+
+def test_grad_norm_cv_is_per_seed_then_averaged_as_in_the_results_table(tracking, tmp_path):
+    """Two seeds alike but for scale (grad norms 1-1.5 and 10-15): each has the same CV, which pooling them would inflate."""
+    client = MlflowClient()
+    exp = client.create_experiment("cv")
+    for seed, grad in ((0, 1.0), (1, 10.0)):
+        make_run(client, exp, "no_tricks", seed, 0.2, steps=400, snapshot=False, grad=grad)
+    text = report(tmp_path, "cv")
+    cv = pd.read_csv(tmp_path / "results_values.csv").set_index("config").loc["no_tricks", "grad_norm_cv_mean"]
+    assert cv == pytest.approx(pd.Series([1.0, 1.5] * 4).std() / 1.25) and f"CV {cv:.2f}" in text.split("## Gradient norms: ")[1]
+
+
+def test_runs_without_step_metrics_say_so_instead_of_empty_sections(tracking, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("no_steps")
+    for config in ("no_tricks", "all_tricks"):
+        for seed in (0, 1):
+            make_run(client, exp, config, seed, 0.2, steps=0, snapshot=False)  # epoch metrics only
+    text = report(tmp_path, "no_steps")
+    assert "- **Loss curves**: none of these 4 runs logged a per-step `train/loss`" in text
+    assert "- **Gradient norms: no_tricks vs all_tricks**: none of these 4 runs logged a per-step `opt/grad_norm_preclip`" in text
+    assert ": ." not in text and "## Results table" in text

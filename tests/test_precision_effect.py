@@ -5,6 +5,7 @@ import statistics
 import pandas as pd
 import pytest
 
+from analysis import load, precision_effect
 from analysis.precision_effect import SETTING, compare
 from analysis.select import latest
 from analysis.stats import NOISE_VERDICTS
@@ -61,3 +62,16 @@ def test_diverged_runs_leave_their_pair_out_and_are_counted():
 
 def test_a_seed_in_one_precision_only_is_not_paired():
     assert compare(runs([1.0, 2.0], [])).empty
+
+
+def test_no_comparable_pair_says_why_and_prints_no_nan(monkeypatch, capsys):
+    """bf16 diverged on every seed: no mean ± std to give, no seed noise to judge; the verdict says so, the table n/a."""
+    table = compare(runs([1.0, 2.0, 3.0], [None, None, None])).set_index("metric")
+    assert table.verdict.tolist() == ["no comparable pair: bf16 diverged 3/3"] * 2 and table.pairs.tolist() == [0, 0]
+    assert table.loc["final_loss", "fp32"] == table.loc["final_loss", "bf16"] == "n/a"
+    assert compare(runs([1.0], [2.0])).set_index("metric").loc["final_loss", "fp32"] == "1.0000 ± n/a"  # one pair: no std
+    lacking = runs([1.0, 2.0], [1.1, 2.1]).assign(test_acc=None)
+    assert compare(lacking).set_index("metric").loc["test_acc", "verdict"] == "no comparable pair: 2/2 pairs lack test_acc"
+    monkeypatch.setattr(load, "check_store", lambda: None)
+    monkeypatch.setattr(precision_effect, "precision_runs", lambda _: runs([1.0, 2.0, 3.0], [None, None, None]))
+    assert precision_effect.main([]) == 0 and "nan" not in capsys.readouterr().out
