@@ -12,6 +12,7 @@ from cookbook.config import TRAIN_SIZE
 from cookbook.monitor import STEP_LOSS
 from experiments.boundary import CHANCE_LOSS, CONVERGE_RATIO
 from experiments.stress_range import LR_FIND_RUN_ATTR
+from experiments.stress_report import PRUNED_OUTCOME, probe_outcome
 
 X100 = 100  # the seed's stress test: each config at 100 x its own LR
 
@@ -40,9 +41,8 @@ def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[p
         return pd.DataFrame({"config": hit.config, "LR": hit.lr, "seed": hit.seed, "outcome": [outcome(r, ratio) for r in hit.itertuples()],
                              "final loss": hit.final_loss.round(4), "step-0 loss": hit.initial_loss.round(4),
                              "source": "LR grid"}), hit
-    rows = [{"config": r["config"], "LR": X100 * r["base_lr"], "seed": x["seed"],
-             "outcome": "converged" if x["converged"] else f"diverged at step {int(x['diverged_step'])}" if x["diverged"]
-             else "did not converge", "final loss": x["final_loss"], "step-0 loss": np.nan, "source": "stress study"}
+    rows = [{"config": r["config"], "LR": X100 * r["base_lr"], "seed": x["seed"], "outcome": probe_outcome(x),
+             "final loss": x["final_loss"], "step-0 loss": np.nan, "source": "stress study"}
             for r in latest_per_config(reports).values() for x in r["x100"]]
     return pd.DataFrame(rows, columns=["config", "LR", "seed", "outcome", "final loss", "step-0 loss", "source"]), hit
 
@@ -51,12 +51,15 @@ def survivors(x100: pd.DataFrame) -> str:
     """The survivor line, computed from the x100 table itself: converged seeds out of seeds, per config."""
     if x100.empty:
         return "**Survive LR x100:** not run."
-    counts = x100.assign(ok=x100.outcome == "converged").groupby("config").ok.agg(["sum", "count"])
+    finished = x100[~x100.outcome.str.startswith(PRUNED_OUTCOME)]  # stopped by a pruner: neither survived nor failed
+    stopped = sorted(set(x100.config) - set(finished.config))
+    counts = finished.assign(ok=finished.outcome == "converged").groupby("config").ok.agg(["sum", "count"])
     all_ok = [f"{c} ({s}/{n} seeds)" for c, (s, n) in counts.iterrows() if s == n]
     some = [f"{c} ({s}/{n} seeds)" for c, (s, n) in counts.iterrows() if 0 < s < n]
     none = [c for c, (s, n) in counts.iterrows() if s == 0]
     return (f"**Survive LR x100:** {', '.join(all_ok) or 'none'}." + (f" In some seeds only: {', '.join(some)}." if some else "")
-            + (f" Fail in every seed: {', '.join(none)}." if none else ""))
+            + (f" Fail in every seed: {', '.join(none)}." if none else "")
+            + (f" Stopped by the pruner in every seed (no verdict): {', '.join(stopped)}." if stopped else ""))
 
 
 def boundaries(runs: pd.DataFrame, reports: list[dict]) -> str:
@@ -65,7 +68,8 @@ def boundaries(runs: pd.DataFrame, reports: list[dict]) -> str:
     lines = []
     for r in latest_per_config(reports).values():  # a rerun study replaces the earlier one, as in the figure
         own = trials[trials.stress == r["study"]] if "study" in r else trials[trials.config == r["config"]]  # older reports
-        at = ", ".join(sorted(own.scale.unique())) or "not found"  # its own trials' scale, not an earlier study's
+        at = ", ".join(sorted(own.scale.unique())) or ("not found: the pruner stopped every trial" if r.get("pruned_by_pruner")
+                                                        == r["trials"] else "not found")  # its own trials', not an earlier study's
         found = (f"boundary {r['boundary_lr']:.3g}" + (f" [90% CI {r['boundary_lr_90ci'][0]:.3g}, {r['boundary_lr_90ci'][1]:.3g}]"
                                                        if r.get("boundary_lr_90ci") else "")
                  if r.get("boundary_lr") else "no boundary inside the range")

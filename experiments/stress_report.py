@@ -14,6 +14,7 @@ from experiments.stress_range import LR_FIND_BLOWUP_ATTR, LR_FIND_RUN_ATTR, base
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 STRESS_RUN, STRESS_REPORT = "stress", "stress_report.json"  # the parent run's name and its report artifact
+PRUNED_OUTCOME = "stopped by the pruner"  # how a probe the pruner stopped reads, where verdicts leave it out
 
 
 def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -30,11 +31,12 @@ def report(study: optuna.Study) -> dict:
     x100 = df[(df.lr / 10**base - 100).abs() < 1e-6]
     steps_run, steps_full = int(df.steps_run.sum()), int(df.total_steps.sum())
     stopped = df[df[PRUNED_ATTR].notna()]
+    probe = columns[1:6] + [PRUNED_ATTR]  # a probe the pruner stopped is no finished training: the report says so
     return {"config": spec["config"], "study": study.study_name, "base_lr": 10**base, "lr_range": [10**lo, 10**hi], "trials": len(df),
             "converge_ratio": spec["converge_ratio"], "pruner": stored_pruner(study),
             **{k: spec[k] for k in (LR_FIND_BLOWUP_ATTR, LR_FIND_RUN_ATTR) if k in spec},
             **boundary([math.log10(v) for v in df.lr], list(~df.converged.astype(bool))),
-            "x100": x100[columns[1:6]].astype(object).where(x100[columns[1:6]].notna(), None).to_dict("records"),
+            "x100": x100[probe].astype(object).where(x100[probe].notna(), None).to_dict("records"),
             "steps_run": steps_run, "steps_without_pruning": steps_full,
             "pruning_saved": 1 - steps_run / steps_full if steps_full else 0.0,
             "pruned_by_pruner": len(stopped), "steps_saved_by_pruner": int((stopped.total_steps - stopped.steps_run).sum())}
@@ -54,10 +56,17 @@ def format_report(r: dict) -> str:
         low, high = r["boundary_lr_90ci"]
         lines.append(f"  boundary (P(fail)=0.5) {r['boundary_lr']:.3g}, 90% CI [{low:.3g}, {high:.3g}]")
     for row in r["x100"]:
-        state = "converged" if row["converged"] else f"diverged at step {int(row['diverged_step'])}" \
-            if row["diverged"] else "did not converge"
+        state = probe_outcome(row)
         loss = "" if row["final_loss"] is None or pd.isna(row["final_loss"]) else f", final loss {row['final_loss']:.3f}"
         lines.append(f"  lr x100 seed {row['seed']}: {state}{loss}")
     lines.append(f"  steps run {r['steps_run']} of {r['steps_without_pruning']} without pruning (saved {r['pruning_saved']:.0%}; "
                  f"pruner {r['pruner']}: {r['pruned_by_pruner']} trials stopped, {r['steps_saved_by_pruner']} steps saved)")
     return "\n".join(lines)
+
+
+def probe_outcome(probe: dict) -> str:
+    """An LR x100 probe's outcome in words (reports written before probes kept PRUNED_ATTR read as before)."""
+    if probe.get(PRUNED_ATTR) is not None:
+        return f"{PRUNED_OUTCOME} after epoch {int(probe[PRUNED_ATTR])} (not a finished training)"
+    return "converged" if probe["converged"] else f"diverged at step {int(probe['diverged_step'])}" if probe["diverged"] \
+        else "did not converge"

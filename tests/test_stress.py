@@ -13,14 +13,15 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from analysis.load import stress_reports
+from analysis.lr import survivors
 from conftest import DATA_DIR, WITH_ROOT, training_victim
 from cookbook.lr_find import START_LR, RangeTest
 from cookbook.stop import Terminated, pid_of
 from experiments import stress
-from experiments.storage import open_storage
+from experiments.storage import PRUNED_ATTR, open_storage
 from experiments.stress import main
 from experiments.stress_range import RANGE_FACTOR, range_from_blowup, run_range_test, search_range
-from experiments.stress_report import format_report, report
+from experiments.stress_report import format_report, probe_outcome, report
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
 
@@ -64,7 +65,7 @@ def test_stress_prunes_diverged_trials_and_reports_a_boundary(mnist_dir, trackin
     assert base.intermediate_values[epochs] == base.user_attrs["final_loss"]
     result = report(study)
     assert result["trials"] == 4 and result["steps_run"] < result["steps_without_pruning"] and result["study"] == study.study_name
-    assert result["smallest_failed_lr"] <= 0.1 and result["x100"][0]["diverged"]
+    assert result["smallest_failed_lr"] <= 0.1 and result["x100"][0]["diverged"] and result["x100"][0][PRUNED_ATTR] is None
     assert result["pruner"] == "none" and result["lr_range"] == pytest.approx([1e-3, 1.0])  # the defaults
     client = MlflowClient()
     runs = client.search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
@@ -211,3 +212,15 @@ def test_workers_share_the_trial_budget_without_overshooting_it(tmp_path):
     other = study.ask()  # another worker's trial, running
     study.optimize(lambda t: 0.0, n_trials=10, callbacks=[stress.budget(4)])
     assert len(study.trials) == 4 and study.trials[other.number].state == TrialState.RUNNING
+
+
+def test_an_x100_probe_the_pruner_stopped_is_no_verdict():
+    """A probe stopped by the pruner read "did not converge" (its attr was not kept), and its config "fails in every seed"."""
+    import pandas as pd
+    stopped = {"seed": 0, "converged": False, "diverged": False, "diverged_step": None, "final_loss": None, PRUNED_ATTR: 1}
+    finished = {**stopped, PRUNED_ATTR: None, "converged": True, "final_loss": 0.1}
+    assert probe_outcome(stopped) == "stopped by the pruner after epoch 1 (not a finished training)"
+    assert probe_outcome({k: v for k, v in stopped.items() if k != PRUNED_ATTR}) == "did not converge"  # an older report
+    table = pd.DataFrame({"config": ["a", "b", "b"], "outcome": [probe_outcome(stopped), probe_outcome(finished),
+                                                                probe_outcome(stopped)]})
+    assert survivors(table) == "**Survive LR x100:** b (1/1 seeds). Stopped by the pruner in every seed (no verdict): a."
