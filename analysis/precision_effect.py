@@ -19,6 +19,7 @@ from scipy import stats as scipy_stats
 
 from analysis import load
 from analysis.load import AnalysisError
+from analysis.sections import MISSING, markdown_table
 from analysis.select import latest
 from analysis.stats import noise_verdict, paired_difference
 
@@ -38,7 +39,6 @@ def precision_runs(experiment: str) -> pd.DataFrame:
     return latest(runs, [*SETTING, "seed", "precision"])
 
 
-MISSING = "n/a"  # a std of one pair, a mean of none: printed as such, never as nan
 
 
 def spread(v: pd.Series) -> str:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except load.READ_ERRORS as e:
         print(load.refusal(e), file=sys.stderr)
         return 2
-    print(table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval=MISSING))
+    print(markdown_table(table, floatfmt=".4f"))
     return 0
 
 

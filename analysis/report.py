@@ -7,7 +7,7 @@ from pathlib import Path
 
 import markdown_it
 
-from analysis.sections import Section
+from analysis.sections import Section, markdown_table
 
 MANIFEST = ".report-files"  # the files the last report wrote in its folder: gone before the next report writes
 
@@ -26,7 +26,7 @@ def save(sections: list[Section], out: Path) -> list[Path]:
             written.append(path)
         for name, table in section.tables.items():
             table.to_csv(out / f"{name}.csv", index=False)
-            (out / f"{name}.md").write_text(table.to_markdown(index=False))
+            (out / f"{name}.md").write_text(markdown_table(table))
             written += [out / f"{name}.csv", out / f"{name}.md"]
     return written
 
@@ -47,7 +47,7 @@ def markdown(title: str, sections: list[Section], skipped: dict[str, str], sourc
     parts = [f"# {title}", source]
     for s in sections:
         parts += [f"## {s.title}", s.text]
-        parts += [t.to_markdown(index=False) for n, t in s.tables.items() if not n.endswith("_values")]
+        parts += [markdown_table(t) for n, t in s.tables.items() if not n.endswith("_values")]
         parts += [f"![{n}]({n}.png)" for n in s.figures]
     if skipped:
         parts += ["## Not drawn"] + [f"- **{name}**: {why}" for name, why in skipped.items()]

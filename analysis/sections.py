@@ -38,6 +38,14 @@ def fmt_ci(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+MISSING = "n/a"  # a value a table lacks (a mean of none, a std of one, a diverged run's loss): printed as such, never nan
+
+
+def markdown_table(table: pd.DataFrame, **style) -> str:
+    """A table as Markdown, a missing value (None, NaN) as MISSING."""
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval=MISSING, **style)
+
+
 def round_table(table: pd.DataFrame, lr_columns: list[str]) -> pd.DataFrame:
     """Losses and ratios to 4 decimals, learning rates to 4 significant digits (a 4-decimal LR 3.4e-5 would read 0.0)."""
     lrs = {c: pd.to_numeric(table[c]).map(lambda v: float(f"{v:.4g}")) for c in lr_columns}

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(load.refusal(e), file=sys.stderr)
         return 2
     print(section.text + "\n")
-    print(section.tables["results"].to_markdown(index=False))
+    print(sections.markdown_table(section.tables["results"]))
     return 0
 
 

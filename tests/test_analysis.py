@@ -164,7 +164,7 @@ def test_x100_survivors_follow_one_rule(tracking, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert ("**Survive LR x100:** batchnorm (2/2 seeds). In some seeds only: layernorm (1/2 seeds). "
             "Fail in every seed: no_tricks.") in report
-    assert "final train loss < 0.5 x the loss of step 0" in report
+    assert "final train loss < 0.5 x the loss of step 0" in report and "nan" not in report  # a diverged run's loss: n/a
     table = pd.read_csv(tmp_path / "lr_x100.csv").set_index(["config", "seed"])
     assert table.loc[("layernorm", 1), "outcome"] == "did not converge" and table.loc[("batchnorm", 1), "outcome"] == "converged"
     assert table.loc[("no_tricks", 0), "outcome"] == "diverged at step 7" and "wide" not in table.index.get_level_values(0)
