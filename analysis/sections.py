@@ -104,7 +104,7 @@ def results_table(runs: pd.DataFrame) -> Section:
                      "test loss": fmt_ci(*stats["test_loss"]), "test acc": fmt_ci(*stats["test_acc"], digits=4),
                      "grad norm mean": fmt_ci(*stats["grad_norm_mean"]), "grad norm CV": fmt_ci(*stats["grad_norm_cv"]),
                      "seed claims  ": claim.get("grad_norm", ""), "clipped steps": fmt_ci(*stats["clip_fraction"])})
-        numeric.append({"config": config, "seeds": len(ok), **{f"{k}_mean": v[0] for k, v in stats.items()},
+        numeric.append({"config": config, "seeds": len(g), "seeds_in_mean": len(ok), **{f"{k}_mean": v[0] for k, v in stats.items()},
                         **{f"{k}_ci95": v[1] for k, v in stats.items()}})
     values = pd.DataFrame(numeric).set_index("config")
     text = (scale_note(base) + f"{len(base)} runs, every config at its own settings (no model, optim or schedule key "

@@ -205,3 +205,14 @@ def test_runs_without_step_metrics_say_so_instead_of_empty_sections(tracking, tm
     assert "- **Loss curves**: none of these 4 runs logged a per-step `train/loss`" in text
     assert "- **Gradient norms: no_tricks vs all_tricks**: none of these 4 runs logged a per-step `opt/grad_norm_preclip`" in text
     assert ": ." not in text and "## Results table" in text
+
+
+def test_both_results_tables_count_the_seeds_run_and_the_values_say_how_many_are_in_the_mean(tracking, tmp_path):
+    """results.csv said 2 seeds and results_values.csv 1 for the same config (one counted the diverged seed, one not)."""
+    client = MlflowClient()
+    exp = client.create_experiment("seeds")
+    make_run(client, exp, "no_tricks", 0, 0.2)
+    make_run(client, exp, "no_tricks", 1, float("nan"), diverged=True)
+    assert main(["--experiment", "seeds", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
+    shown, values = (pd.read_csv(tmp_path / f"{name}.csv").set_index("config").loc["no_tricks"] for name in ("results", "results_values"))
+    assert (shown["seeds"], values["seeds"], values["seeds_in_mean"]) == (2, 2, 1)
