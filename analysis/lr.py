@@ -160,15 +160,16 @@ def range_scale(test) -> str:
 
 def isolation(runs: pd.DataFrame) -> Section:
     """7. Each config at its own best LR from the grid (an isolation plot's numbers), seed noise labelled."""
-    grid = lr_grid(runs)
-    failed = grid.diverged | grid.final_loss.isna()  # an LR where any seed diverged is not a candidate: not its survivors' mean
-    grid = grid[~grid.assign(failed=failed).groupby(["config", "lr"]).failed.transform("any")]
+    tried = lr_grid(runs)
+    failed = tried.diverged | tried.final_loss.isna()  # an LR where any seed diverged is not a candidate: not its survivors' mean
+    grid = tried[~tried.assign(failed=failed).groupby(["config", "lr"]).failed.transform("any")]
     if grid.empty or grid.groupby("config").lr.nunique().max() < 2:
         raise Skip("no config was run at 2 or more learning rates where no seed diverged")
     mean = grid.groupby(["config", "lr"]).final_loss.mean()
     best = mean.groupby("config").idxmin().map(lambda k: k[1])
     at_best = {c: grid[(grid.config == c) & np.isclose(grid.lr, lr)] for c, lr in best.items()}
-    table = pd.DataFrame([{"config": c, "best LR": best[c], "LRs tried": grid[grid.config == c].lr.nunique(),
+    table = pd.DataFrame([{"config": c, "best LR": best[c], "LRs tried": tried[tried.config == c].lr.nunique(),
+                           "LRs where a seed diverged": tried[tried.config == c].lr.nunique() - grid[grid.config == c].lr.nunique(),
                            "final loss at best LR": fmt_ci(*mean_ci95(at.final_loss), digits=4),
                            "test acc at best LR": fmt_ci(*mean_ci95(at.test_acc), digits=4), "seeds": len(at)}
                           for c, at in at_best.items()])

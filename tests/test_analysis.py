@@ -80,6 +80,7 @@ def test_tuned_comparison_takes_no_lr_where_a_seed_diverged(tracking, tmp_path):
     assert main(["--experiment", "tuned", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
     isolation = pd.read_csv(tmp_path / "isolation.csv").set_index("config")
     assert isolation.loc["no_tricks", "best LR"] == 1e-3 and isolation.loc["no_tricks", "seeds"] == 2
+    assert (isolation.loc["no_tricks", "LRs tried"], isolation.loc["no_tricks", "LRs where a seed diverged"]) == (3, 1)
     tuned = (tmp_path / "report.md").read_text().split("## Tuned comparison")[1]
     assert "fp32; seeds 0, 1.*" in tuned.split("\n\n")[1]  # the seeds compared, not every seed of the grid
 
