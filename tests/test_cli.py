@@ -100,7 +100,7 @@ def test_diverged_run_is_finished_tagged_and_finite(mnist_dir, tracking):
     (["--norm", "instance"], "model.norm='instance' is not valid; choose one of: none, batch, layer"),
     (["--init", "zeros"], "model.init='zeros' is not valid; choose one of: kaiming, default"),
     (["--optimizer", "lion"], "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
-    (["--width", "-1"], "model.width=-1.0 must be > 0"),
+    (["--width", "-1"], "model.width=-1.0 must be a finite number > 0"),
     (["--set", "optim.lr"], "must look like KEY=VALUE"),
     (["--epochs", "1:30"], "epochs='1:30' must be an integer"),  # YAML 1.1: 90 (base 60)
     (["--set", "optim.lr=1e-3", "--set", "optim.lr.x=1"], "'optim.lr.x' sets a key inside 'optim.lr', which is set to 0.001"),
