@@ -268,25 +268,6 @@ def test_stacked_sweep_runs_seeds_of_a_cell_as_one_model(mnist_dir, tracking, tm
     assert main(["run", "--stack", "0", "--storage", storage, *TINY]) == 2
 
 
-def test_a_stopped_stacked_worker_fails_every_cell_it_claimed_not_only_the_group_training(mnist_dir, tracking, tmp_path,
-                                                                                          monkeypatch):
-    """Claimed cells of groups waiting their turn must not stay RUNNING (nothing would give them back)."""
-    from experiments import sweep
-    from experiments.queue import claim, enqueue_missing, open_study
-    args = sweep.build_parser().parse_args(["run", *TINY])
-    cells = make_cells("no_tricks,batchnorm", "0,1", "")
-    study = open_study(str(tmp_path / "journal.log"), "stopped", cells, sweep.train_settings(args), "none")
-    enqueue_missing(study)
-
-    def stopped(*args):
-        raise KeyboardInterrupt  # SIGTERM while the first group trains
-
-    monkeypatch.setattr(sweep, "train_stacked", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        sweep.run_stacked(study, claim(study, 4), "stopped", None)  # two groups of two seeds
-    assert [t.state for t in study.trials] == [TrialState.FAIL] * 4
-
-
 def test_the_sweep_summary_takes_no_final_loss_from_a_diverged_cell():
     """A cell that diverged in epoch 2 kept epoch 1's loss: averaged in, it would pass for a result."""
     from experiments.sweep_summary import summary

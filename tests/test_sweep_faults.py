@@ -230,3 +230,21 @@ def test_a_cell_whose_run_finished_before_optuna_heard_is_not_trained_again(trac
     sweep.run_stacked(study, claim(study, 3), "adopt", None)
     assert sorted(trained) == sorted(cells[2:]) and [t.value for t in study.trials] == [0.5, 0.5, 1.0, 1.0]
     assert len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("adopt").experiment_id])) == 3
+
+
+def test_a_stopped_stacked_worker_fails_every_cell_it_claimed_not_only_the_group_training(mnist_dir, tracking, tmp_path,
+                                                                                          monkeypatch):
+    """Claimed cells of groups waiting their turn must not stay RUNNING (nothing would give them back)."""
+    from experiments import sweep
+    args = sweep.build_parser().parse_args(["run", *TINY])
+    cells = make_cells("no_tricks,batchnorm", "0,1", "")
+    study = open_study(str(tmp_path / "journal.log"), "stopped", cells, sweep.train_settings(args), "none")
+    enqueue_missing(study)
+
+    def stopped(*args):
+        raise KeyboardInterrupt  # SIGTERM while the first group trains
+
+    monkeypatch.setattr(sweep, "train_stacked", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_stacked(study, claim(study, 4), "stopped", None)  # two groups of two seeds
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 4
