@@ -186,6 +186,15 @@ def deliver_each(fans: list[Hook], checks: list[DivergenceCheck], results: list[
     return deliver
 
 
+def seeded_members(cfgs: list[Config]) -> list[nn.Module]:
+    """Each member's network, initialised under its own seed as build_parts seeds a separate run."""
+    members = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        members.append(build_model(c.model))
+    return members
+
+
 def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> list[TrainResult]:
     """Train len(cfgs) seeds of one config as one stacked model; member k reports through hooks[k]."""
     same_but_seed(cfgs)
@@ -193,10 +202,7 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
     device = resolve_device(cfg.device)
     tags = configure(cfg.compute.deterministic, device)
     data = data.to(device)
-    members = []
-    for c in cfgs:
-        torch.manual_seed(c.seed)  # as build_parts seeds a separate run
-        members.append(build_model(c.model))
+    members = seeded_members(cfgs)
     conv = conv_kind(cfg.compute.stacked_conv, device)
     parts = build_parts(cfg, len(data.train_y), device, StackedStableNet(members, conv))
     runner = StepRunner(stacked_update(parts, data, cfg), graphs=uses_graphs(cfg, device))
@@ -211,8 +217,7 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
                       "param_names": parts.monitor.names, "device": str(device), "stacked_members": k,
                       "tags": {**tags, "cuda_graphs": str(runner.graphs).lower(), STACKED_CONV_TAG: conv}})
     for epoch in range(1, cfg.epochs + 1):
-        alive = [i for i, r in enumerate(results) if not r.diverged]
-        if not alive:
+        if not (alive := [i for i, r in enumerate(results) if not r.diverged]):
             break
         for i in alive:
             fans[i].on_epoch_start(epoch)
