@@ -180,7 +180,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder := Recorder()])
     tracked = {key: [(m.step, m.value) for m in client.get_metric_history(args.run_id, key)] for key in run.data.metrics}
-    stopped = stopped_after(run.info.status, run.data.tags)  # pruned or killed: the rerun trains on, compared as far
+    stopped = stopped_after(run.info.status, run.data.tags)  # pruned or killed: trained on, compared as far as it got
     rerun = recorder.history if stopped is None else through(recorder.history, stopped, result.total_steps // cfg.epochs)
     report = compare(tracked, rerun)
     report.append(("outcome (tags)", outcome_verdict(run.info.status, run.data.tags, result.diverged, result.steps_run)))
