@@ -72,6 +72,18 @@ def ready_store(uri: str | None = None) -> None:
         _create_sqlite_store(uri)
 
 
+def check_tracking(uri: str | None = None) -> None:
+    """The tracking store checked before anything is made (a sweep's study included): a SQLite file's folder writable, or
+    a store MLflow can open for another scheme; else a one-line StoreUnusable."""
+    uri = uri or mlflow.get_tracking_uri()
+    if (path := sqlite_file(uri)) is not None:
+        return check_writable(uri, path.resolve())
+    try:
+        MlflowClient(uri)
+    except MlflowException as e:  # an unknown scheme, a database it cannot reach
+        raise StoreUnusable(f"tracking store {uri} cannot be used ({first_line(e)})") from None
+
+
 def sqlite_file(uri: str) -> Path | None:
     """A SQLite store's file (None for a server or database store)."""
     return Path(uri.removeprefix("sqlite:///").split("?")[0]) if uri.startswith("sqlite:///") else None

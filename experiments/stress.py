@@ -26,7 +26,7 @@ from cookbook.data import DataError
 from cookbook.hooks import Recorder
 from cookbook.monitor import STEP_LOSS
 from cookbook.stop import exit_code, exit_now
-from cookbook.tracking import MlflowTracker, ready_store
+from cookbook.tracking import MlflowTracker, check_tracking, ready_store
 from cookbook.train import EPOCH_LOSS, train
 from experiments.boundary import CONVERGE_RATIO, converged
 from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
@@ -189,6 +189,7 @@ def start_study(args: argparse.Namespace, config: str, seeds: list[int], setting
 def run_stress(args: argparse.Namespace) -> int:
     """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
     configs, settings, seeds = check_args(args)
+    check_tracking()  # first: a bad store makes no journal; then a bad storage makes no store
     open_storage(args.storage)
     ready_store()
     reports, short = [], []

@@ -31,7 +31,7 @@ from cookbook.data import MNIST, DataError
 from cookbook.resume import ResumedTracker
 from cookbook.stacked import train_stacked
 from cookbook.stop import exit_code, exit_now
-from cookbook.tracking import MlflowTracker, ready_store
+from cookbook.tracking import MlflowTracker, check_tracking, ready_store
 from cookbook.train import EPOCH_LOSS, train
 from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, sweep_name, train_settings
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
@@ -207,6 +207,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     settings = train_settings(args)
     cells = make_cells(args.configs, args.seeds, args.lrs, args.widths, args.depths, args.warmup_epochs, settings)
     check_cells(cells, settings)
+    check_tracking()  # first: a bad store makes no study; then a bad storage (open_study) makes no store
     name = args.study or sweep_name(args.storage, cells, settings, args.pruner)
     study = open_study(args.storage, name, cells, settings, args.pruner)  # a bad storage fails here, before the MLflow store is made
     ready_store()  # before anything touches MLflow: coordinators may start together on a fresh store

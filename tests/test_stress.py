@@ -47,6 +47,16 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tracking, tmp_path
     assert not storage.exists() and mlflow.get_experiment_by_name("stability-cookbook") is None
 
 
+def test_a_bad_tracking_store_is_one_line_before_the_journal_is_made(tracking, tmp_path, capsys):
+    storage, store = tmp_path / "journal.log", mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri("foo://bar")  # the journal was made, then MLflow raised (exit 1)
+    try:
+        assert main(["run", "--storage", str(storage), *TINY]) == 2
+    finally:
+        mlflow.set_tracking_uri(store)
+    assert "error: tracking store foo://bar cannot be used" in capsys.readouterr().err and not storage.exists()
+
+
 @pytest.mark.slow
 def test_stress_prunes_diverged_trials_and_reports_a_boundary(mnist_dir, tracking, tmp_path):
     storage = str(tmp_path / "journal.log")

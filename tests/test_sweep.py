@@ -159,9 +159,13 @@ def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
     assert main(["run", "--configs", "no_tricks", "--widths", "1,1000", "--storage", str(storage), *TINY]) == 2
     (tmp_path / "a_file").write_text("")  # a data folder that cannot be one: refused here, not by each worker after the study
     assert main(["run", "--configs", "no_tricks", "--storage", str(storage), *TINY, "--data-dir", str(tmp_path / "a_file")]) == 2
+    store = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri("foo://bar")  # the study was made before the store failed (and exit 1)
+    assert main(["run", "--configs", "no_tricks", "--storage", str(storage), *TINY]) == 2
+    mlflow.set_tracking_uri(store)
     errors = [line for line in capsys.readouterr().err.strip().splitlines() if "download failed" not in line]  # data's note
-    assert [e.split(":")[0] for e in errors] == ["error"] * 5 and "model.width=1000 model.depth=3 needs about" in errors[3]
-    assert f"cannot write MNIST under {tmp_path / 'a_file'}" in errors[4]
+    assert [e.split(":")[0] for e in errors] == ["error"] * 6 and "model.width=1000 model.depth=3 needs about" in errors[3]
+    assert f"cannot write MNIST under {tmp_path / 'a_file'}" in errors[4] and "tracking store foo://bar cannot be used" in errors[5]
     assert not storage.exists() and mlflow.get_experiment_by_name("stability-cookbook") is None
 
 
