@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from analysis.cli import check_output
 from analysis.load import AnalysisError
 from analysis.report import report_files
 from cookbook.config import Config, merge, validate
-from cookbook.stop import exit_now
+from cookbook.stop import Terminated, exit_code, exit_now
 from experiments.storage import DEFAULT_STORAGE
 from experiments.workers import worker_env
 
@@ -114,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_child(command: list[str], env: dict[str, str]) -> int:
+    """A phase's (or the analysis') exit code. Stopped meanwhile, the study stops it first and waits: its runs end KILLED
+    and its cells go back to the queue, instead of a sweep running on as an orphan (SIGTERM reached only the study)."""
+    child = subprocess.Popen(command, env=env)
+    try:
+        return child.wait()
+    except KeyboardInterrupt as stop:
+        child.send_signal(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        child.wait()  # a later signal does not raise again (cookbook.stop): the phase gets to end its runs
+        raise
+
+
 def run_phases(commands: dict[str, list[str]], phases: list[str]) -> tuple[dict[str, float], int]:
     """Run the phases in order: their wall times in seconds, and 0 or the exit code of the phase that failed."""
     env, timings = worker_env(), {}  # the phases make their own runs in the experiment, not inside this one
@@ -121,7 +134,7 @@ def run_phases(commands: dict[str, list[str]], phases: list[str]) -> tuple[dict[
         print(f"[study] phase {i + 1}/{len(phases)}, {PHASE_TITLES[phase]}: {' '.join(commands[phase][1:])}",
               file=sys.stderr, flush=True)
         started = time.time()
-        code = subprocess.run(commands[phase], env=env).returncode
+        code = run_child(commands[phase], env)
         if code == 2:  # bad input, refused in one line before any run: nothing to resume
             return timings, 2
         if code != 0:
@@ -144,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, AnalysisError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return exit_code(lambda: run_study(args, phases), (), "the phase running was stopped too; the same command resumes")
+
+
+def run_study(args: argparse.Namespace, phases: list[str]) -> int:
+    """The phases, then the analysis; timings printed (and logged inside `mlflow run . -e study`)."""
     scale = SCALES[args.scale]
     run_flags = ["--workers", str(args.workers), "--storage", args.storage]
     run_flags += [x for flag in ("device", "precision") if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))]
@@ -156,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     if not args.no_analysis:
         t = time.time()
-        code = subprocess.run([sys.executable, "-m", "analysis", "--experiment", args.experiment, "--output", str(output)],
-                              env=worker_env()).returncode
+        code = run_child([sys.executable, "-m", "analysis", "--experiment", args.experiment, "--output", str(output)], worker_env())
         timings["analysis"] = time.time() - t
     wall = time.time() - started
     if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run . -e study`: the project run keeps the report and timings

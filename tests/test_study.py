@@ -1,7 +1,10 @@
 """The whole study at its smallest scale, end to end: every phase runs, the analysis writes its report."""
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -36,7 +39,7 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_phase(tmp_path
 
 
 def test_a_phase_refusing_bad_input_ends_the_study_with_its_code_and_no_resume_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("experiments.study.subprocess.run", lambda *a, **k: subprocess.CompletedProcess(a, 2))
+    monkeypatch.setattr("experiments.study.run_child", lambda *a: 2)
     timings, code = run_phases({"seeds": [sys.executable, "-m", "experiments.sweep"]}, ["seeds"])
     assert code == 2 and "rerun the same command" not in capsys.readouterr().err
 
@@ -90,3 +93,38 @@ def test_smoke_study_runs_every_phase_and_reports(mnist_dir, tracking, tmp_path)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert {r.data.tags.get("mlflow.runName") for r in runs} >= {"stress", "all_tricks seed=0", "no_tricks seed=0 lr=0.01"}
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of the live processes whose command line holds text."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_study_stops_the_phase_it_runs(mnist_dir, tracking, tmp_path):
+    """SIGTERM (a scheduler's, a timeout's) reached only the study: the sweep it ran, and its worker, trained on."""
+    env = {**os.environ, **WITH_ROOT, "COOKBOOK_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+           "COOKBOOK_SPOOL_DIR": str(tmp_path / "spool")}
+    experiment = f"orphans-{tmp_path.name}"  # names this test's processes
+    MlflowClient().create_experiment(experiment, artifact_location=(tmp_path / "artifacts").as_uri())
+    study = subprocess.Popen([sys.executable, "-m", "experiments.study", "--scale", "smoke", "--phases", "seeds", "--no-analysis",
+                              "--experiment", experiment, "--storage", str(tmp_path / "journal.log"), "--output",
+                              str(tmp_path / "out")], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    client, deadline = MlflowClient(), time.time() + 300
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    while time.time() < deadline and study.poll() is None and not client.search_runs([exp_id], "tags.cell != ''"):
+        time.sleep(0.2)  # until a cell trains
+    study.send_signal(signal.SIGTERM)
+    err = study.communicate(timeout=120)[1]
+    assert study.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM; the phase running was stopped too; the same command resumes"
+    assert processes_naming(experiment) == []
+    assert {r.info.status for r in client.search_runs([exp_id])} <= {"FINISHED", "KILLED"}
