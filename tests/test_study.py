@@ -116,7 +116,7 @@ def test_sigterm_to_the_study_stops_the_phase_it_runs(mnist_dir, tracking, tmp_p
     experiment = f"orphans-{tmp_path.name}"  # names this test's processes
     MlflowClient().create_experiment(experiment, artifact_location=(tmp_path / "artifacts").as_uri())
     study = subprocess.Popen([sys.executable, "-m", "experiments.study", "--scale", "smoke", "--phases", "seeds", "--no-analysis",
-                              "--experiment", experiment, "--storage", str(tmp_path / "journal.log"), "--output",
+                              "--workers", "1", "--experiment", experiment, "--storage", str(tmp_path / "journal.log"), "--output",
                               str(tmp_path / "out")], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     client, deadline = MlflowClient(), time.time() + 300
     exp_id = client.get_experiment_by_name(experiment).experiment_id
