@@ -80,7 +80,7 @@ def check_tracking(uri: str | None = None) -> None:
         return check_writable(uri, path.resolve())
     try:
         MlflowClient(uri)
-    except MlflowException as e:  # an unknown scheme, a database it cannot reach
+    except Exception as e:  # an unknown scheme (MlflowException), a database it cannot reach (SQLAlchemy's many types)
         raise StoreUnusable(f"tracking store {uri} cannot be used ({first_line(e)})") from None
 
 
