@@ -1,18 +1,19 @@
 """A sweep cell's earlier run, found by its tags: one that stopped after an epoch is trained on from its checkpoint, one
-that finished is the cell's result."""
+that finished (or that the pruner stopped) is the cell's result."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 
 from cookbook.checkpoint import load as load_checkpoint
 from cookbook.config import ConfigError
 from cookbook.resume import resumable
-from cookbook.tracking import DIVERGED_STEP_TAG, DIVERGED_TAG, PRUNED_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG
-from cookbook.train import EPOCH_LOSS, SUMMARY_KEYS, TrainResult
+from cookbook.train import EPOCH_LOSS, TrainResult
+from experiments.adopt import StoredRun, adopt, epoch_losses, stored_run
+from experiments.grid import cell_key
 from experiments.storage import CELL_TAG, SWEEP_TAG
 
 
@@ -32,31 +33,53 @@ def stopped_run(client: MlflowClient, experiment: str, sweep: str, cell: str) ->
     return None
 
 
-def finished_result(client: MlflowClient, experiment: str, sweep: str, cell: str) -> tuple[str, TrainResult] | None:
-    """The run id and result of this cell's FINISHED run in this sweep, if it has one: a worker stopped after the run
-    ended and before Optuna heard of it (its trial failed and was queued again), so the cell is not trained twice.
-    A run the pruner stopped is not taken (its trial needs the epoch it stopped at)."""
+def finished_result(client: MlflowClient, experiment: str, sweep: str, cell: str) -> StoredRun | None:
+    """This cell's FINISHED run in this sweep, if it has one (a run the pruner stopped too): a worker stopped after the
+    run ended and before Optuna heard of it (its trial failed and was queued again), so the cell is not trained twice."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
     finished = f"tags.{SWEEP_TAG} = '{sweep}' and tags.{CELL_TAG} = '{cell}' and attributes.status = 'FINISHED'"
     for run in client.search_runs([found.experiment_id], filter_string=finished, order_by=["attributes.start_time"]):
-        tags, metrics = run.data.tags, run.data.metrics
-        diverged = tags.get(DIVERGED_TAG) == "true"
-        if tags.get(PRUNED_TAG) == "true" or STEPS_RUN_TAG not in tags or not (diverged or EPOCH_LOSS in metrics):
-            continue
-        return run.info.run_id, TrainResult(
-            steps_run=int(tags[STEPS_RUN_TAG]), total_steps=int(tags.get(TOTAL_STEPS_TAG, 0)), diverged=diverged,
-            diverged_step=int(tags[DIVERGED_STEP_TAG]) if diverged else None,
-            final={k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
+        if (stored := stored_run(client, run)) is not None:
+            return stored
     return None
+
+
+def record_result(trial: optuna.Trial, result: TrainResult) -> float:
+    """Store the outcome on the trial; the objective value is the final train loss (inf if it diverged)."""
+    trial.set_user_attr("diverged", result.diverged)
+    trial.set_user_attr("steps_run", result.steps_run)
+    for name, value in result.final.items():
+        trial.set_user_attr(name, value)
+    return float("inf") if result.diverged else result.final[EPOCH_LOSS]
+
+
+def adopted(trial: optuna.Trial, cell: dict, experiment: str) -> float | None:
+    """The objective value of the cell's FINISHED run, recorded on the trial, if it has one (see finished_result); a
+    run the pruner stopped raises TrialPruned."""
+    found = finished_result(MlflowClient(), experiment, trial.study.study_name, cell_key(cell))
+    if found is None:
+        return None
+    adopt(trial, found)
+    return record_result(trial, found.result)
+
+
+def tell_adopted(study: optuna.Study, trial: optuna.Trial, cell: dict, experiment: str) -> bool:
+    """Tell the trial its cell's stored outcome (see adopted), if it has one; whether it had."""
+    try:
+        value = adopted(trial, cell, experiment)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return True
+    if value is not None:
+        study.tell(trial, value)
+    return value is not None
 
 
 def report_stored_epochs(trial: optuna.Trial, run_id: str, checkpoint: Path) -> None:
     """A cell continued from its checkpoint: the epochs trained before it reach the trial as intermediate values too
     (the pruner compares trials epoch by epoch; training reports only the epochs it runs now)."""
     if checkpoint.is_file():
-        through = load_checkpoint(checkpoint)["epoch"]
-        for point in MlflowClient().get_metric_history(run_id, EPOCH_LOSS):
-            if point.step <= through and math.isfinite(point.value):
-                trial.report(point.value, step=point.step)
+        for epoch, loss in sorted(epoch_losses(MlflowClient(), run_id, load_checkpoint(checkpoint)["epoch"]).items()):
+            trial.report(loss, step=epoch)

@@ -19,15 +19,17 @@ import sys
 
 import mlflow
 import optuna
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, ConfigError, file_config, load_config
+from cookbook.config import CONFIGS_DIR, DEFAULT_EXPERIMENT, Config, ConfigError, file_config, load_config
 from cookbook.data import DataError
 from cookbook.hooks import Recorder
 from cookbook.monitor import STEP_LOSS
 from cookbook.stop import exit_code, exit_now
 from cookbook.tracking import MlflowTracker, check_tracking, ready_store
-from cookbook.train import EPOCH_LOSS, train
+from cookbook.train import EPOCH_LOSS, TrainResult, train
+from experiments.adopt import adopt, initial_loss, orphaned_run
 from experiments.boundary import CONVERGE_RATIO, converged
 from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
 from experiments.pruning import (
@@ -83,22 +85,31 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
     log_lr = trial.suggest_float("log10_lr", lo, hi)
     seed = trial.suggest_categorical("seed", spec["seeds"])
     cfg = load_config(spec["config"], CONFIGS_DIR, overrides({"seed": seed, "lr": 10**log_lr}, spec["settings"]))
-    data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
-    recorder = Recorder()
     # what a trial the pruner stops keeps (training below overwrites it): it did not converge
     set_attrs(trial, {"lr": 10**log_lr, "seed": seed, "diverged": False, "converged": False})
-    tags = {STRESS_TAG: trial.study.study_name, TRIAL_TAG: str(trial.number)}
-    with prunable(MlflowTracker(cfg, data.md5, experiment=experiment, run_name=f"{spec['config']} lr={10**log_lr:.3g} seed={seed}",
-                                log_model=False, extra_tags=tags, parent_run_id=parent,
-                                base=file_config(spec["config"], CONFIGS_DIR))) as tracker:
-        trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
-        result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
-    initial = recorder.history[STEP_LOSS][0][1] if recorder.history.get(STEP_LOSS) else float("nan")
+    if (stored := orphaned_run(trial, experiment, STRESS_TAG)) is not None:  # its run ended, its worker died before tell()
+        adopt(trial, stored)
+        result, initial = stored.result, initial_loss(MlflowClient(), stored.run_id)
+    else:
+        result, initial = trained(trial, cfg, experiment, parent)
     outcome = trial_outcome(result, initial, spec["converge_ratio"])
     set_attrs(trial, outcome)
     if result.diverged:
         raise optuna.TrialPruned(f"diverged at step {result.diverged_step}")
     return log_lr if outcome["converged"] else lo - 1.0
+
+
+def trained(trial: optuna.Trial, cfg: Config, experiment: str, parent: str | None) -> tuple[TrainResult, float]:
+    """Train the trial's point as a nested MLflow run; its result and its first step's loss."""
+    spec, recorder = trial.study.user_attrs, Recorder()
+    data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
+    tags = {STRESS_TAG: trial.study.study_name, TRIAL_TAG: str(trial.number)}
+    name = f"{spec['config']} lr={cfg.optim.lr:.3g} seed={cfg.seed}"
+    with prunable(MlflowTracker(cfg, data.md5, experiment=experiment, run_name=name, log_model=False, extra_tags=tags,
+                                parent_run_id=parent, base=file_config(spec["config"], CONFIGS_DIR))) as tracker:
+        trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
+        result = train(cfg, data, [tracker, recorder, ReportToOptuna(trial)])
+    return result, recorder.history[STEP_LOSS][0][1] if recorder.history.get(STEP_LOSS) else float("nan")
 
 
 def trial_outcome(result, initial_loss: float, converge_ratio: float) -> dict:

@@ -32,11 +32,11 @@ from cookbook.resume import ResumedTracker
 from cookbook.stacked import train_stacked
 from cookbook.stop import exit_code, exit_now
 from cookbook.tracking import MlflowTracker, check_tracking, ready_store
-from cookbook.train import EPOCH_LOSS, train
+from cookbook.train import train
 from experiments.grid import TRAIN_FLAGS, cell_key, check_cells, group_key, make_cells, overrides, sweep_name, train_settings
 from experiments.pruning import PRUNER_ATTR, PRUNERS, SWEEP_PRUNER, ReportToOptuna, check_pruner, prunable, stored_pruner
 from experiments.queue import Claim, claim, enqueue_missing, open_study, state_counts, take_cell
-from experiments.resume_cells import finished_result, report_stored_epochs, stopped_run
+from experiments.resume_cells import adopted, record_result, report_stored_epochs, stopped_run, tell_adopted
 from experiments.storage import (
     CELL_TAG,
     DEFAULT_STORAGE,
@@ -80,24 +80,6 @@ def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: st
     return CellRun(cfg, data, tracker)
 
 
-def record_result(trial: optuna.Trial, result) -> float:
-    """Store the outcome on the trial; the objective value is the final train loss (inf if it diverged)."""
-    trial.set_user_attr("diverged", result.diverged)
-    trial.set_user_attr("steps_run", result.steps_run)
-    for name, value in result.final.items():
-        trial.set_user_attr(name, value)
-    return float("inf") if result.diverged else result.final[EPOCH_LOSS]
-
-
-def adopted(trial: optuna.Trial, cell: dict, experiment: str) -> float | None:
-    """The objective value of the cell's FINISHED run, recorded on the trial, if it has one (see finished_result)."""
-    found = finished_result(MlflowClient(), experiment, trial.study.study_name, cell_key(cell))
-    if found is None:
-        return None
-    trial.set_user_attr(RUN_ID_ATTR, found[0])
-    return record_result(trial, found[1])
-
-
 def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
     """Train one queued cell, tracked as a nested MLflow run (continuing its stopped run from a checkpoint if it has one)."""
     cell = take_cell(trial)
@@ -111,7 +93,6 @@ def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -
     return record_result(trial, result)
 
 
-
 def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent_run_id: str | None) -> None:
     """Train claimed cells, those that differ only in seed as one stacked model; tell every trial its outcome."""
     untold, groups = [claimed.trial for claimed in taken], {}
@@ -120,8 +101,7 @@ def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent
             beating.enter_context(heartbeat(study, trial))
         try:
             for claimed in taken:
-                if (value := adopted(claimed.trial, claimed.cell, experiment)) is not None:
-                    study.tell(claimed.trial, value)
+                if tell_adopted(study, claimed.trial, claimed.cell, experiment):
                     untold.remove(claimed.trial)
                 else:
                     groups.setdefault(group_key(claimed.cell), []).append(claimed)

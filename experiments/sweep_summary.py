@@ -10,15 +10,16 @@ from experiments.storage import PRUNED_ATTR, RUN_ID_ATTR, recorded_trials
 
 
 def summary(study: optuna.Study) -> pd.DataFrame:
-    """One row per finished cell, from the study's records (a cell the pruner stopped has no final loss)."""
+    """One row per finished cell, from the study's records (a cell the pruner stopped has no final loss); a cell done
+    twice (its deleted run restored after it was trained again) is its latest trial, as the analysis takes its latest run."""
     rows = []
-    for t in recorded_trials(study):
+    for t in sorted(recorded_trials(study), key=lambda t: t.number):
         diverged = t.user_attrs.get("diverged")  # then the last epoch's numbers are from before it blew up: not a result
         rows.append({**{k: t.user_attrs.get(k) for k in GRID},
                      "cell": t.params["cell"], "final_loss": None if diverged else t.user_attrs.get(EPOCH_LOSS),
                      "test_acc": None if diverged else t.user_attrs.get(TEST_ACC), "diverged": diverged,
                      "pruned": PRUNED_ATTR in t.user_attrs, RUN_ID_ATTR: t.user_attrs.get(RUN_ID_ATTR)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).drop_duplicates("cell", keep="last", ignore_index=True) if rows else pd.DataFrame(rows)
 
 
 def print_summary(table: pd.DataFrame, counts: dict, seconds: float) -> None:

@@ -234,3 +234,35 @@ def test_an_x100_probe_the_pruner_stopped_is_no_verdict():
     table = pd.DataFrame({"config": ["a", "b", "b"], "outcome": [probe_outcome(stopped), probe_outcome(finished),
                                                                 probe_outcome(stopped)]})
     assert survivors(table) == "**Survive LR x100:** b (1/1 seeds). Stopped by the pruner in every seed (no verdict): a."
+
+
+def test_a_trial_killed_after_its_run_ended_is_taken_by_its_retry_not_trained_again(mnist_dir, tracking, tmp_path, monkeypatch):
+    """Killed between its run's end and tell(): the retry takes that run (retagged as its own) and records what training
+    would have; the same point trained afresh gives the same record. No second run of the point."""
+    from experiments.storage import requeue
+
+    class Killed(Exception):
+        pass
+
+    settings = {"epochs": 1, "train_subset": 256, "test_subset": 100, "batch_size": 32, "data_dir": str(DATA_DIR)}
+    study = stress.open_stress_study(str(tmp_path / "j.log"), "no_tricks", {"config": "no_tricks", "seeds": [0], "settings": settings,
+                                                                            "factor": 1000, "converge_ratio": 0.5})
+    run_trial = lambda: study.optimize(lambda t: stress.objective(t, "adopt", None), n_trials=1)  # noqa: E731
+    with monkeypatch.context() as killed:
+        killed.setattr(stress, "trial_outcome", lambda *a: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            run_trial()
+    run_trial()  # the LR x100 probe, queued next
+    requeue(study, study.trials[0])  # what the coordinator does for a dead worker's trial
+    with monkeypatch.context() as untrained:
+        untrained.setattr(stress, "train", lambda *a, **k: pytest.fail("trained a point whose run had finished"))
+        run_trial()
+    study.enqueue_trial(study.trials[0].params)
+    run_trial()  # the same point, trained
+    failed, _, retry, fresh = study.trials
+    mine = lambda t: {k: v for k, v in t.user_attrs.items() if k not in ("mlflow_run_id", "worker", "worker_trial")}  # noqa: E731
+    assert retry.user_attrs["mlflow_run_id"] == failed.user_attrs["mlflow_run_id"] != fresh.user_attrs["mlflow_run_id"]
+    assert (retry.state, retry.value, retry.intermediate_values, mine(retry)) == (fresh.state, fresh.value, fresh.intermediate_values,
+                                                                                 mine(fresh))
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("adopt").experiment_id])
+    assert sorted(r.data.tags["trial"] for r in runs) == ["1", "2", "3"] and {r.info.status for r in runs} == {"FINISHED"}

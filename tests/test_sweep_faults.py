@@ -17,6 +17,7 @@ from experiments.grid import cell_key, make_cells
 from experiments.queue import claim, enqueue_missing, open_study, take_cell
 from experiments.storage import give_back, open_storage, stamp_owner
 from experiments.sweep import main
+from experiments.sweep_summary import summary
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64", "--data-dir", str(DATA_DIR)]
 
@@ -60,6 +61,11 @@ def test_a_cell_whose_run_was_deleted_is_trained_again(mnist_dir, tracking, tmp_
     assert main(argv) == 0
     assert f"[sweep] 1 done cells have no FINISHED run in {tracking}: queued again" in capsys.readouterr().err
     assert finished_cell_runs(tracking) == ["no_tricks seed=0"]  # a new run: search_runs leaves deleted ones out
+    client.restore_run(run.info.run_id)  # and restored: both of the cell's trials have a FINISHED run again
+    assert main(argv) == 0
+    storage = open_storage(str(tmp_path / "journal.log"))
+    table = summary(optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage))
+    assert len(table) == 1 and table.mlflow_run_id[0] != run.info.run_id  # the cell once, as the analysis reads it: the latest
 
 
 def test_a_coordinator_stopped_while_it_summarises_ends_its_parent_run_killed(mnist_dir, tracking, tmp_path, monkeypatch):
@@ -211,24 +217,27 @@ def finished_cell_run(study: optuna.Study, cell: str, tags: dict | None = None) 
 
 def test_a_cell_whose_run_finished_before_optuna_heard_is_not_trained_again(tracking, tmp_path, monkeypatch):
     """Killed between its run's end and Optuna's tell(): the retried trial takes that run's result, no second run; in a
-    stacked worker too. A run the pruner stopped is not taken (its trial needs the epoch it stopped at)."""
+    stacked worker too. A run the pruner stopped makes its trial PRUNED, at the epoch it stopped after."""
     from cookbook.train import TrainResult
     from experiments import sweep
     study = small_sweep(tmp_path, "told")
     cells = [t.user_attrs["queued_cell"] for t in study.trials]
     run_id = finished_cell_run(study, cells[0])
     monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained a cell that has its result"))
-    trial = study.ask()
-    study.tell(trial, sweep.objective(trial, "adopt", None))
+    study.optimize(lambda t: sweep.objective(t, "adopt", None), n_trials=1)
     assert study.trials[0].value == 0.5 and study.trials[0].user_attrs["mlflow_run_id"] == run_id
-    assert study.trials[0].user_attrs["test/acc"] == 0.9
-    finished_cell_run(study, cells[1])
+    assert study.trials[0].user_attrs["test/acc"] == 0.9 and study.trials[0].intermediate_values == {1: 0.5}
+    pruned_run = finished_cell_run(study, cells[1], {"pruned": "true", "steps_run": "4"})
+    study.optimize(lambda t: sweep.objective(t, "adopt", None), n_trials=1)
+    pruned = study.trials[1]
+    assert pruned.state == TrialState.PRUNED and pruned.user_attrs["mlflow_run_id"] == pruned_run
+    assert pruned.user_attrs["pruned_at_epoch"] == 1 and pruned.user_attrs["steps_run"] == 4
     finished_cell_run(study, cells[2], {"pruned": "true"})
     trained = []
     monkeypatch.setattr(sweep, "train_group", lambda members, *a: trained.extend(cell_key(m.cell) for m in members) or
                         [TrainResult(8, 8, final={"epoch/train_loss": 1.0}) for _ in members])
-    sweep.run_stacked(study, claim(study, 3), "adopt", None)
-    assert sorted(trained) == sorted(cells[2:]) and [t.value for t in study.trials] == [0.5, 0.5, 1.0, 1.0]
+    sweep.run_stacked(study, claim(study, 2), "adopt", None)
+    assert trained == cells[3:] and [t.state for t in study.trials][2:] == [TrialState.PRUNED, TrialState.COMPLETE]
     assert len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("adopt").experiment_id])) == 3
 
 
