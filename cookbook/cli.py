@@ -31,7 +31,7 @@ from .hooks import Recorder
 from .lr_find import END_LR, START_LR, STEPS, UNUSED_KEYS
 from .progress import Progress
 from .stop import exit_code
-from .train import EPOCH_GRAD_NORM, EPOCH_LOSS, TEST_ACC, TEST_LOSS, resolve_device, train
+from .train import EPOCH_GRAD_NORM, EPOCH_LOSS, TEST_ACC, TEST_LOSS, train
 from .yaml_values import load_yaml
 
 
@@ -98,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Train a stopped run on from its last checkpoint, into the same run (same threads and device as it had)."""
+    from .reproduce import match_recorded
     from .resume import ResumedTracker, resumable, store_client
 
     run, path = resumable(store_client(), args.run_id)
@@ -140,39 +141,8 @@ def print_where(run_id: str) -> None:
         print(f"    {label + ':':23s}{url}")
 
 
-def match_recorded(cfg, tags: dict[str, str]):
-    """The config set up to run as the tracked run did (its torch threads and device), if it fits here (one-line
-    ConfigError if not); print what still differs."""
-    import torch
-
-    from .resources import gpu_label
-    from .stacked import STACKED_CONV_TAG
-    from .tracking import DEVICE_TAG, GPU_TAG, THREADS_TAG, TORCH_TAG
-
-    threads = tags.get(THREADS_TAG, "")
-    if threads.isdigit():
-        torch.set_num_threads(int(threads))  # results are bitwise reproducible only at the same thread count
-    device = tags.get(DEVICE_TAG, "")
-    if device and not (device.startswith("cuda") and not torch.cuda.is_available()):
-        cfg = dataclasses.replace(cfg, device=device)
-    resources.check(cfg)  # as train checks it, before the run is reopened (a cuda:3 tracked elsewhere may not be here)
-    here = {THREADS_TAG: str(torch.get_num_threads()), TORCH_TAG: torch.__version__, DEVICE_TAG: cfg.device}
-    print(f"reproducing with {here[THREADS_TAG]} torch thread(s), device {cfg.device}, torch {torch.__version__}, "
-          f"precision {cfg.compute.precision}")
-    differ = [f"{k} (tracked {tags[k]}, here {v})" for k, v in here.items() if tags.get(k) not in (None, v)]
-    card = lambda label: (label or "none").split(" (CUDA_VISIBLE_DEVICES")[0]  # noqa: E731  (the model, not its slot)
-    here_card = card(gpu_label(str(resolve_device(cfg.device))))
-    if GPU_TAG in tags and card(tags[GPU_TAG]) != here_card:
-        differ.append(f"gpu (tracked {card(tags[GPU_TAG])}, here {here_card})")
-    if STACKED_CONV_TAG in tags:  # other kernels compute the same maths: equal up to float rounding, not bit for bit
-        differ.append(f"stacked (tracked as a member of a stacked model, stacked_conv={tags[STACKED_CONV_TAG]}; here alone)")
-    if differ:
-        print(f"differs from the tracked run, so an exact match is not expected: {', '.join(differ)}")
-    return cfg
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import compare, outcome_verdict, stopped_after, through
+    from .reproduce import compare, match_recorded, outcome_verdict, stopped_after, through
     from .resume import recorded_training, store_client
     client = store_client()
     run = recorded_training(client, args.run_id, "reproduce")
@@ -197,8 +167,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from .delivery import SPOOL_DIR, replay
-    from .tracking import close_orphans, store_unreadable
+    from .orphans import check_closable, close_orphans
+    from .tracking import store_unreadable
 
+    uri = args.tracking_uri or mlflow.get_tracking_uri()
+    check_closable(uri, args.close)  # before any spool is replayed
     spool_dir = args.spool_dir or SPOOL_DIR
     files = sorted(Path(spool_dir).glob("*.jsonl"))
     left = set()
@@ -208,11 +181,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
             left.add(path.stem)
         print(f"run {path.stem}: {stored} writes stored, {remaining} left; run {status}")
     print(f"{len(files) - len(left)}/{len(files)} spooled runs synced from {spool_dir}")
-    uri = args.tracking_uri or mlflow.get_tracking_uri()  # no store there: no runs to close, and none made
-    orphans = [] if store_unreadable(uri) else close_orphans(MlflowClient(uri), skip=left)
-    for run_id, steps in orphans:
+    # no store there: no runs to close, and none made
+    closed, unknown = ([], []) if store_unreadable(uri) else close_orphans(MlflowClient(uri), skip=left, close=set(args.close))
+    for run_id, steps in closed:
+        why = "closed as asked" if run_id in args.close else "its process is gone"
         resume = f"; `python -m cookbook resume {run_id}` continues it" if checkpoint_path(run_id).is_file() else ""
-        print(f"run {run_id}: its process is gone; ended KILLED with the {steps} steps it stored{resume}")
+        print(f"run {run_id}: {why}; ended KILLED with the {steps} steps it stored{resume}")
+    for run_id, why in unknown:
+        print(f"run {run_id}: left RUNNING: {why}; once it trains no more, `python -m cookbook sync --close {run_id}`")
     return 1 if left else 0
 
 
@@ -260,8 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr = add_config_flags(sub.add_parser("train", help="train one config and track it in MLflow"))
     tr.add_argument("--run-name", default=None)
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    tr.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
-    tr.add_argument("--no-log-model", action="store_true", help="do not log the trained network as an MLflow model")
     tr.set_defaults(func=cmd_train)
     lf = add_config_flags(sub.add_parser("lr-find", help="LR range test: one short run, LR raised exponentially each step"))
     lf.add_argument("--start-lr", type=float, default=START_LR)
@@ -273,12 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_reproduce)
     rs = sub.add_parser("resume", help="train a stopped run on from its last per-epoch checkpoint, into the same run")
     rs.add_argument("run_id")
-    rs.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
-    rs.add_argument("--no-log-model", action="store_true", help="do not log the trained network as an MLflow model")
+    for tracked in (tr, rs):
+        tracked.add_argument("--no-system-metrics", action="store_true", help="do not sample CPU/memory into system/* metrics")
+        tracked.add_argument("--no-log-model", action="store_true", help="do not log the trained network as an MLflow model")
     rs.set_defaults(func=cmd_resume)
     sy = sub.add_parser("sync", help="store what runs spooled while the store was away; end runs whose process died")
     sy.add_argument("--spool-dir", default=None, help="default: $COOKBOOK_SPOOL_DIR or ./mlflow-spool")
     sy.add_argument("--tracking-uri", default=None, help="default: the store each run was tracked in")
+    sy.add_argument("--close", action="append", default=[], metavar="RUN_ID",
+                    help="also end this RUNNING run KILLED, though this host cannot check its process (once it trains no more)")
     sy.set_defaults(func=cmd_sync)
     return parser
 

@@ -9,6 +9,7 @@ just before it was spooled is harmless to send again.
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import os
@@ -32,8 +33,10 @@ MODEL_STEPS_TAG = "trained_steps"  # on a LoggedModel: the training steps behind
 TEST_METRICS = "test/"  # metric names measured on the test set; the others on the training set
 MAX_BATCH = 1000  # log_batch accepts at most 1000 metrics per call
 SQLALCHEMY_NOTE = "(raised as a result of "  # how SQLAlchemy's note on a failed autoflush starts its line
-# Store errors that retrying cannot cure: stop training and say so.
-FATAL = ("database or disk is full", "readonly database", "read-only file system", "no space left on device")
+# Store errors that retrying cannot cure: stop training and say so (by their text: a server passes on only that).
+FATAL = ("database or disk is full", "readonly database", "read-only file system", "no space left on device",
+         "permission denied", "operation not permitted")
+FATAL_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)  # a local store's OSError
 # MLflow's SQL store logs each failed write with a full traceback; the writer reports store errors in one line itself.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 Op = dict  # one JSON-able write: {"op": "metrics"|"tags"|"text"|"model"|"end", ...}
@@ -111,9 +114,9 @@ def stored_model(client: MlflowClient, run, steps: int) -> str | None:
 
 
 def verdict(error: Exception) -> str:
-    """'fatal' (store full or read-only), 'rejected' (the store refuses this write for good) or 'retry' (outage)."""
+    """'fatal' (store full, read-only or not ours to write), 'rejected' (the store refuses this write for good) or 'retry' (outage)."""
     text = str(error).lower()
-    if any(s in text for s in FATAL):
+    if (isinstance(error, OSError) and error.errno in FATAL_ERRNOS) or any(s in text for s in FATAL):
         return "fatal"
     if isinstance(error, MlflowException) and 400 <= error.get_http_status_code() < 500 and error.get_http_status_code() != 429:
         return "rejected"

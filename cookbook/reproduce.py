@@ -1,8 +1,12 @@
-"""reproduce's verdict: a tracked metric history against a rerun's, metric by metric and step by step (pure functions)."""
+"""reproduce: the rerun set up as the tracked run was, and the verdict, a tracked metric history against the rerun's,
+metric by metric and step by step (pure functions)."""
 from __future__ import annotations
 
+import dataclasses
+
+from . import resources
 from .tracking import DIVERGED_TAG, PRUNED_TAG, STEPS_RUN_TAG
-from .train import SUMMARY_KEYS
+from .train import SUMMARY_KEYS, resolve_device
 
 NOT_REPRODUCIBLE = ("time/", "system/")  # wall-clock metrics differ run to run by nature
 
@@ -53,3 +57,34 @@ def outcome_verdict(status: str, tags: dict[str, str], diverged: bool, steps_run
     rerun, tracked = f"diverged={str(diverged).lower()} steps_run={steps_run}", \
         f"diverged={tags.get(DIVERGED_TAG)} steps_run={tags.get(STEPS_RUN_TAG)}"
     return "exact" if rerun == tracked else f"MISMATCH: tracked {tracked}, rerun {rerun}"
+
+
+def match_recorded(cfg, tags: dict[str, str]):
+    """The config set up to run as the tracked run did (its torch threads and device), if it fits here (one-line
+    ConfigError if not); print what still differs."""
+    import torch
+
+    from .resources import gpu_label
+    from .stacked import STACKED_CONV_TAG
+    from .tracking import DEVICE_TAG, GPU_TAG, THREADS_TAG, TORCH_TAG
+
+    threads = tags.get(THREADS_TAG, "")
+    if threads.isdigit():
+        torch.set_num_threads(int(threads))  # results are bitwise reproducible only at the same thread count
+    device = tags.get(DEVICE_TAG, "")
+    if device and not (device.startswith("cuda") and not torch.cuda.is_available()):
+        cfg = dataclasses.replace(cfg, device=device)
+    resources.check(cfg)  # as train checks it, before the run is reopened (a cuda:3 tracked elsewhere may not be here)
+    here = {THREADS_TAG: str(torch.get_num_threads()), TORCH_TAG: torch.__version__, DEVICE_TAG: cfg.device}
+    print(f"reproducing with {here[THREADS_TAG]} torch thread(s), device {cfg.device}, torch {torch.__version__}, "
+          f"precision {cfg.compute.precision}")
+    differ = [f"{k} (tracked {tags[k]}, here {v})" for k, v in here.items() if tags.get(k) not in (None, v)]
+    card = lambda label: (label or "none").split(" (CUDA_VISIBLE_DEVICES")[0]  # noqa: E731  (the model, not its slot)
+    here_card = card(gpu_label(str(resolve_device(cfg.device))))
+    if GPU_TAG in tags and card(tags[GPU_TAG]) != here_card:
+        differ.append(f"gpu (tracked {card(tags[GPU_TAG])}, here {here_card})")
+    if STACKED_CONV_TAG in tags:  # other kernels compute the same maths: equal up to float rounding, not bit for bit
+        differ.append(f"stacked (tracked as a member of a stacked model, stacked_conv={tags[STACKED_CONV_TAG]}; here alone)")
+    if differ:
+        print(f"differs from the tracked run, so an exact match is not expected: {', '.join(differ)}")
+    return cfg

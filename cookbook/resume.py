@@ -12,6 +12,7 @@ from .checkpoint import checkpoint_path, load
 from .config import PARAM_PREFIX, ConfigError
 from .delivery import NOT_STORED_TAG, spool_path
 from .monitor import STEP_LOSS
+from .orphans import unknown_fate
 from .range_run import LR_FIND_TAG
 from .stop import gone
 from .tracking import PROCESS_TAG, SPOOL_TAG, MlflowTracker, store_unreadable, whereabouts
@@ -108,7 +109,9 @@ def resumable(client: MlflowClient, run_id: str):
         raise ConfigError(f"run {run_id}: the store refused {run.data.tags[NOT_STORED_TAG]} of its metric values "
                           f"({NOT_STORED_TAG}); train it again instead")
     if run.info.status == "RUNNING" and not gone(process):
-        raise ConfigError(f"run {run_id} is RUNNING in process {process or 'unknown'}; stop it first (or `sync` if it died)")
+        why = unknown_fate(process)
+        raise ConfigError(f"run {run_id} is RUNNING: " + (f"{why}; once it trains no more, `python -m cookbook sync --close "
+                                                          f"{run_id}`, then resume" if why else f"its process {process} still trains"))
     path = checkpoint_path(run_id)
     if not path.is_file():
         raise ConfigError(f"run {run_id} has no checkpoint at {path} (it stopped before its first epoch ended, "

@@ -22,6 +22,7 @@ from .model import StableNet, build_model, parameter_count
 from .monitor import host_sync, member_norms
 from .stacked_conv import StackedConv2d
 from .step import StepRunner, step_stats
+from .stop import uninterrupted
 from .train import (
     EVAL_BATCH,
     DivergenceCheck,
@@ -195,6 +196,21 @@ def seeded_members(cfgs: list[Config]) -> list[nn.Module]:
     return members
 
 
+def end_epoch(epoch: int, members: list[tuple], seconds: float, n_train: int, steps_per_epoch: int) -> None:
+    """Each live member's epoch summary to its hooks, or its divergence found at the epoch's end; a signal meanwhile
+    waits until every member's hooks have the summary of the epoch that counts as run."""
+    with uninterrupted():
+        for result, check, fan, sums, test_loss, test_acc in members:
+            if result.diverged:
+                continue
+            if check.broke_at_epoch_end(test_loss):
+                mark_diverged(result, result.steps_run + steps_per_epoch)
+                continue
+            result.steps_run += steps_per_epoch
+            result.final = epoch_summary(sums, steps_per_epoch, test_loss, test_acc, seconds, n_train)
+            fan.on_epoch_end(epoch, result.final)
+
+
 def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> list[TrainResult]:
     """Train len(cfgs) seeds of one config as one stacked model; member k reports through hooks[k]."""
     same_but_seed(cfgs)
@@ -231,15 +247,8 @@ def train_stacked(cfgs: list[Config], data: MNIST, hooks: list[list[Hook]]) -> l
             sums = sums.T.tolist()
         seconds = time.perf_counter() - started
         test_loss, test_acc = evaluate_members(parts.model, data.test_x, data.test_y, parts.precision)
-        for i in alive:
-            if results[i].diverged:
-                continue
-            if checks[i].broke_at_epoch_end(test_loss[i]):
-                mark_diverged(results[i], results[i].steps_run + steps_per_epoch)
-                continue
-            results[i].steps_run += steps_per_epoch
-            results[i].final = epoch_summary(sums[i], steps_per_epoch, test_loss[i], test_acc[i], seconds, n_train)
-            fans[i].on_epoch_end(epoch, results[i].final)
+        end_epoch(epoch, [(results[i], checks[i], fans[i], sums[i], test_loss[i], test_acc[i]) for i in alive], seconds,
+                  n_train, steps_per_epoch)
     for i, (fan, result) in enumerate(zip(fans, results)):
         result.snapshots = [r for r in parts.monitor.snapshot_table(i) if r["step"] < result.steps_run]
         fan.on_end(result)

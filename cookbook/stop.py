@@ -114,11 +114,16 @@ def pid_of(process: str) -> int | None:
     return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
 
 
+def elsewhere(process: str) -> bool:
+    """True if `process` (a process_id) ran on another host than this one."""
+    return process.split(":")[0] != socket.gethostname()
+
+
 def gone(process: str) -> bool:
     """True if `process` (a process_id) ran on this host and exists no more: its pid is free, or another process holds it
     now (the same pid, another start)."""
     fields, pid = process.split(":"), pid_of(process)
-    if fields[0] != socket.gethostname() or pid is None:
+    if elsewhere(process) or pid is None:
         return False
     return not pid_alive(pid) or (len(fields) > 2 and start_time(pid) not in (None, fields[2]))
 

@@ -29,7 +29,7 @@ from .logged import dataset_ids, dataset_inputs, save_model
 from .monitor import STEP_LOSS
 from .resources import gpu_label
 from .sampler import STOP_TIMEOUT, start_sampler, stop_sampler
-from .stop import at_most, gone, process_id
+from .stop import at_most, process_id
 from .ui import mark_training
 
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
@@ -231,8 +231,9 @@ class MlflowTracker(Hook):
         path = spool_path(self.run_id)
         try:
             write_spool(path, self.uri, self.run_id, left)
+            when = "once it takes writes again (space freed, permissions fixed)" if self.writer.fatal else "when the store is back"
             kept = f"{len(writes)} writes ({values} metric values) and the run's end are spooled in {path}; " \
-                   "`python -m cookbook sync` stores them when the store is back"
+                   f"`python -m cookbook sync` stores them {when}"
         except OSError as e:
             kept = f"{values} metric values are lost: the spool {path} could not be written ({e.strerror})"
         why = f"cannot take writes ({self.writer.fatal})" if self.writer.fatal else \
@@ -282,18 +283,3 @@ class MlflowTracker(Hook):
             self.writer.put({"op": "model", "path": str(save_model(result.model, self.run_id)), "step": result.steps_run,
                              "metrics": self.final_values, "datasets": dataset_ids(dataset_inputs(self.cfg, self.data_md5))})
 
-
-def close_orphans(client: MlflowClient, skip: set[str] = frozenset()) -> list[tuple[str, int]]:
-    """End KILLED every RUNNING run whose training process on this host is gone (SIGKILL, power loss), with
-    steps_run = the steps it stored; return (run id, steps) for each. Runs in `skip` (spooled) are left alone."""
-    ids = [e.experiment_id for e in client.search_experiments()]
-    running = client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=10_000) if ids else []
-    closed = []
-    for run in running:
-        if run.info.run_id in skip or not gone(run.data.tags.get(PROCESS_TAG, "")):
-            continue
-        steps = len(client.get_metric_history(run.info.run_id, STEP_LOSS))
-        client.set_tag(run.info.run_id, STEPS_RUN_TAG, str(steps))
-        client.set_terminated(run.info.run_id, "KILLED")
-        closed.append((run.info.run_id, steps))
-    return closed

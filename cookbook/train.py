@@ -286,11 +286,12 @@ def train(cfg: Config, data: MNIST, hooks: list[Hook] = (), checkpoint: Path | N
         if check.broke_at_epoch_end(test_loss):
             mark_diverged(result, result.steps_run + parts.steps_per_epoch)
             break
-        result.steps_run += parts.steps_per_epoch
-        result.final = epoch_summary(sums, parts.steps_per_epoch, test_loss, test_acc, seconds, n_train)
-        hook.on_epoch_end(epoch, result.final)
-        if checkpoint is not None:
-            save(checkpoint, checkpoint_state(parts, epoch, result, shuffle, check))
+        with uninterrupted():  # a signal once the epoch counts as run waits until every hook has its summary and it is saved
+            result.steps_run += parts.steps_per_epoch
+            result.final = epoch_summary(sums, parts.steps_per_epoch, test_loss, test_acc, seconds, n_train)
+            hook.on_epoch_end(epoch, result.final)
+            if checkpoint is not None:
+                save(checkpoint, checkpoint_state(parts, epoch, result, shuffle, check))
     result.snapshots = [r for r in parts.monitor.snapshot_table() if r["step"] < result.steps_run]
     result.model = None if result.diverged else parts.model
     hook.on_end(result)

@@ -124,7 +124,7 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
     """Create (storing the study's spec and probing the base and x100 LRs of every seed that lie in the range) or load a
     config's study, with its pruner."""
     if spec is not None:
-        name = spec_name(f"stress-{config}", spec, 8)
+        name = stress_name(spec)
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
     if spec is None:  # a worker: its own seed, by its index and the trials so far (alike, parallel workers or a later
         study = load_existing(storage, name, "config", "stress study")  # round drew the same points again)
@@ -178,23 +178,36 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], dict, list[int]]:
 
 def start_study(args: argparse.Namespace, config: str, seeds: list[int], settings: dict, parent) -> optuna.Study:
     """The config's study, created or resumed (its range from an LR range test if asked), named on the parent run."""
-    spec = {"config": config, "seeds": seeds, "settings": settings, "factor": args.factor, "converge_ratio": args.converge_ratio}
+    spec = {"config": config, "seeds": sorted(seeds), "settings": settings, "factor": args.factor,
+            "converge_ratio": args.converge_ratio}  # seeds sorted: the same seeds in another order are the same study
     if args.pruner != NO_PRUNER:  # no pruner keeps the names earlier studies had
         spec[PRUNER_ATTR] = args.pruner
     found = {}
     if args.range_from_lr_find:
-        test, run_id = run_range_test(config, settings, seeds[0], mlflow.get_experiment(parent.experiment_id).name,
-                                      parent.run_id)
+        test, run_id = run_range_test(config, settings, spec["seeds"][0], mlflow.get_experiment(parent.experiment_id).name,
+                                      parent.run_id)  # the smallest seed
         if test.blowup_lr:  # a test that never blew up says nothing of where training fails: the default range
             spec[RANGE_ATTR] = list(range_from_blowup(test.blowup_lr))
         found = {LR_FIND_RUN_ATTR: run_id, LR_FIND_BLOWUP_ATTR: test.blowup_lr}  # not in the spec: a rerun resumes
-    study = open_stress_study(args.storage, config, spec)
+    study = open_stress_study(args.storage, config, given_order(args.storage, spec, seeds))
     for key, value in {PARENT_RUN_ATTR: parent.run_id, **found}.items():
         study.set_user_attr(key, value)
     lo, hi = search_range(spec)
     mlflow.set_tags({f"stress.{config}.study": study.study_name, f"stress.{config}.lr_range": f"{10**lo:.3g},{10**hi:.3g}",
                      f"stress.{config}.{PRUNER_ATTR}": args.pruner})
     return study
+
+
+def given_order(storage: str, spec: dict, seeds: list[int]) -> dict:
+    """The spec with the seeds in the order given, where the storage holds the study that order names (names did not sort
+    seeds before), so that it resumes instead of starting again; else the spec."""
+    given = {**spec, "seeds": seeds}
+    return given if stress_name(given) in optuna.get_all_study_names(open_storage(storage)) else spec
+
+
+def stress_name(spec: dict) -> str:
+    """A config's stress study is named by its spec: the same command resumes it."""
+    return spec_name(f"stress-{spec['config']}", spec, 8)
 
 
 def run_stress(args: argparse.Namespace) -> int:

@@ -240,3 +240,34 @@ def test_a_store_away_while_a_command_reads_it_is_one_line_about_the_store(argv,
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: tracking store http://127.0.0.1:9: API request") and err.count("\n") == 1
+
+
+def test_sync_names_the_running_runs_it_cannot_judge_and_closes_one_on_the_users_word(tracking, capsys):
+    """A RUNNING run without a process tag (older versions) or with another host's is left RUNNING, with a line saying
+    why (resume pointed to sync, which said nothing); `--close` ends it KILLED with its steps; a bad --close is one line."""
+    from mlflow.entities import Metric, Param
+
+    from cookbook.stop import process_id
+    client = MlflowClient()
+    experiment = client.create_experiment("old")
+    old, other, alive, done = (client.create_run(experiment, tags=tags).info.run_id for tags in
+                               ({}, {"process": "elsewhere:123:456"}, {"process": process_id()}, {}))
+    client.log_batch(old, metrics=[Metric("train/loss", 2.0, 0, step) for step in range(3)], params=[Param("config.epochs", "2")])
+    client.set_terminated(done, "FINISHED")
+    assert main(["sync"]) == 0
+    out = capsys.readouterr().out
+    assert f"run {old}: left RUNNING: its tags name no training process (made by an older version); once it trains no " \
+           f"more, `python -m cookbook sync --close {old}`" in out
+    assert f"run {other}: left RUNNING: it trains on another host (elsewhere:123:456): run sync there" in out
+    assert alive not in out and {client.get_run(r).info.status for r in (old, other, alive)} == {"RUNNING"}
+    refusals = ((done, "the run is FINISHED, not RUNNING"), ("0" * 32, "no such run"), (alive, f"its process {process_id()} is alive"))
+    for bad, message in refusals:
+        assert main(["sync", "--close", bad, "--close", old]) == 2
+        assert f"error: --close {bad}: {message}" in capsys.readouterr().err
+    assert client.get_run(old).info.status == "RUNNING"  # nothing closed by a command refused
+    assert main(["resume", old]) == 2 and f"once it trains no more, `python -m cookbook sync --close {old}`, then resume" in \
+        capsys.readouterr().err
+    assert main(["sync", "--close", old]) == 0
+    assert f"run {old}: closed as asked; ended KILLED with the 3 steps it stored" in capsys.readouterr().out
+    assert client.get_run(old).info.status == "KILLED" and client.get_run(old).data.tags["steps_run"] == "3"
+    assert client.get_run(other).info.status == "RUNNING"

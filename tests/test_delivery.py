@@ -1,6 +1,9 @@
 """The run's writer: failed writes are kept and retried in order, refused ones make the run FAILED with a count."""
+import errno
 import json
+import os
 import shutil
+import subprocess
 import threading
 import time
 
@@ -202,7 +205,33 @@ def test_verdicts():
     assert verdict(MlflowException("API request failed: Connection refused")) == "retry"
     assert verdict(MlflowException("slow down", error_code=RESOURCE_EXHAUSTED)) == "retry"
     assert verdict(ConnectionError("reset")) == "retry"
+    assert verdict(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")) == "retry"  # an OSError too
+    for code in (errno.EACCES, errno.EPERM):  # a local artifact store: retried until the flush timeout, then "unreachable"
+        assert verdict(PermissionError(code, os.strerror(code), "mlruns/1")) == "fatal"
+    assert verdict(MlflowException("INTERNAL_ERROR: [Errno 13] Permission denied: '/srv/artifacts'")) == "fatal"  # a server's
     autoflush = MlflowException("(raised as a result of Query-invoked autoflush; consider using a session.no_autoflush "
                                 "block if this flush is occurring prematurely)\n(sqlite3.OperationalError) database or disk "
                                 "is full\n[SQL: INSERT INTO metrics]")
     assert verdict(autoflush) == "fatal" and first_line(autoflush) == "database or disk is full"
+
+
+def test_an_artifact_folder_the_store_may_not_write_fails_the_run_at_once(tracking, tiny_cfg):
+    """`chattr +i` (root ignores permission bits): the write is refused with EPERM; the run ends FAILED without waiting
+    out the flush timeout, and the line says the store cannot take writes (not that it is unreachable)."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from cookbook.delivery import FLUSH_TIMEOUT
+    from cookbook.errors import StoreFailure
+    from cookbook.train import TrainResult
+    start, folder = time.monotonic(), None
+    try:
+        with pytest.raises(StoreFailure, match=r"cannot take writes \(\[Errno 1\] Operation not permitted.*once it takes writes"):
+            with MlflowTracker(tiny_cfg, {}, experiment="denied", system_metrics=False, log_model=False) as tracker:
+                folder = local_file_uri_to_path(MlflowClient().get_run(tracker.run_id).info.artifact_uri)
+                if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode:
+                    pytest.skip("chattr +i is not supported here")
+                tracker.on_end(TrainResult(steps_run=0, total_steps=8))  # its snapshot table goes to the artifact store
+    finally:
+        if folder:
+            subprocess.run(["chattr", "-i", folder], capture_output=True)
+    assert MlflowClient().get_run(tracker.run_id).info.status == "FAILED" and time.monotonic() - start < FLUSH_TIMEOUT / 2

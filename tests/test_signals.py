@@ -169,3 +169,31 @@ def test_a_run_killed_while_its_model_is_stored_resumes_to_its_end(mnist_dir, tm
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and [o.step for o in run.outputs.model_outputs] == [4]
     assert not (tmp_path / "checkpoints").exists() and not list((tmp_path / "mlflow-spool").glob("*"))
+
+
+class SignalsAtEpochEnd(Hook):
+    """SIGTERM from the first hook's epoch-end of epoch 2: the progress line shown, the tracker not yet told."""
+
+    def on_epoch_end(self, epoch, metrics):
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_signal_at_an_epochs_end_waits_until_every_hook_has_its_summary_and_it_is_saved(tiny_cfg, tiny_data, tmp_path, stacked):
+    """The run's steps_run counts epoch 2: its summary must reach the tracker (else reproduce finds it missing) and its
+    checkpoint be saved (else resume trains it again)."""
+    from cookbook.checkpoint import load
+    from cookbook.hooks import Recorder
+    from cookbook.stacked import train_stacked
+    from cookbook.stop import Terminated, stop_on_signals
+    from cookbook.train import train
+
+    tiny_cfg.epochs, recorder, checkpoint = 3, Recorder(), tmp_path / "run.pt"
+    with pytest.raises(Terminated), stop_on_signals():
+        if stacked:
+            train_stacked([tiny_cfg], tiny_data, [[SignalsAtEpochEnd(), recorder]])
+        else:
+            train(tiny_cfg, tiny_data, [SignalsAtEpochEnd(), recorder], checkpoint=checkpoint)
+    assert [epoch for epoch, _ in recorder.history["epoch/train_loss"]] == [1, 2]
+    assert stacked or load(checkpoint)["epoch"] == 2

@@ -114,7 +114,7 @@ def test_training_reports_the_determinism_tags(tiny_cfg, tiny_data):
 
 
 def test_reproduce_warns_when_the_tracked_card_is_not_this_one(tiny_cfg, capsys, gpus, monkeypatch):
-    from cookbook.cli import match_recorded
+    from cookbook.reproduce import match_recorded
 
     gpus(1, "7")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -266,3 +266,23 @@ def test_a_trial_killed_after_its_run_ended_is_taken_by_its_retry_not_trained_ag
                                                                                  mine(fresh))
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("adopt").experiment_id])
     assert sorted(r.data.tags["trial"] for r in runs) == ["1", "2", "3"] and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_the_same_seeds_in_another_order_are_the_same_study_and_an_earlier_study_so_named_resumes(tracking, tmp_path, monkeypatch):
+    """`--seeds 1,0` and `--seeds 0,1` made two studies (each point trained twice); a study named by the order given, as
+    names were made before they sorted seeds, is resumed rather than started again."""
+    monkeypatch.setattr(stress, "run_workers", lambda args, study: True)  # what is made, not what is trained
+    monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
+    studies = lambda storage: optuna.get_all_study_names(open_storage(storage))  # noqa: E731
+    run = lambda seeds, storage: main(["run", "--configs", "no_tricks", "--seeds", seeds, "--n-trials", "4",  # noqa: E731
+                                       "--storage", storage, *TINY])
+    for seeds in ("1,0", "0,1"):
+        run(seeds, str(tmp_path / "a.log"))
+    (name,) = studies(str(tmp_path / "a.log"))
+    assert optuna.load_study(study_name=name, storage=open_storage(str(tmp_path / "a.log"))).user_attrs["seeds"] == [0, 1]
+    args = stress.build_parser().parse_args(["run", *TINY])
+    earlier = stress.open_stress_study(str(tmp_path / "b.log"), "no_tricks", {
+        "config": "no_tricks", "seeds": [1, 0], "settings": stress.train_settings(args), "factor": args.factor,
+        "converge_ratio": args.converge_ratio}).study_name
+    run("1,0", str(tmp_path / "b.log"))
+    assert studies(str(tmp_path / "b.log")) == [earlier]
