@@ -29,7 +29,7 @@ from .logged import dataset_ids, dataset_inputs, save_model
 from .monitor import STEP_LOSS
 from .resources import gpu_label
 from .sampler import STOP_TIMEOUT, start_sampler, stop_sampler
-from .stop import at_most, process_id
+from .stop import at_most, process_id, stopped_by
 from .ui import mark_training
 
 SNAPSHOT_ARTIFACT = "grad_norms/snapshots.csv"
@@ -40,6 +40,7 @@ CONFIG_TAG, SEED_TAG, DIVERGED_TAG, DIVERGED_STEP_TAG = "config", "seed", "diver
 PARAM_COUNT_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG = "param_count", "steps_run", "total_steps"
 PROCESS_TAG = "process"  # host:pid of the training process: `sync` closes RUNNING runs whose process is gone
 SPOOL_TAG = "spool_file"  # where the run's writes go while the store is away: `resume` checks there, from any folder
+STOPPED_BY_TAG = "stopped_by"  # SIGTERM or SIGINT on a run a signal stopped: kept where MLflow's `mlflow run` sets FAILED
 PRUNED_TAG = "pruned"  # "true" on a run a study's pruner stopped (it ends FINISHED with the steps it ran)
 
 
@@ -207,8 +208,8 @@ class MlflowTracker(Hook):
         except KeyboardInterrupt as e:
             interrupt = e
         status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-        if status != "FINISHED":  # on_end did not run: say how far it got
-            self.set_tags({STEPS_RUN_TAG: self.steps_logged})
+        if status != "FINISHED":  # on_end did not run: say how far it got (and what stopped it: `mlflow run` makes KILLED FAILED)
+            self.set_tags({STEPS_RUN_TAG: self.steps_logged, **({STOPPED_BY_TAG: stopped_by(exc)[0]} if status == "KILLED" else {})})
         self.writer.end(status)
         try:
             stored = interrupt is None and self.flush(0 if self.writer.fatal else None)

@@ -89,8 +89,23 @@ def start_worker(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in optuna.logging.get_logger("optuna").handlers:  # Optuna's own stderr handler
+        handler.addFilter(QuietOnStop())
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # 4 INFO lines a cell would bury the progress
     ready_store()
+
+
+class QuietOnStop(logging.Filter):
+    """Drops what Optuna logs from a SIGTERM/Ctrl-C on: its warning with the traceback of the trial the signal failed
+    (55 lines a worker) and what follows. The worker says it in one line, and gives the trial's cell back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.stopped = self.stopped or bool(record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        return not self.stopped
 
 
 def parent_and_experiment(study: optuna.Study, experiment: str) -> tuple[str | None, str]:

@@ -40,7 +40,7 @@ def test_signal_ends_the_run_killed_with_every_trained_step(mnist_dir, tmp_path,
     assert err.strip().splitlines()[-1].startswith(f"stopped by {name}; any run it had started ended KILLED")
     run_id, steps = stored_steps(client)
     run = client.get_run(run_id)
-    assert run.info.status == "KILLED" and run.info.end_time is not None
+    assert run.info.status == "KILLED" and run.info.end_time is not None and run.data.tags["stopped_by"] == name
     history = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert history == list(range(steps)) and int(run.data.tags["steps_run"]) == steps >= 60  # no hole, nothing lost
 
