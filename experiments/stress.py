@@ -65,7 +65,7 @@ from experiments.stress_range import (
     run_range_test,
     search_range,
 )
-from experiments.stress_report import DONE, STRESS_REPORT, STRESS_RUN, done_trials, format_report, report
+from experiments.stress_report import DONE, STRESS_REPORT, STRESS_RUN, done_trials, format_report, report, unrecorded
 from experiments.study_figures import log_stress_history
 from experiments.workers import cached_mnist, join_workers, parent_and_experiment, parent_run, serve, spawn, start_worker, worker_index
 
@@ -190,6 +190,10 @@ def start_study(args: argparse.Namespace, config: str, seeds: list[int], setting
             spec[RANGE_ATTR] = list(range_from_blowup(test.blowup_lr))
         found = {LR_FIND_RUN_ATTR: run_id, LR_FIND_BLOWUP_ATTR: test.blowup_lr}  # not in the spec: a rerun resumes
     study = open_stress_study(args.storage, config, given_order(args.storage, spec, seeds))
+    if lost := unrecorded(study):  # its report would stand on runs this store does not hold
+        raise SweepError(f"stress study '{study.study_name}' has {len(lost)} finished trials whose runs are not FINISHED in "
+                         f"{mlflow.get_tracking_uri()}; run it against the store it was made with (or restore the runs), "
+                         "or start it afresh with another --storage")
     for key, value in {PARENT_RUN_ATTR: parent.run_id, **found}.items():
         study.set_user_attr(key, value)
     lo, hi = search_range(spec)

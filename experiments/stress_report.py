@@ -5,11 +5,12 @@ import math
 
 import optuna
 import pandas as pd
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.boundary import boundary
 from experiments.pruning import stored_pruner
-from experiments.storage import PRUNED_ATTR
+from experiments.storage import PRUNED_ATTR, RUN_ID_ATTR, run_status
 from experiments.stress_range import LR_FIND_BLOWUP_ATTR, LR_FIND_RUN_ATTR, base_log_lr, search_range
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -20,6 +21,12 @@ PRUNED_OUTCOME = "stopped by the pruner"  # how a probe the pruner stopped reads
 def done_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Finished trials that trained (not ones pruned before they started)."""
     return [t for t in study.get_trials(deepcopy=False, states=DONE) if "converged" in t.user_attrs]
+
+
+def unrecorded(study: optuna.Study) -> list[int]:
+    """Finished trials whose MLflow run is not FINISHED in this store (another or a lost store, a deleted run)."""
+    client = MlflowClient()
+    return [t.number for t in done_trials(study) if run_status(client, t.user_attrs.get(RUN_ID_ATTR)) != "FINISHED"]
 
 
 def report(study: optuna.Study) -> dict:

@@ -286,3 +286,30 @@ def test_the_same_seeds_in_another_order_are_the_same_study_and_an_earlier_study
         "converge_ratio": args.converge_ratio}).study_name
     run("1,0", str(tmp_path / "b.log"))
     assert studies(str(tmp_path / "b.log")) == [earlier]
+
+
+def test_a_study_whose_trial_runs_are_not_in_the_store_is_refused_in_one_line(tracking, tmp_path, monkeypatch, capsys):
+    """Rerun against a new store (or with a trial's run deleted), it reported trials the store does not hold."""
+    monkeypatch.setattr(stress, "run_workers", lambda args, study: True)
+    monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
+    storage = str(tmp_path / "j.log")
+    argv = ["run", "--configs", "no_tricks", "--seeds", "0", "--n-trials", "2", "--storage", storage, *TINY]
+    assert main(argv) == 0
+    (name,) = optuna.get_all_study_names(open_storage(storage))
+    study, client = optuna.load_study(study_name=name, storage=open_storage(storage)), MlflowClient()
+    run_id = client.create_run(client.create_experiment("trials")).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    trial = study.ask()
+    for key, value in {"lr": 1e-3, "seed": 0, "diverged": False, "converged": True, "final_loss": 0.1, "steps_run": 8,
+                       "total_steps": 8, "mlflow_run_id": run_id}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, -3.0)
+    assert main(argv) == 0  # its run is there
+    client.delete_run(run_id)
+    capsys.readouterr()
+    trials = len(study.trials)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: stress study '{name}' has 1 finished trials whose runs are not FINISHED in {tracking}; run it against "
+        "the store it was made with (or restore the runs), or start it afresh with another --storage")
+    assert len(study.trials) == trials
