@@ -17,6 +17,7 @@ import mlflow
 from analysis import layers, load, lr, report, sections
 from analysis.load import AnalysisError
 from analysis.select import with_scale
+from cookbook.files import blocking_file
 
 ANALYSIS_EXPERIMENT = "analysis"
 
@@ -105,8 +106,8 @@ def check_inputs(output: Path) -> None:
 
 def check_output(output: Path) -> None:
     """Refuse a report folder that cannot be one (it, or a folder above it, is a file); experiments.study asks first."""
-    blocker = next((p for p in (output, *output.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    blocker = blocking_file(output)
+    if blocker is not None:
         raise AnalysisError(f"--output {output}: {blocker} is a file, not a folder")
 
 

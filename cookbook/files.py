@@ -27,3 +27,9 @@ def remove_if_empty(folder: Path) -> None:
     """Remove a run's folder (./checkpoints, ./mlflow-spool) if nothing is left in it; another run's files keep it."""
     with contextlib.suppress(OSError):
         folder.rmdir()
+
+
+def blocking_file(path: Path) -> Path | None:
+    """The nearest existing path at or above `path`, if it is a file: then no folder can be made there."""
+    found = next((p for p in (path, *path.parents) if p.exists()), None)
+    return found if found is not None and not found.is_dir() else None

@@ -13,6 +13,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from cookbook.config import ConfigError
+from cookbook.files import blocking_file
 from cookbook.resume import recorded_run
 from cookbook.stop import gone, process_id
 
@@ -52,6 +53,8 @@ def open_storage(spec: str) -> optuna.storages.BaseStorage:
     """A journal file path (default) or an RDB URL with heartbeats; one-line SweepError if unusable."""
     if "://" not in spec:
         path = Path(spec)
+        if (blocker := blocking_file(path.parent)) is not None:
+            raise SweepError(f"storage '{spec}': {blocker} is a file, not a folder; give a journal file path or an RDB URL")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))

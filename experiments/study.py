@@ -22,6 +22,7 @@ from analysis.cli import check_output
 from analysis.load import AnalysisError
 from analysis.report import report_files
 from cookbook.config import Config, merge, validate
+from cookbook.resources import check
 from cookbook.stop import Terminated, exit_code, exit_now
 from experiments.storage import DEFAULT_STORAGE
 from experiments.workers import worker_env
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         phases = parse_phases(args.phases)
         if args.workers < 1 or args.stack < 0:
             raise ValueError(f"workers={args.workers} must be >= 1 and stack={args.stack} >= 0")
-        validate(merge(Config(), {"device": args.device or "auto", "compute": {"precision": args.precision or "fp32"}}))
+        check(validate(merge(Config(), {"device": args.device or "auto", "compute": {"precision": args.precision or "fp32"}})))
         check_output(Path(args.output or f"reports/{args.experiment}"))
     except (ValueError, AnalysisError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -30,6 +30,13 @@ def test_bad_run_flags_are_one_line_before_any_phase(argv, message, capsys, monk
     assert main(argv) == 2 and capsys.readouterr().err.strip() == f"error: {message}"
 
 
+def test_a_device_not_here_is_one_line_before_any_phase(capsys, monkeypatch):
+    """It was the first phase's error, after the study had announced that phase."""
+    monkeypatch.setattr("experiments.study.run_phases", lambda *a: pytest.fail("a phase ran"))
+    assert main(["--device", "cuda:7"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: device='cuda:7' is not available here")
+
+
 def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_phase(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("experiments.study.run_phases", lambda *a: pytest.fail("a phase ran"))
     (tmp_path / "a_file").write_text("")

@@ -147,8 +147,9 @@ def test_a_journal_path_that_cannot_be_a_file_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SweepError, match=r"^storage '.*' cannot be a journal file here \(Is a directory\)"):
         open_storage(str(tmp_path))
-    with pytest.raises(SweepError, match=r"cannot be a journal file here \(File exists\)"):  # its folder is a file
-        open_storage(str(tmp_path / "a_file" / "journal.log"))
+    for under in ("journal.log", "deeper/journal.log"):  # its folder is a file, or a folder above it ("File exists")
+        with pytest.raises(SweepError, match=rf"^storage '.*': {tmp_path / 'a_file'} is a file, not a folder; give a journal"):
+            open_storage(str(tmp_path / "a_file" / under))
 
 
 def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
