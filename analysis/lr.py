@@ -42,7 +42,7 @@ def x100_table(runs: pd.DataFrame, reports: list[dict], ratio: float) -> tuple[p
                              "final loss": hit.final_loss.round(4), "step-0 loss": hit.initial_loss.round(4),
                              "source": "LR grid"}), hit
     rows = [{"config": r["config"], "LR": X100 * r["base_lr"], "seed": x["seed"], "outcome": probe_outcome(x),
-             "final loss": x["final_loss"], "step-0 loss": np.nan, "source": "stress study"}
+             "final loss": x["final_loss"], "step-0 loss": x.get("initial_loss", np.nan), "source": "stress study"}
             for r in latest_per_config(reports).values() for x in r["x100"]]
     return pd.DataFrame(rows, columns=["config", "LR", "seed", "outcome", "final loss", "step-0 loss", "source"]), hit
 

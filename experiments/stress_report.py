@@ -31,14 +31,15 @@ def unrecorded(study: optuna.Study) -> list[int]:
 
 def report(study: optuna.Study) -> dict:
     """Range, boundary, the x100 table and the compute pruning saved, from the study's records."""
-    columns = ["lr", "seed", "converged", "diverged", "diverged_step", "final_loss", "steps_run", "total_steps", PRUNED_ATTR]
+    columns = ["lr", "seed", "converged", "diverged", "diverged_step", "final_loss", "initial_loss", "steps_run", "total_steps",
+               PRUNED_ATTR]
     df = pd.DataFrame([t.user_attrs for t in done_trials(study)]).reindex(columns=columns)
     spec = study.user_attrs
     base, (lo, hi) = base_log_lr(spec["config"], spec["settings"]), search_range(spec)
     x100 = df[(df.lr / 10**base - 100).abs() < 1e-6]
     steps_run, steps_full = int(df.steps_run.sum()), int(df.total_steps.sum())
     stopped = df[df[PRUNED_ATTR].notna()]
-    probe = columns[1:6] + [PRUNED_ATTR]  # a probe the pruner stopped is no finished training: the report says so
+    probe = columns[1:7] + [PRUNED_ATTR]  # a probe the pruner stopped is no finished training: the report says so
     return {"config": spec["config"], "study": study.study_name, "base_lr": 10**base, "lr_range": [10**lo, 10**hi], "trials": len(df),
             "converge_ratio": spec["converge_ratio"], "pruner": stored_pruner(study),
             **{k: spec[k] for k in (LR_FIND_BLOWUP_ATTR, LR_FIND_RUN_ATTR) if k in spec},

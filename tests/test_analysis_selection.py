@@ -62,6 +62,17 @@ def test_a_rerun_stress_study_is_reported_once():
     assert "boundary 0.5;" in text and "boundary 0.05" not in text
 
 
+def test_the_x100_table_from_a_stress_study_has_each_probes_step0_loss():
+    """It was always n/a: the report kept no probe's initial loss (a report from before still reads n/a)."""
+    from analysis.lr import x100_table
+    probe = {"seed": 0, "converged": False, "diverged": True, "diverged_step": 3, "final_loss": None, "initial_loss": 2.31}
+    older = {k: v for k, v in probe.items() if k != "initial_loss"}
+    reports = [{"config": c, "base_lr": 1e-3, "x100": [x]} for c, x in (("no_tricks", probe), ("batchnorm", older))]
+    runs = with_scale(pd.DataFrame([sized("no_tricks", 1.0, 10_000, 0.0, 1e-3, 0.3)]))
+    rows, _ = x100_table(runs, reports, 0.5)
+    assert rows.set_index("config")["step-0 loss"].fillna(-1).to_dict() == {"no_tricks": 2.31, "batchnorm": -1}
+
+
 def sized(config: str, width: float, params: int, warmup: float, lr: float, loss: float, seed: int = 0) -> dict:
     return {"config": config, "seed": seed, "lr": lr, "width": width, "depth": 3, "warmup_epochs": warmup,
             "param_count": params, "final_loss": loss, "diverged": False, "stress": None, "start_time": 0,

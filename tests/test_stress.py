@@ -76,6 +76,7 @@ def test_stress_prunes_diverged_trials_and_reports_a_boundary(mnist_dir, trackin
     result = report(study)
     assert result["trials"] == 4 and result["steps_run"] < result["steps_without_pruning"] and result["study"] == study.study_name
     assert result["smallest_failed_lr"] <= 0.1 and result["x100"][0]["diverged"] and result["x100"][0][PRUNED_ATTR] is None
+    assert result["x100"][0]["initial_loss"] == x100[0].user_attrs["initial_loss"] > 2  # the analysis' step-0 loss
     assert result["pruner"] == "none" and result["lr_range"] == pytest.approx([1e-3, 1.0])  # the defaults
     client = MlflowClient()
     runs = client.search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])
