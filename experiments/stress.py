@@ -31,7 +31,7 @@ from cookbook.tracking import MlflowTracker, check_tracking, ready_store
 from cookbook.train import EPOCH_LOSS, TrainResult, train
 from experiments.adopt import adopt, initial_loss, orphaned_run
 from experiments.boundary import CONVERGE_RATIO, converged
-from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, spec_name, train_settings
+from experiments.grid import TRAIN_FLAGS, check_cells, config_names, overrides, parse_list, train_settings
 from experiments.pruning import (
     NO_PRUNER,
     PRUNER_ATTR,
@@ -39,7 +39,6 @@ from experiments.pruning import (
     RANKING,
     STRESS_PRUNER,
     ReportToOptuna,
-    attach_pruner,
     check_pruner,
     prunable,
 )
@@ -50,7 +49,6 @@ from experiments.storage import (
     STRESS_TAG,
     TRIAL_TAG,
     SweepError,
-    load_existing,
     open_storage,
     recover_dead_workers,
     stamp_owner,
@@ -60,14 +58,14 @@ from experiments.stress_range import (
     LR_FIND_RUN_ATTR,
     RANGE_ATTR,
     RANGE_FACTOR,
-    base_log_lr,
     range_from_blowup,
     run_range_test,
     search_range,
 )
 from experiments.stress_report import DONE, STRESS_REPORT, STRESS_RUN, done_trials, format_report, report, unrecorded
+from experiments.stress_study import given_order, open_stress_study
 from experiments.study_figures import log_stress_history
-from experiments.workers import cached_mnist, join_workers, parent_and_experiment, parent_run, serve, spawn, start_worker, worker_index
+from experiments.workers import cached_mnist, join_workers, nested_under, parent_and_experiment, parent_run, serve, spawn, start_worker
 
 
 def set_attrs(trial: optuna.Trial, attrs: dict) -> None:
@@ -118,29 +116,6 @@ def trial_outcome(result, initial_loss: float, converge_ratio: float) -> dict:
     kept = math.isfinite(final) and not result.diverged
     return {"diverged": result.diverged, "steps_run": result.steps_run, "initial_loss": initial_loss,
             "final_loss": final if kept else None, "converged": kept and converged(final, initial_loss, converge_ratio)}
-
-
-def open_stress_study(storage: str, config: str, spec: dict | None = None, name: str | None = None) -> optuna.Study:
-    """Create (storing the study's spec and probing the base and x100 LRs of every seed that lie in the range) or load a
-    config's study, with its pruner."""
-    if spec is not None:
-        name = stress_name(spec)
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=4)
-    if spec is None:  # a worker: its own seed, by its index and the trials so far (alike, parallel workers or a later
-        study = load_existing(storage, name, "config", "stress study")  # round drew the same points again)
-        study.sampler = optuna.samplers.TPESampler(seed=worker_index() + 1000 * len(study.trials), n_startup_trials=4)
-        return attach_pruner(study)
-    study = optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize",
-                                sampler=sampler, load_if_exists=True)
-    if "config" not in study.user_attrs:
-        for key, value in spec.items():
-            study.set_user_attr(key, value)
-        (lo, hi), base = search_range(spec), base_log_lr(config, spec["settings"])
-        for seed in spec["seeds"]:
-            for log_lr in (base, base + 2):  # the config's own LR and the seed's "LR x100"
-                if lo <= log_lr <= hi:
-                    study.enqueue_trial({"log10_lr": log_lr, "seed": seed}, skip_if_exists=True)
-    return attach_pruner(study)
 
 
 def budget(n_trials: int) -> optuna.study.MaxTrialsCallback:
@@ -202,18 +177,6 @@ def start_study(args: argparse.Namespace, config: str, seeds: list[int], setting
     return study
 
 
-def given_order(storage: str, spec: dict, seeds: list[int]) -> dict:
-    """The spec with the seeds in the order given, where the storage holds the study that order names (names did not sort
-    seeds before), so that it resumes instead of starting again; else the spec."""
-    given = {**spec, "seeds": seeds}
-    return given if stress_name(given) in optuna.get_all_study_names(open_storage(storage)) else spec
-
-
-def stress_name(spec: dict) -> str:
-    """A config's stress study is named by its spec: the same command resumes it."""
-    return spec_name(f"stress-{spec['config']}", spec, 8)
-
-
 def run_stress(args: argparse.Namespace) -> int:
     """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
     configs, settings, seeds = check_args(args)
@@ -223,7 +186,7 @@ def run_stress(args: argparse.Namespace) -> int:
     reports, short = [], []
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(args.experiment)
-    with parent_run(mlflow.start_run(run_name=STRESS_RUN)) as parent:
+    with parent_run(mlflow.start_run(run_name=STRESS_RUN, parent_run_id=nested_under())) as parent:
         for name in configs:
             study = start_study(args, name, seeds, settings, parent.info)
             complete = run_workers(args, study)

@@ -25,7 +25,7 @@ from cookbook.config import Config, merge, validate
 from cookbook.resources import check
 from cookbook.stop import Terminated, exit_code, exit_now
 from experiments.storage import DEFAULT_STORAGE
-from experiments.workers import worker_env
+from experiments.workers import PARENT_RUN_ENV, worker_env
 
 CONFIGS = "no_tricks,batchnorm,layernorm,all_tricks"
 SIZE_CONFIG = "no_tricks"  # warmup vs size on the config without normalization or clipping: warmup acts alone
@@ -63,6 +63,7 @@ SCALES = {
     "full": Scale(("--epochs", "5"), "0,1,2,3,4", "0,1,2", "1e-4,3e-4,3e-3,1e-2,3e-2", "0.25,0.5,1,2,4",
                   "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", "0,1", 16, "0,1,2", 0.5),
 }
+STUDY_EXPERIMENT = "study"
 PHASES = ("seeds", "x100", "grid", "size", "stress")  # in the order they run
 PHASE_TITLES = {"seeds": "seed table", "x100": "LR x100 probe", "grid": "LR grid", "size": "warmup vs size",
                 "stress": "LR stress"}
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="default", help=f"one of {', '.join(SCALES)}")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list from {', '.join(PHASES)}")
-    parser.add_argument("--experiment", default="study")
+    parser.add_argument("--experiment", default=STUDY_EXPERIMENT,
+                        help="MLflow experiment of every phase's runs (empty: inside `mlflow run`, the project run's)")
     parser.add_argument("--output", default="", help="report folder (default reports/<experiment>)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -128,9 +130,24 @@ def run_child(command: list[str], env: dict[str, str]) -> int:
         raise
 
 
-def run_phases(commands: dict[str, list[str]], phases: list[str]) -> tuple[dict[str, float], int]:
+def project_experiment() -> str | None:
+    """Inside `mlflow run . -e study`: the experiment of the project run (`--experiment-name`'s); else None."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name if run_id else None
+
+
+def phase_env(experiment: str) -> dict[str, str]:
+    """The phases' environment: they make their own parent runs (not inside this process's run), nested under the
+    `mlflow run` project run where they train in its experiment (a run is shown nested only in its parent's)."""
+    env = worker_env()
+    if os.environ.get("MLFLOW_RUN_ID") and project_experiment() == experiment:
+        env[PARENT_RUN_ENV] = os.environ["MLFLOW_RUN_ID"]
+    return env
+
+
+def run_phases(commands: dict[str, list[str]], phases: list[str], env: dict[str, str]) -> tuple[dict[str, float], int]:
     """Run the phases in order: their wall times in seconds, and 0 or the exit code of the phase that failed."""
-    env, timings = worker_env(), {}  # the phases make their own runs in the experiment, not inside this one
+    timings = {}
     for i, phase in enumerate(phases):
         print(f"[study] phase {i + 1}/{len(phases)}, {PHASE_TITLES[phase]}: {' '.join(commands[phase][1:])}",
               file=sys.stderr, flush=True)
@@ -147,6 +164,7 @@ def run_phases(commands: dict[str, list[str]], phases: list[str]) -> tuple[dict[
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.experiment = args.experiment or project_experiment() or STUDY_EXPERIMENT  # empty: `mlflow run`'s, else "study"
     try:
         if args.scale not in SCALES:
             raise ValueError(f"scale={args.scale!r}; choose one of {', '.join(SCALES)}")
@@ -168,7 +186,7 @@ def run_study(args: argparse.Namespace, phases: list[str]) -> int:
     run_flags += [x for flag in ("device", "precision") if getattr(args, flag) for x in (f"--{flag}", getattr(args, flag))]
     commands = phase_commands(scale, args.experiment, run_flags, args.stack or default_stack(args.device, scale.seeds))
     started = time.time()
-    timings, failed = run_phases(commands, phases)
+    timings, failed = run_phases(commands, phases, phase_env(args.experiment))
     if failed:
         return failed
     output = Path(args.output or f"reports/{args.experiment}")

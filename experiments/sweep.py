@@ -51,7 +51,7 @@ from experiments.storage import (
 )
 from experiments.study_figures import log_study_figures
 from experiments.sweep_summary import print_summary, summary
-from experiments.workers import cached_mnist, join_workers, parent_and_experiment, parent_run, serve, spawn, start_worker
+from experiments.workers import cached_mnist, join_workers, nested_under, parent_and_experiment, parent_run, serve, spawn, start_worker
 
 POLL_SECONDS = 2.0  # progress lines; a worker waiting on another's cell looks again after IDLE_SECONDS
 IDLE_SECONDS = 0.5
@@ -179,7 +179,7 @@ def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
     earlier = study.user_attrs.get(PARENT_RUN_ATTR)
     if earlier and mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_id = '{earlier}'").shape[0]:
         return mlflow.start_run(run_id=earlier)
-    return mlflow.start_run(run_name=study.study_name)
+    return mlflow.start_run(run_name=study.study_name, parent_run_id=nested_under())
 
 
 def run_sweep(args: argparse.Namespace) -> int:

@@ -19,6 +19,12 @@ from cookbook.tracking import REPO, ready_store
 from experiments.storage import PARENT_RUN_ATTR, give_back
 
 WORKER_INDEX_ENV = "COOKBOOK_WORKER_INDEX"  # which of the coordinator's workers a process is (0, 1, ...)
+PARENT_RUN_ENV = "COOKBOOK_PARENT_RUN_ID"  # a study's phases: the `mlflow run` project run their parent runs nest under
+
+
+def nested_under() -> str | None:
+    """The run a coordinator's parent run is to be nested under (a study's project run), if any."""
+    return os.environ.get(PARENT_RUN_ENV) or None
 
 
 def worker_index() -> int:

@@ -47,7 +47,7 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_phase(tmp_path
 
 def test_a_phase_refusing_bad_input_ends_the_study_with_its_code_and_no_resume_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("experiments.study.run_child", lambda *a: 2)
-    timings, code = run_phases({"seeds": [sys.executable, "-m", "experiments.sweep"]}, ["seeds"])
+    timings, code = run_phases({"seeds": [sys.executable, "-m", "experiments.sweep"]}, ["seeds"], {})
     assert code == 2 and "rerun the same command" not in capsys.readouterr().err
 
 
@@ -135,3 +135,31 @@ def test_sigterm_to_the_study_stops_the_phase_it_runs(mnist_dir, tracking, tmp_p
     assert err.strip().splitlines()[-1] == "stopped by SIGTERM; the phase running was stopped too; the same command resumes"
     assert processes_naming(experiment) == []
     assert {r.info.status for r in client.search_runs([exp_id])} <= {"FINISHED", "KILLED"}
+
+
+def test_inside_mlflow_run_the_phases_nest_under_the_project_run_in_its_experiment(tracking, tmp_path, monkeypatch):
+    """Under `mlflow run . -e study` every phase's parent run was a top-level run of experiment "study" (and
+    `--experiment-name` decided nothing): an empty --experiment, the MLproject's default, is the project run's, and the
+    sweep's and stress study's parent runs nest under the project run there."""
+    from experiments import stress, sweep
+    client = MlflowClient()
+    project = client.create_run(client.create_experiment("chosen")).info.run_id
+    seen = []
+    monkeypatch.setattr("experiments.study.run_phases", lambda commands, phases, env: seen.append((commands, env)) or ({}, 0))
+    for experiment in ("", "other"):
+        monkeypatch.setenv("MLFLOW_RUN_ID", project)  # MLflow's end_run (the study logs its timings) removes it
+        assert main(["--experiment", experiment, "--phases", "seeds", "--no-analysis"]) == 0
+    (nested, env), (elsewhere, other_env) = seen
+    assert nested["seeds"][nested["seeds"].index("--experiment") + 1] == "chosen" and "MLFLOW_RUN_ID" not in env
+    assert env["COOKBOOK_PARENT_RUN_ID"] == project and "COOKBOOK_PARENT_RUN_ID" not in other_env  # not across experiments
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("COOKBOOK_PARENT_RUN_ID", project)  # what a phase sees
+    monkeypatch.setattr(sweep, "run_rounds", lambda *a: None)
+    monkeypatch.setattr(stress, "run_workers", lambda *a: True)
+    monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
+    tiny = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--experiment", "chosen"]
+    sweep.main(["run", "--configs", "no_tricks", "--storage", str(tmp_path / "s.log"), *tiny])
+    stress.main(["run", "--configs", "no_tricks", "--seeds", "0", "--n-trials", "2", "--storage", str(tmp_path / "t.log"), *tiny])
+    parents = client.search_runs([client.get_experiment_by_name("chosen").experiment_id], "attributes.run_id != ''")
+    assert sorted(r.info.run_name.split("-")[0] for r in parents if r.data.tags.get("mlflow.parentRunId") == project) == \
+        ["stress", "sweep"]
