@@ -90,7 +90,7 @@ def log_report(experiment: str, files: list[Path], built: list[sections.Section]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True, help="MLflow experiment holding the training runs")
     parser.add_argument("--output", default="", help="folder for the report (default reports/<experiment>)")
     parser.add_argument("--no-mlflow-log", action="store_true", help="do not log the report to an MLflow run")

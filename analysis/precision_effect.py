@@ -80,7 +80,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.precision_effect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.precision_effect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="precision")
     args = parser.parse_args(argv)
     try:

@@ -12,7 +12,7 @@ from analysis.select import with_scale
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.seed_table", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.seed_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="seed-table")
     args = parser.parse_args(argv)
     try:

@@ -92,7 +92,7 @@ def rows_for(fc, device, members: int, batch: int, dtype, vary: dict, repeats: i
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments, --vary as {field: values}; a bad one exits 2 in one line."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fused_tiles", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fused_tiles", description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=64, help="K, stacked members")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16", choices=list(DTYPES))

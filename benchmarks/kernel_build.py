@@ -139,7 +139,7 @@ def norm_rows(triton, fn, args: argparse.Namespace) -> list[dict]:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments, --precisions as a list and --vary as {field: values}; bad ones exit 2 in one line."""
     from benchmarks.fused_tiles import DTYPES, parse_vary
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10: 90 = H100, 80 = A100")
     parser.add_argument("--sms", type=int, default=132, help="the card's multiprocessors (132: H100 SXM)")
     parser.add_argument("--precisions", default="bf16,fp32")

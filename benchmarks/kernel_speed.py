@@ -2,7 +2,7 @@
 BatchNorm+pool+ReLU (PyTorch's ops vs fused), LayerNorm (NHWC vs NCHW).
 
     python -m benchmarks.kernel_speed --device cuda --members 64 --precision bf16
-    python -m benchmarks.kernel_speed --fastest benchmarks/results/kernel_speed-cuda-bf16-k64.csv   # -> gemm+grouped+gemm
+    python -m benchmarks.kernel_speed --fastest benchmarks/results/kernel_speed-cuda-bf16-k64.csv   # -> fused+fused+fused
 
 Shapes are the default StableNet's at batch 128: conv 1->32 at 28x28, 32->64 at 14x14, 64->128 at 7x7
 (stacked: K members each), norms after each conv; fused (cookbook.fused_conv, Triton) on CUDA only.
@@ -132,7 +132,7 @@ def table_stem(args: argparse.Namespace) -> Path:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_speed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fastest", metavar="CSV", help="print the compute.stacked_conv of a written table's fastest kinds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--members", type=int, default=64, help="K, stacked members")

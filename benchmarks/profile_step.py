@@ -29,7 +29,7 @@ from cookbook.train import resolve_device
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments; a bad one exits 2 in one line, before anything runs."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="batchnorm")
     parser.add_argument("--members", type=int, default=64, help="K seeds trained as one stacked model")
     parser.add_argument("--steps", type=int, default=30, help="full batches profiled")

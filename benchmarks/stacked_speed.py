@@ -50,7 +50,7 @@ def measure(cfg, data, k: int, repeats: int, one_run_s: float | None, warm_data)
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments, --ks as a sorted list; a bad one exits 2 in one line, before any run."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.stacked_speed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stacked_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="batchnorm")
     parser.add_argument("--ks", default="1,2,4,8")
     parser.add_argument("--train-subset", type=int, default=12800)

@@ -66,7 +66,7 @@ def work(cells, runs: pd.DataFrame, epochs: int, images: int, batch: int = 128) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.study_cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.study_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True, help="where the measured phase's runs (and any others) are tracked")
     parser.add_argument("--measured", required=True, help="PHASE=MINUTES of the phase that was run at this scale")
     parser.add_argument("--scale", default="full")

@@ -184,7 +184,7 @@ def machine() -> dict:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments, --modes and --configs as lists; a bad one exits 2 in one line."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="no_tricks,batchnorm,layernorm,all_tricks")
     parser.add_argument("--modes", default="reference,ours,ours+mlflow,ours-bf16", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")

@@ -192,12 +192,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 1 if left else 0
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--config, one flag per FLAG_KEYS entry, --set, --experiment and --no-track (train and lr-find)."""
+def add_config_flags(p: argparse.ArgumentParser, refused: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """--config, one flag per FLAG_KEYS entry (those setting a `refused` key say so), --set, --experiment and --no-track
+    (train and lr-find)."""
     p.add_argument("--config", default="all_tricks", help="config name in experiments/configs/ or a path to a YAML file")
     p.add_argument("--configs-dir", type=Path, default=CONFIGS_DIR)
     for flag, key in FLAG_KEYS.items():
-        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=f"sets {key}")
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
+                       help=f"refused here: {key} is not used" if key.startswith(refused) else f"sets {key}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. monitor.layer_every=10")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (ignored inside `mlflow run`)")
     p.add_argument("--no-track", action="store_true", help="run without MLflow")
@@ -237,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--run-name", default=None)
     tr.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     tr.set_defaults(func=cmd_train)
-    lf = add_config_flags(sub.add_parser("lr-find", help="LR range test: one short run, LR raised exponentially each step"))
+    lf = add_config_flags(sub.add_parser("lr-find", help="LR range test: one short run, LR raised exponentially each step"),
+                          refused=UNUSED_KEYS)
     lf.add_argument("--start-lr", type=float, default=START_LR)
     lf.add_argument("--end-lr", type=float, default=END_LR)
     lf.add_argument("--steps", type=int, default=STEPS, help="most updates (it stops at the blow-up)")

@@ -218,7 +218,7 @@ def run_workers(args: argparse.Namespace, study: optuna.Study) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.stress", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.stress", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run")
     run.add_argument("--configs", default="all_tricks")
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"{', '.join(p for p in PRUNERS if p not in RANKING)}: may stop a trial that is not converging")
     run.add_argument("--range-from-lr-find", action="store_true",
                      help=f"search blow-up / {RANGE_FACTOR:g} to blow-up x {RANGE_FACTOR:g} of an LR range test run first "
-                          "(instead of --factor)")
+                          "(--factor's range only where the test never blows up)")
     for flag in TRAIN_FLAGS:
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None)
     work_parser = sub.add_parser("work")
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "Using an existing study": our own lines say what it opened
     if args.command == "work":
         command = lambda: work(args.storage, args.study, args.n_trials, args.experiment, args.threads) or 0  # noqa: E731
     else:

@@ -103,7 +103,7 @@ def default_stack(device: str, seeds: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", default="default", help=f"one of {', '.join(SCALES)}")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list from {', '.join(PHASES)}")
     parser.add_argument("--experiment", default=STUDY_EXPERIMENT,

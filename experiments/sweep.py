@@ -229,7 +229,7 @@ def run_rounds(study: optuna.Study, args: argparse.Namespace, started: float, do
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) a grid")
     run.add_argument("--configs", default="no_tricks,batchnorm,layernorm,all_tricks")
@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "Using an existing study": our own lines say what it opened
     return exit_code(lambda: run_command(args), (SweepError, ConfigError, DataError),
                      "running cells ended KILLED and went back to the queue: the same command resumes")
 

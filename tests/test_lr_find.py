@@ -9,7 +9,7 @@ from conftest import DATA_DIR
 from cookbook.cli import main
 from cookbook.lr_find import exponential_lrs, lr_range_test, smooth, suggest
 
-RANGE_FLAGS = ["--batch-size", "32", "--train-subset", "256", "--test-subset", "200", "--data-dir", str(DATA_DIR)]
+RANGE_FLAGS = ["--batch-size", "32", "--train-subset", "256", "--data-dir", str(DATA_DIR)]
 
 
 def test_schedule_is_exponential_from_start_to_end():
@@ -67,12 +67,21 @@ def test_a_range_that_is_not_finite_and_increasing_is_one_line_before_any_run(tr
 
 @pytest.mark.parametrize("flags,named", [(["--lr", "1e-7"], "optim.lr"), (["--epochs", "2"], "epochs"),
                                          (["--warmup-epochs", "1", "--set", "monitor.flush_every=3"],
-                                          "schedule.warmup_epochs, monitor.flush_every")])
+                                          "schedule.warmup_epochs, monitor.flush_every"),
+                                         (["--test-subset", "100"], "data.test_subset")])  # no test pass: it was accepted
 def test_a_setting_the_range_test_would_ignore_is_one_line_before_any_run(tracking, capsys, flags, named):
     assert main(["lr-find", "--config", "no_tricks", *flags, "--experiment", "lr"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: lr-find sets each update's LR itself and runs --steps updates: {named} would be ignored")
     assert MlflowClient().get_experiment_by_name("lr") is None
+
+
+def test_lr_find_help_marks_the_flags_it_refuses(capsys):
+    """Its --help said "--lr: sets optim.lr", a flag that is always refused."""
+    with pytest.raises(SystemExit):
+        main(["lr-find", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR refused here: optim.lr is not used" in text and "--batch-size BATCH_SIZE sets data.batch_size" in text
 
 
 def test_a_store_failing_while_the_curve_is_written_ends_the_run_failed_in_one_line(mnist_dir, tracking, capsys,

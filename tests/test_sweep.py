@@ -170,6 +170,17 @@ def test_bad_input_touches_nothing(tracking, tmp_path, capsys):
     assert not storage.exists() and mlflow.get_experiment_by_name("stability-cookbook") is None
 
 
+def test_a_study_holding_another_grid_is_one_line(tracking, tmp_path):
+    """Optuna's "Using an existing study" INFO line came first (a process of its own: Optuna's handler keeps the stderr
+    it found at import)."""
+    storage = str(tmp_path / "journal.log")
+    open_study(storage, "named", make_cells("no_tricks", "0", ""), {})
+    done = subprocess.run([sys.executable, "-m", "experiments.sweep", "run", "--configs", "batchnorm", "--study", "named",
+                           "--storage", storage, *TINY], env={**os.environ, **WITH_ROOT}, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: study 'named' holds another sweep")
+    assert done.stderr.count("\n") == 1
+
+
 def assert_intermediate_values(study):
     """Every finished cell reported its epoch's training loss to Optuna (a cell that diverged in epoch 1: nothing)."""
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
