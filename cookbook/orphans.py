@@ -31,6 +31,9 @@ def check_closable(uri: str, run_ids: list[str]) -> None:
         except MlflowException:
             raise ConfigError(f"--close {run_id}: no such run in {uri}") from None
         process = run.data.tags.get(PROCESS_TAG, "")
+        deleted = run.info.lifecycle_stage == "deleted" or client.get_experiment(run.info.experiment_id).lifecycle_stage == "deleted"
+        if deleted:  # sync lists only live runs: it would close nothing, and say nothing
+            raise ConfigError(f"--close {run_id}: the run (or its experiment) is deleted; restore it first")
         if run.info.status != "RUNNING":
             raise ConfigError(f"--close {run_id}: the run is {run.info.status}, not RUNNING; there is nothing to close")
         if not unknown_fate(process) and not gone(process):

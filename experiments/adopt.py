@@ -3,12 +3,14 @@ before Optuna's tell() leaves that trial failed and queued again, and its retry 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from optuna.trial import TrialState
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial, TrialState
 
 from cookbook.monitor import STEP_LOSS
 from cookbook.tracking import DIVERGED_STEP_TAG, DIVERGED_TAG, PRUNED_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG
@@ -63,17 +65,23 @@ def adopt(trial: optuna.Trial, stored: StoredRun) -> None:
         raise optuna.TrialPruned(f"pruned after epoch {stored.pruned_at}, as its run {stored.run_id} recorded")
 
 
-def orphaned_run(trial: optuna.Trial, experiment: str, study_tag: str) -> StoredRun | None:
-    """A FINISHED run of the study left by a failed trial with this trial's params (killed before tell()), retagged as
-    this trial's; None if there is none. Only a failed trial's run: a told one belongs to its trial."""
-    failed = {str(t.number) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.params == trial.params}
-    found = MlflowClient().get_experiment_by_name(experiment) if failed else None
-    if found is None:
-        return None
-    client, mine = MlflowClient(), f"tags.{study_tag} = '{trial.study.study_name}' and attributes.status = 'FINISHED'"
-    for run in client.search_runs([found.experiment_id], filter_string=mine, order_by=["attributes.start_time"]):
-        if run.data.tags.get(TRIAL_TAG) in failed and (stored := stored_run(client, run)) is not None:
-            client.set_tag(stored.run_id, TRIAL_TAG, str(trial.number))  # the trial that holds it now
+def orphaned_run(trial: optuna.Trial, same: Callable[[FrozenTrial], bool]) -> StoredRun | None:
+    """The FINISHED run a failed trial of this study left (killed after its run ended, before tell()), for a failed trial
+    that `same` picks (its point or cell), retagged as this trial's; None if there is none. Only the run the failed trial
+    names, and only while its trial tag is still that trial's: a run of another study or storage, or one a retry took
+    already, is never taken."""
+    client = MlflowClient()
+    for failed in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = failed.user_attrs.get(RUN_ID_ATTR)
+        if not run_id or not same(failed):
+            continue
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:  # the run is in another store (the study moved)
+            continue
+        mine = run.data.tags.get(TRIAL_TAG) == str(failed.number) and run.info.lifecycle_stage == "active"
+        if mine and run.info.status == "FINISHED" and (stored := stored_run(client, run)) is not None:
+            client.set_tag(run_id, TRIAL_TAG, str(trial.number))  # the trial that holds it now
             return stored
     return None
 

@@ -1,5 +1,5 @@
 """A sweep cell's earlier run, found by its tags: one that stopped after an epoch is trained on from its checkpoint, one
-that finished (or that the pruner stopped) is the cell's result."""
+that a killed trial left finished (or stopped by the pruner) is the cell's result."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,9 +12,9 @@ from cookbook.checkpoint import load as load_checkpoint
 from cookbook.config import ConfigError
 from cookbook.resume import resumable
 from cookbook.train import EPOCH_LOSS, TrainResult
-from experiments.adopt import StoredRun, adopt, epoch_losses, stored_run
+from experiments.adopt import adopt, epoch_losses, orphaned_run
 from experiments.grid import cell_key
-from experiments.storage import CELL_TAG, SWEEP_TAG
+from experiments.storage import CELL_TAG, QUEUED_CELL_ATTR, SWEEP_TAG
 
 
 def stopped_run(client: MlflowClient, experiment: str, sweep: str, cell: str) -> str | None:
@@ -33,19 +33,6 @@ def stopped_run(client: MlflowClient, experiment: str, sweep: str, cell: str) ->
     return None
 
 
-def finished_result(client: MlflowClient, experiment: str, sweep: str, cell: str) -> StoredRun | None:
-    """This cell's FINISHED run in this sweep, if it has one (a run the pruner stopped too): a worker stopped after the
-    run ended and before Optuna heard of it (its trial failed and was queued again), so the cell is not trained twice."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    finished = f"tags.{SWEEP_TAG} = '{sweep}' and tags.{CELL_TAG} = '{cell}' and attributes.status = 'FINISHED'"
-    for run in client.search_runs([found.experiment_id], filter_string=finished, order_by=["attributes.start_time"]):
-        if (stored := stored_run(client, run)) is not None:
-            return stored
-    return None
-
-
 def record_result(trial: optuna.Trial, result: TrainResult) -> float:
     """Store the outcome on the trial; the objective value is the final train loss (inf if it diverged)."""
     trial.set_user_attr("diverged", result.diverged)
@@ -55,20 +42,22 @@ def record_result(trial: optuna.Trial, result: TrainResult) -> float:
     return float("inf") if result.diverged else result.final[EPOCH_LOSS]
 
 
-def adopted(trial: optuna.Trial, cell: dict, experiment: str) -> float | None:
-    """The objective value of the cell's FINISHED run, recorded on the trial, if it has one (see finished_result); a
-    run the pruner stopped raises TrialPruned."""
-    found = finished_result(MlflowClient(), experiment, trial.study.study_name, cell_key(cell))
+def adopted(trial: optuna.Trial, cell: dict) -> float | None:
+    """The objective value of the FINISHED run a failed trial of this cell left (killed after its run ended, before
+    Optuna heard: its retry must not train the cell twice), recorded on the trial; a run the pruner stopped raises
+    TrialPruned."""
+    key = cell_key(cell)
+    found = orphaned_run(trial, lambda failed: failed.user_attrs.get(QUEUED_CELL_ATTR) == key)
     if found is None:
         return None
     adopt(trial, found)
     return record_result(trial, found.result)
 
 
-def tell_adopted(study: optuna.Study, trial: optuna.Trial, cell: dict, experiment: str) -> bool:
+def tell_adopted(study: optuna.Study, trial: optuna.Trial, cell: dict) -> bool:
     """Tell the trial its cell's stored outcome (see adopted), if it has one; whether it had."""
     try:
-        value = adopted(trial, cell, experiment)
+        value = adopted(trial, cell)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return True

@@ -63,7 +63,7 @@ from experiments.stress_range import (
     search_range,
 )
 from experiments.stress_report import DONE, STRESS_REPORT, STRESS_RUN, done_trials, format_report, report, unrecorded
-from experiments.stress_study import given_order, open_stress_study
+from experiments.stress_study import open_stress_study, stress_name
 from experiments.study_figures import log_stress_history
 from experiments.workers import cached_mnist, join_workers, nested_under, parent_and_experiment, parent_run, serve, spawn, start_worker
 
@@ -85,7 +85,7 @@ def objective(trial: optuna.Trial, experiment: str, parent: str | None) -> float
     cfg = load_config(spec["config"], CONFIGS_DIR, overrides({"seed": seed, "lr": 10**log_lr}, spec["settings"]))
     # what a trial the pruner stops keeps (training below overwrites it): it did not converge
     set_attrs(trial, {"lr": 10**log_lr, "seed": seed, "diverged": False, "converged": False})
-    if (stored := orphaned_run(trial, experiment, STRESS_TAG)) is not None:  # its run ended, its worker died before tell()
+    if (stored := orphaned_run(trial, lambda failed: failed.params == trial.params)) is not None:  # its worker died before tell()
         adopt(trial, stored)
         result, initial = stored.result, initial_loss(MlflowClient(), stored.run_id)
     else:
@@ -157,14 +157,14 @@ def start_study(args: argparse.Namespace, config: str, seeds: list[int], setting
             "converge_ratio": args.converge_ratio}  # seeds sorted: the same seeds in another order are the same study
     if args.pruner != NO_PRUNER:  # no pruner keeps the names earlier studies had
         spec[PRUNER_ATTR] = args.pruner
-    found = {}
-    if args.range_from_lr_find:
-        test, run_id = run_range_test(config, settings, spec["seeds"][0], mlflow.get_experiment(parent.experiment_id).name,
-                                      parent.run_id)  # the smallest seed
-        if test.blowup_lr:  # a test that never blew up says nothing of where training fails: the default range
-            spec[RANGE_ATTR] = list(range_from_blowup(test.blowup_lr))
-        found = {LR_FIND_RUN_ATTR: run_id, LR_FIND_BLOWUP_ATTR: test.blowup_lr}  # not in the spec: a rerun resumes
-    study = open_stress_study(args.storage, config, given_order(args.storage, spec, seeds))
+    found, stored = {}, optuna.get_all_study_names(open_storage(args.storage))
+    for order in [seeds, sorted(seeds)] if seeds != sorted(seeds) else [seeds]:  # names did not sort seeds before: an
+        spec["seeds"] = order  # earlier study named by the order given (its range test on its first seed) resumes
+        if args.range_from_lr_find:
+            found = range_from_test(spec, parent)
+        if stress_name(spec) in stored:
+            break
+    study = open_stress_study(args.storage, config, spec)
     if lost := unrecorded(study):  # its report would stand on runs this store does not hold
         raise SweepError(f"stress study '{study.study_name}' has {len(lost)} finished trials whose runs are not FINISHED in "
                          f"{mlflow.get_tracking_uri()}; run it against the store it was made with (or restore the runs), "
@@ -177,6 +177,17 @@ def start_study(args: argparse.Namespace, config: str, seeds: list[int], setting
     return study
 
 
+def range_from_test(spec: dict, parent) -> dict:
+    """Run the LR range test on the spec's first seed and put its range in the spec (none where it never blew up: it says
+    nothing of where training fails, the default range stands); the attrs that name the test."""
+    test, run_id = run_range_test(spec["config"], spec["settings"], spec["seeds"][0],
+                                  mlflow.get_experiment(parent.experiment_id).name, parent.run_id)
+    spec.pop(RANGE_ATTR, None)
+    if test.blowup_lr:
+        spec[RANGE_ATTR] = list(range_from_blowup(test.blowup_lr))
+    return {LR_FIND_RUN_ATTR: run_id, LR_FIND_BLOWUP_ATTR: test.blowup_lr}  # not in the spec: a rerun resumes
+
+
 def run_stress(args: argparse.Namespace) -> int:
     """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
     configs, settings, seeds = check_args(args)
@@ -184,9 +195,10 @@ def run_stress(args: argparse.Namespace) -> int:
     open_storage(args.storage)
     ready_store()
     reports, short = [], []
+    nest = None  # inside `mlflow run -e stress` its project run is the parent
     if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(args.experiment)
-    with parent_run(mlflow.start_run(run_name=STRESS_RUN, parent_run_id=nested_under())) as parent:
+        nest = nested_under(mlflow.set_experiment(args.experiment).experiment_id)
+    with parent_run(mlflow.start_run(run_name=STRESS_RUN, parent_run_id=nest)) as parent:
         for name in configs:
             study = start_study(args, name, seeds, settings, parent.info)
             complete = run_workers(args, study)

@@ -33,13 +33,6 @@ def open_stress_study(storage: str, config: str, spec: dict | None = None, name:
     return attach_pruner(study)
 
 
-def given_order(storage: str, spec: dict, seeds: list[int]) -> dict:
-    """The spec with the seeds in the order given, where the storage holds the study that order names (names did not sort
-    seeds before), so that it resumes instead of starting again; else the spec."""
-    given = {**spec, "seeds": seeds}
-    return given if stress_name(given) in optuna.get_all_study_names(open_storage(storage)) else spec
-
-
 def stress_name(spec: dict) -> str:
     """A config's stress study is named by its spec: the same command resumes it."""
     return spec_name(f"stress-{spec['config']}", spec, 8)

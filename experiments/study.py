@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from analysis.cli import check_output
 from analysis.load import AnalysisError
@@ -133,13 +134,18 @@ def run_child(command: list[str], env: dict[str, str]) -> int:
 def project_experiment() -> str | None:
     """Inside `mlflow run . -e study`: the experiment of the project run (`--experiment-name`'s); else None."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name if run_id else None
+    try:
+        return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name if run_id else None
+    except MlflowException:  # a value left in the shell: the study would end with a traceback, its phases done
+        raise ValueError(f"MLFLOW_RUN_ID={run_id} names no run in {mlflow.get_tracking_uri()}; unset it (`mlflow run` "
+                         "sets it)") from None
 
 
 def phase_env(experiment: str) -> dict[str, str]:
     """The phases' environment: they make their own parent runs (not inside this process's run), nested under the
     `mlflow run` project run where they train in its experiment (a run is shown nested only in its parent's)."""
     env = worker_env()
+    env.pop(PARENT_RUN_ENV, None)  # one left in the environment is not this study's
     if os.environ.get("MLFLOW_RUN_ID") and project_experiment() == experiment:
         env[PARENT_RUN_ENV] = os.environ["MLFLOW_RUN_ID"]
     return env
@@ -164,8 +170,9 @@ def run_phases(commands: dict[str, list[str]], phases: list[str], env: dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.experiment = args.experiment or project_experiment() or STUDY_EXPERIMENT  # empty: `mlflow run`'s, else "study"
     try:
+        project = project_experiment()  # a stale MLFLOW_RUN_ID: one line here, not a traceback once the phases are done
+        args.experiment = args.experiment or project or STUDY_EXPERIMENT  # empty: `mlflow run`'s, else "study"
         if args.scale not in SCALES:
             raise ValueError(f"scale={args.scale!r}; choose one of {', '.join(SCALES)}")
         phases = parse_phases(args.phases)

@@ -83,7 +83,7 @@ def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: st
 def objective(trial: optuna.Trial, experiment: str, parent_run_id: str | None) -> float:
     """Train one queued cell, tracked as a nested MLflow run (continuing its stopped run from a checkpoint if it has one)."""
     cell = take_cell(trial)
-    if (value := adopted(trial, cell, experiment)) is not None:
+    if (value := adopted(trial, cell)) is not None:
         return value
     cfg, data, tracker = cell_run(trial, cell, experiment, parent_run_id, resume=True)
     with prunable(tracker):
@@ -101,7 +101,7 @@ def run_stacked(study: optuna.Study, taken: list[Claim], experiment: str, parent
             beating.enter_context(heartbeat(study, trial))
         try:
             for claimed in taken:
-                if tell_adopted(study, claimed.trial, claimed.cell, experiment):
+                if tell_adopted(study, claimed.trial, claimed.cell):
                     untold.remove(claimed.trial)
                 else:
                     groups.setdefault(group_key(claimed.cell), []).append(claimed)
@@ -175,11 +175,11 @@ def start_parent_run(study: optuna.Study, experiment: str) -> mlflow.ActiveRun:
     experiment, else new (an earlier one in another experiment, e.g. `mlflow run`'s Default, cannot be resumed here)."""
     if os.environ.get("MLFLOW_RUN_ID"):
         return mlflow.start_run()
-    mlflow.set_experiment(experiment)
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
     earlier = study.user_attrs.get(PARENT_RUN_ATTR)
     if earlier and mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_id = '{earlier}'").shape[0]:
         return mlflow.start_run(run_id=earlier)
-    return mlflow.start_run(run_name=study.study_name, parent_run_id=nested_under())
+    return mlflow.start_run(run_name=study.study_name, parent_run_id=nested_under(experiment_id))
 
 
 def run_sweep(args: argparse.Namespace) -> int:

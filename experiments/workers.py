@@ -12,6 +12,7 @@ from collections.abc import Callable
 import mlflow
 import optuna
 import torch
+from mlflow.exceptions import MlflowException
 
 from cookbook.data import load_mnist
 from cookbook.resources import visible_gpus
@@ -22,9 +23,20 @@ WORKER_INDEX_ENV = "COOKBOOK_WORKER_INDEX"  # which of the coordinator's workers
 PARENT_RUN_ENV = "COOKBOOK_PARENT_RUN_ID"  # a study's phases: the `mlflow run` project run their parent runs nest under
 
 
-def nested_under() -> str | None:
-    """The run a coordinator's parent run is to be nested under (a study's project run), if any."""
-    return os.environ.get(PARENT_RUN_ENV) or None
+def nested_under(experiment_id: str) -> str | None:
+    """The run a coordinator's parent run is to be nested under (a study's project run): only a live RUNNING run of this
+    experiment (a value left in the environment must not hide the run under another experiment's run, or fail it)."""
+    run_id = os.environ.get(PARENT_RUN_ENV)
+    try:
+        run = mlflow.get_run(run_id) if run_id else None
+    except MlflowException:
+        run = None
+    if run is None or (run.info.lifecycle_stage, run.info.status, run.info.experiment_id) != ("active", "RUNNING", experiment_id):
+        if run_id:
+            print(f"[{PARENT_RUN_ENV}={run_id} is not a running run of this experiment: the parent run is not nested]",
+                  file=sys.stderr)
+        return None
+    return run_id
 
 
 def worker_index() -> int:

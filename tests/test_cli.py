@@ -250,8 +250,9 @@ def test_sync_names_the_running_runs_it_cannot_judge_and_closes_one_on_the_users
     from cookbook.stop import process_id
     client = MlflowClient()
     experiment = client.create_experiment("old")
-    old, other, alive, done = (client.create_run(experiment, tags=tags).info.run_id for tags in
-                               ({}, {"process": "elsewhere:123:456"}, {"process": process_id()}, {}))
+    old, other, alive, done, deleted = (client.create_run(experiment, tags=tags).info.run_id for tags in
+                                        ({}, {"process": "elsewhere:123:456"}, {"process": process_id()}, {}, {}))
+    client.delete_run(deleted)  # sync lists only live runs: --close closed nothing and said nothing
     client.log_batch(old, metrics=[Metric("train/loss", 2.0, 0, step) for step in range(3)], params=[Param("config.epochs", "2")])
     client.set_terminated(done, "FINISHED")
     assert main(["sync"]) == 0
@@ -260,7 +261,8 @@ def test_sync_names_the_running_runs_it_cannot_judge_and_closes_one_on_the_users
            f"more, `python -m cookbook sync --close {old}`" in out
     assert f"run {other}: left RUNNING: it trains on another host (elsewhere:123:456): run sync there" in out
     assert alive not in out and {client.get_run(r).info.status for r in (old, other, alive)} == {"RUNNING"}
-    refusals = ((done, "the run is FINISHED, not RUNNING"), ("0" * 32, "no such run"), (alive, f"its process {process_id()} is alive"))
+    refusals = ((done, "the run is FINISHED, not RUNNING"), ("0" * 32, "no such run"), (alive, f"its process {process_id()} is alive"),
+                (deleted, "the run (or its experiment) is deleted; restore it first"))
     for bad, message in refusals:
         assert main(["sync", "--close", bad, "--close", old]) == 2
         assert f"error: --close {bad}: {message}" in capsys.readouterr().err

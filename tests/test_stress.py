@@ -20,7 +20,7 @@ from cookbook.stop import Terminated, pid_of
 from experiments import stress
 from experiments.storage import PRUNED_ATTR, open_storage
 from experiments.stress import main
-from experiments.stress_range import RANGE_FACTOR, range_from_blowup, run_range_test, search_range
+from experiments.stress_range import RANGE_ATTR, RANGE_FACTOR, range_from_blowup, run_range_test, search_range
 from experiments.stress_report import format_report, probe_outcome, report
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--data-dir", str(DATA_DIR)]
@@ -275,7 +275,7 @@ def test_the_same_seeds_in_another_order_are_the_same_study_and_an_earlier_study
     monkeypatch.setattr(stress, "run_workers", lambda args, study: True)  # what is made, not what is trained
     monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
     studies = lambda storage: optuna.get_all_study_names(open_storage(storage))  # noqa: E731
-    run = lambda seeds, storage: main(["run", "--configs", "no_tricks", "--seeds", seeds, "--n-trials", "4",  # noqa: E731
+    run = lambda seeds, storage: main(["run", "--configs", "no_tricks", "--seeds", *seeds.split(), "--n-trials", "4",  # noqa: E731
                                        "--storage", storage, *TINY])
     for seeds in ("1,0", "0,1"):
         run(seeds, str(tmp_path / "a.log"))
@@ -287,6 +287,13 @@ def test_the_same_seeds_in_another_order_are_the_same_study_and_an_earlier_study
         "converge_ratio": args.converge_ratio}).study_name
     run("1,0", str(tmp_path / "b.log"))
     assert studies(str(tmp_path / "b.log")) == [earlier]
+    from types import SimpleNamespace  # with --range-from-lr-find the earlier study's range came from its first seed's test
+    monkeypatch.setattr(stress, "run_range_test", lambda config, settings, seed, *a: (SimpleNamespace(blowup_lr=[None, 1.0][seed]), "r"))
+    earlier = stress.open_stress_study(str(tmp_path / "c.log"), "no_tricks", {
+        "config": "no_tricks", "seeds": [1, 0], "settings": stress.train_settings(args), "factor": args.factor,
+        "converge_ratio": args.converge_ratio, RANGE_ATTR: list(range_from_blowup(1.0))}).study_name
+    run("1,0 --range-from-lr-find", str(tmp_path / "c.log"))
+    assert studies(str(tmp_path / "c.log")) == [earlier]
 
 
 def test_a_study_whose_trial_runs_are_not_in_the_store_is_refused_in_one_line(tracking, tmp_path, monkeypatch, capsys):

@@ -146,6 +146,7 @@ def test_inside_mlflow_run_the_phases_nest_under_the_project_run_in_its_experime
     project = client.create_run(client.create_experiment("chosen")).info.run_id
     seen = []
     monkeypatch.setattr("experiments.study.run_phases", lambda commands, phases, env: seen.append((commands, env)) or ({}, 0))
+    monkeypatch.setenv("COOKBOOK_PARENT_RUN_ID", "left-in-the-shell")
     for experiment in ("", "other"):
         monkeypatch.setenv("MLFLOW_RUN_ID", project)  # MLflow's end_run (the study logs its timings) removes it
         assert main(["--experiment", experiment, "--phases", "seeds", "--no-analysis"]) == 0
@@ -154,6 +155,7 @@ def test_inside_mlflow_run_the_phases_nest_under_the_project_run_in_its_experime
     assert env["COOKBOOK_PARENT_RUN_ID"] == project and "COOKBOOK_PARENT_RUN_ID" not in other_env  # not across experiments
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.setenv("COOKBOOK_PARENT_RUN_ID", project)  # what a phase sees
+    client.update_run(project, "RUNNING")  # as it is while its phases run (the study ended it here, timings logged)
     monkeypatch.setattr(sweep, "run_rounds", lambda *a: None)
     monkeypatch.setattr(stress, "run_workers", lambda *a: True)
     monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
@@ -163,3 +165,10 @@ def test_inside_mlflow_run_the_phases_nest_under_the_project_run_in_its_experime
     parents = client.search_runs([client.get_experiment_by_name("chosen").experiment_id], "attributes.run_id != ''")
     assert sorted(r.info.run_name.split("-")[0] for r in parents if r.data.tags.get("mlflow.parentRunId") == project) == \
         ["stress", "sweep"]
+    monkeypatch.setenv("COOKBOOK_PARENT_RUN_ID", client.create_run(client.create_experiment("elsewhere")).info.run_id)
+    sweep.main(["run", "--configs", "batchnorm", "--storage", str(tmp_path / "s.log"), *tiny])  # a leftover value: not nested
+    (alone,) = client.search_runs([client.get_experiment_by_name("chosen").experiment_id], "attributes.run_name LIKE 'sweep-%'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    assert "mlflow.parentRunId" not in alone.data.tags
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)  # a stale one: one line before any phase (a traceback after them all)
+    assert main(["--phases", "seeds", "--no-analysis"]) == 2

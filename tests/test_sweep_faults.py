@@ -216,30 +216,42 @@ def finished_cell_run(study: optuna.Study, cell: str, tags: dict | None = None) 
     return run_id
 
 
+def killed_after_its_run(study: optuna.Study, tags: dict | None = None) -> str:
+    """The next queued cell's trial, its worker killed after the cell's run ended FINISHED and before tell(): failed and
+    queued again, as the coordinator does."""
+    from experiments.storage import requeue
+    trial = study.ask()
+    run_id = finished_cell_run(study, trial.user_attrs["queued_cell"], {"trial": str(trial.number), **(tags or {})})
+    trial.set_user_attr("mlflow_run_id", run_id)
+    study.tell(trial, state=TrialState.FAIL)
+    requeue(study, study.trials[trial.number])
+    return run_id
+
+
 def test_a_cell_whose_run_finished_before_optuna_heard_is_not_trained_again(tracking, tmp_path, monkeypatch):
-    """Killed between its run's end and Optuna's tell(): the retried trial takes that run's result, no second run; in a
-    stacked worker too. A run the pruner stopped makes its trial PRUNED, at the epoch it stopped after."""
+    """The retried trial takes the run its killed trial left, in a stacked worker too; a run the pruner stopped makes its
+    trial PRUNED at the epoch it stopped after. A FINISHED run of the same cell that no failed trial of this study names
+    (another study of the same name, in another storage) is not taken."""
     from cookbook.train import TrainResult
     from experiments import sweep
     study = small_sweep(tmp_path, "told")
     cells = [t.user_attrs["queued_cell"] for t in study.trials]
-    run_id = finished_cell_run(study, cells[0])
-    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained a cell that has its result"))
-    study.optimize(lambda t: sweep.objective(t, "adopt", None), n_trials=1)
-    assert study.trials[0].value == 0.5 and study.trials[0].user_attrs["mlflow_run_id"] == run_id
-    assert study.trials[0].user_attrs["test/acc"] == 0.9 and study.trials[0].intermediate_values == {1: 0.5}
-    pruned_run = finished_cell_run(study, cells[1], {"pruned": "true", "steps_run": "4"})
-    study.optimize(lambda t: sweep.objective(t, "adopt", None), n_trials=1)
-    pruned = study.trials[1]
-    assert pruned.state == TrialState.PRUNED and pruned.user_attrs["mlflow_run_id"] == pruned_run
-    assert pruned.user_attrs["pruned_at_epoch"] == 1 and pruned.user_attrs["steps_run"] == 4
-    finished_cell_run(study, cells[2], {"pruned": "true"})
+    plain, pruned = killed_after_its_run(study), killed_after_its_run(study, {"pruned": "true", "steps_run": "4"})
+    killed_after_its_run(study, {"pruned": "true"})
+    finished_cell_run(study, cells[3], {"trial": "3"})  # same sweep name and cell, made from another storage's study
     trained = []
     monkeypatch.setattr(sweep, "train_group", lambda members, *a: trained.extend(cell_key(m.cell) for m in members) or
                         [TrainResult(8, 8, final={"epoch/train_loss": 1.0}) for _ in members])
-    sweep.run_stacked(study, claim(study, 2), "adopt", None)
-    assert trained == cells[3:] and [t.state for t in study.trials][2:] == [TrialState.PRUNED, TrialState.COMPLETE]
-    assert len(MlflowClient().search_runs([MlflowClient().get_experiment_by_name("adopt").experiment_id])) == 3
+    sweep.run_stacked(study, claim(study, 2), "adopt", None)  # cells[3] and the retry of cells[0]
+    assert trained == [cells[3]] and study.trials[4].value == 0.5 and study.trials[4].user_attrs["mlflow_run_id"] == plain
+    assert study.trials[4].user_attrs["test/acc"] == 0.9 and study.trials[4].intermediate_values == {1: 0.5}
+    monkeypatch.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained a cell that has its result"))
+    study.optimize(lambda t: sweep.objective(t, "adopt", None), n_trials=2)
+    assert [t.state for t in study.trials[5:]] == [TrialState.PRUNED] * 2 and study.trials[5].user_attrs["mlflow_run_id"] == pruned
+    assert study.trials[5].user_attrs["pruned_at_epoch"] == 1 and study.trials[5].user_attrs["steps_run"] == 4
+    tags = {r.info.run_id: r.data.tags["trial"] for r in MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("adopt").experiment_id])}
+    assert tags[plain] == "4" and tags[pruned] == "5" and len(tags) == 4  # retagged as the trial that holds it; none made
 
 
 def test_a_stopped_stacked_worker_fails_every_cell_it_claimed_not_only_the_group_training(mnist_dir, tracking, tmp_path,
