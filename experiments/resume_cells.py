@@ -1,5 +1,5 @@
-"""A sweep cell's earlier run, found by its tags: one that stopped after an epoch is trained on from its checkpoint, one
-that a killed trial left finished (or stopped by the pruner) is the cell's result."""
+"""A sweep cell's earlier run, the one a failed trial of its own named: one that stopped after an epoch is trained on from
+its checkpoint, one that a killed trial left finished (or stopped by the pruner) is the cell's result."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,22 +14,22 @@ from cookbook.resume import resumable
 from cookbook.train import EPOCH_LOSS, TrainResult
 from experiments.adopt import adopt, epoch_losses, orphaned_run
 from experiments.grid import cell_key
-from experiments.storage import CELL_TAG, QUEUED_CELL_ATTR, SWEEP_TAG
+from experiments.storage import QUEUED_CELL_ATTR, RUN_ID_ATTR
 
 
-def stopped_run(client: MlflowClient, experiment: str, sweep: str, cell: str) -> str | None:
-    """The latest run of this cell in this sweep that stopped unfinished and has a checkpoint here, if any."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    unfinished = f"tags.{SWEEP_TAG} = '{sweep}' and tags.{CELL_TAG} = '{cell}' and attributes.status != 'FINISHED'"
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], filter_string=unfinished)
-    for run in runs:
+def stopped_run(trial: optuna.Trial, cell: str) -> str | None:
+    """The latest unfinished run a failed trial of this cell left, with a checkpoint here, if any: only a run this study's
+    own trials name (a same-named sweep in another storage tags its runs alike)."""
+    client = MlflowClient()
+    failed = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if t.user_attrs.get(QUEUED_CELL_ATTR) == cell and t.user_attrs.get(RUN_ID_ATTR)]
+    for run_id in dict.fromkeys(t.user_attrs[RUN_ID_ATTR] for t in sorted(failed, key=lambda t: -t.number)):
         try:
-            resumable(client, run.info.run_id)
-        except ConfigError:  # still running elsewhere, or no checkpoint: not this one
+            run, _ = resumable(client, run_id)
+        except ConfigError:  # finished, still running elsewhere, no checkpoint, or in another store: not this one
             continue
-        return run.info.run_id
+        if run.info.lifecycle_stage != "deleted":  # the UI's delete: the cell is to be trained afresh
+            return run_id
     return None
 
 

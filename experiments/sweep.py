@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import mlflow
 import optuna
-from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from optuna.trial import TrialState
 
@@ -73,7 +72,7 @@ def cell_run(trial: optuna.Trial, cell: dict, experiment: str, parent_run_id: st
     data = cached_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     key = cell_key(cell)
     tags = {SWEEP_TAG: study.study_name, TRIAL_TAG: str(trial.number), CELL_TAG: key}
-    stopped = stopped_run(MlflowClient(), experiment, study.study_name, key) if resume else None
+    stopped = stopped_run(trial, key) if resume else None
     make = functools.partial(ResumedTracker, run_id=stopped) if stopped else MlflowTracker
     tracker = make(cfg, data.md5, experiment=experiment, run_name=key, log_model=False,
                    extra_tags=tags, parent_run_id=parent_run_id, base=file_config(cell["config"], CONFIGS_DIR))

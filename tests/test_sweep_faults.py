@@ -270,3 +270,25 @@ def test_a_stopped_stacked_worker_fails_every_cell_it_claimed_not_only_the_group
     with pytest.raises(KeyboardInterrupt):
         sweep.run_stacked(study, claim(study, 4), "stopped", None)  # two groups of two seeds
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 4
+
+
+def test_a_cell_resumes_only_the_unfinished_run_its_own_failed_trial_left(tracking, tmp_path, monkeypatch):
+    """Found by the sweep's name and the cell's tags, a same-named sweep's KILLED run (another storage, same experiment)
+    was resumed as this cell's; a deleted one is trained afresh."""
+    from experiments import resume_cells
+    from experiments.storage import requeue
+    monkeypatch.setattr(resume_cells, "resumable", lambda client, run_id: (client.get_run(run_id), None))  # all have a checkpoint
+    study, client = open_study(str(tmp_path / "journal.log"), "resumes", make_cells("no_tricks", "0", ""), {}), MlflowClient()
+    enqueue_missing(study)  # one cell: each ask() below takes it, or its retry
+    cell, experiment = study.trials[0].user_attrs["queued_cell"], client.create_experiment("cells")
+    killed = lambda: client.create_run(experiment, tags={"sweep": study.study_name, "cell": cell}).info.run_id  # noqa: E731
+    own, deleted, foreign = killed(), killed(), killed()  # the foreign run the latest
+    for run_id in (foreign, own, deleted):
+        client.set_terminated(run_id, "KILLED")
+    for run_id in (own, deleted):  # two tries of the cell, the later one's run deleted in the UI
+        trial = study.ask()
+        trial.set_user_attr("mlflow_run_id", run_id)
+        study.tell(trial, state=TrialState.FAIL)
+        requeue(study, study.trials[trial.number])
+    client.delete_run(deleted)
+    assert resume_cells.stopped_run(study.ask(), cell) == own
