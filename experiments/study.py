@@ -26,7 +26,7 @@ from cookbook.config import Config, merge, validate
 from cookbook.resources import check
 from cookbook.stop import Terminated, exit_code, exit_now
 from experiments.storage import DEFAULT_STORAGE
-from experiments.workers import PARENT_RUN_ENV, worker_env
+from experiments.workers import PARENT_RUN_ENV, run_experiment, worker_env
 
 CONFIGS = "no_tricks,batchnorm,layernorm,all_tricks"
 SIZE_CONFIG = "no_tricks"  # warmup vs size on the config without normalization or clipping: warmup acts alone
@@ -135,7 +135,7 @@ def project_experiment() -> str | None:
     """Inside `mlflow run . -e study`: the experiment of the project run (`--experiment-name`'s); else None."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     try:
-        return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name if run_id else None
+        return run_experiment(run_id) if run_id else None
     except MlflowException:  # a value left in the shell: the study would end with a traceback, its phases done
         raise ValueError(f"MLFLOW_RUN_ID={run_id} names no run in {mlflow.get_tracking_uri()}; unset it (`mlflow run` "
                          "sets it)") from None

@@ -19,7 +19,7 @@ def summary(study: optuna.Study) -> pd.DataFrame:
                      "cell": t.params["cell"], "final_loss": None if diverged else t.user_attrs.get(EPOCH_LOSS),
                      "test_acc": None if diverged else t.user_attrs.get(TEST_ACC), "diverged": diverged,
                      "pruned": PRUNED_ATTR in t.user_attrs, RUN_ID_ATTR: t.user_attrs.get(RUN_ID_ATTR)})
-    return pd.DataFrame(rows).drop_duplicates("cell", keep="last", ignore_index=True) if rows else pd.DataFrame(rows)
+    return pd.DataFrame(rows).drop_duplicates("cell", keep="last", ignore_index=True) if rows else pd.DataFrame()
 
 
 def print_summary(table: pd.DataFrame, counts: dict, seconds: float) -> None:

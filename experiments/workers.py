@@ -130,9 +130,12 @@ def parent_and_experiment(study: optuna.Study, experiment: str) -> tuple[str | N
     """The study's parent MLflow run and the experiment its runs go to: the parent's (e.g. the one `mlflow run
     --experiment-name` chose), else `experiment`."""
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
-    if parent:
-        experiment = mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
-    return parent, experiment
+    return parent, run_experiment(parent) if parent else experiment
+
+
+def run_experiment(run_id: str) -> str:
+    """The name of the experiment a run is in."""
+    return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
 
 
 def serve(study: optuna.Study, loop: Callable[[], None]) -> None:
