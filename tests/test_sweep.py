@@ -8,7 +8,6 @@ import time
 
 import mlflow
 import optuna
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -75,17 +74,6 @@ def test_a_study_name_given_again_with_another_grid_or_settings_is_one_line(tmp_
     for cells, settings in ((make_cells("no_tricks", "0", "1e-3,1e-2"), {"epochs": 2}), (make_cells("no_tricks", "0", "1e-3"), {})):
         with pytest.raises(SweepError, match=r"^study 'named' holds another sweep \(1 cells, settings \{'epochs': 2\}\); run it"):
             open_study(storage, "named", cells, settings, "none")
-
-
-def test_the_sweep_summary_keeps_widths_and_warmups_apart(capsys):
-    from experiments.sweep_summary import print_summary
-    cells = make_cells("no_tricks", "0,1", "", widths="0.5,2", warmups="0,1")
-    table = pd.DataFrame([{**c, "cell": cell_key(c), "final_loss": 1.0 + c["width"] + c["warmup_epochs"] / 10,
-                           "test_acc": 0.9, "diverged": False, "pruned": False} for c in cells])
-    print_summary(table, {"done": 8, "total": 8}, 60)
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("no_tricks")]
-    assert [(r[2], r[4], r[5], r[6]) for r in rows] == [("0.5", "0.0", "2", "1.5000"), ("0.5", "1.0", "2", "1.6000"),
-                                                        ("2.0", "0.0", "2", "3.0000"), ("2.0", "1.0", "2", "3.1000")]
 
 
 def test_an_empty_list_means_as_the_config_says():
@@ -282,20 +270,6 @@ def test_stacked_sweep_runs_seeds_of_a_cell_as_one_model(mnist_dir, tracking, tm
     figures = {a.path for a in MlflowClient().list_artifacts(study.user_attrs["mlflow_parent_run_id"], "study")}
     assert figures == {"study/param_importances.png", "study/parallel_coordinates.png"}  # config and seed were swept
     assert main(["run", "--stack", "0", "--storage", storage, *TINY]) == 2
-
-
-def test_the_sweep_summary_takes_no_final_loss_from_a_diverged_cell():
-    """A cell that diverged in epoch 2 kept epoch 1's loss: averaged in, it would pass for a result."""
-    from experiments.sweep_summary import summary
-    study = optuna.create_study()
-    for seed, loss, diverged in ((0, 0.3, False), (1, 0.9, True)):
-        study.add_trial(optuna.trial.create_trial(
-            params={"cell": f"no_tricks seed={seed}"}, value=loss,
-            distributions={"cell": optuna.distributions.CategoricalDistribution([f"no_tricks seed={seed}"])},
-            user_attrs={"config": "no_tricks", "seed": seed, "epoch/train_loss": loss, "test/acc": 0.9, "diverged": diverged}))
-    table = summary(study)
-    assert table.final_loss.tolist()[0] == 0.3 and table.final_loss.isna().tolist() == [False, True]
-    assert table.test_acc.isna().tolist() == [False, True]
 
 
 def test_a_rerun_in_another_experiment_gets_a_parent_run_there(tracking, tmp_path):
