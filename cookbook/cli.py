@@ -166,8 +166,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow import MlflowClient
 
-    from .delivery import SPOOL_DIR, replay
+    from .delivery import SPOOL_DIR
     from .orphans import check_closable, close_orphans
+    from .spooled import store_spool
     from .tracking import store_unreadable
 
     uri = args.tracking_uri or mlflow.get_tracking_uri()
@@ -176,7 +177,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     files = sorted(Path(spool_dir).glob("*.jsonl"))
     left = set()
     for path in files:
-        stored, remaining, status = replay(path, args.tracking_uri)
+        stored, remaining, status = store_spool(path, args.tracking_uri)
         if remaining:
             left.add(path.stem)
         print(f"run {path.stem}: {stored} writes stored, {remaining} left; run {status}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -10,12 +9,13 @@ from mlflow.exceptions import MlflowException
 
 from .checkpoint import checkpoint_path, load
 from .config import PARAM_PREFIX, ConfigError
-from .delivery import NOT_STORED_TAG, spool_path
+from .delivery import NOT_STORED_TAG
 from .monitor import STEP_LOSS
 from .orphans import unknown_fate
 from .range_run import LR_FIND_TAG
+from .spooled import pending_spool
 from .stop import gone
-from .tracking import PROCESS_TAG, SPOOL_TAG, MlflowTracker, store_unreadable, whereabouts
+from .tracking import PROCESS_TAG, MlflowTracker, store_unreadable, whereabouts
 
 
 class ResumedTracker(MlflowTracker):
@@ -98,11 +98,9 @@ def resumable(client: MlflowClient, run_id: str):
     """The run and its checkpoint file, if it can be resumed here; else a one-line ConfigError saying why not."""
     run = recorded_training(client, run_id, "resume")
     process = run.data.tags.get(PROCESS_TAG, "")
-    # resumed first, a spool's replay would end the run again with its old count: here, or where the run trained
-    for spool in dict.fromkeys([spool_path(run_id).resolve(), Path(run.data.tags.get(SPOOL_TAG, spool_path(run_id))).resolve()]):
-        if spool.is_file():
-            raise ConfigError(f"run {run_id} has writes spooled in {spool}; store them first with `python -m cookbook "
-                              f"sync --spool-dir {shlex.quote(str(spool.parent))}`, then resume")
+    if spool := pending_spool(run):  # resumed first, a spool's replay would end the run again with its old count
+        raise ConfigError(f"run {run_id} has writes spooled in {spool}; store them first with `python -m cookbook "
+                          f"sync --spool-dir {shlex.quote(str(spool.parent))}`, then resume")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} finished; there is nothing to resume")
     if NOT_STORED_TAG in run.data.tags:  # resumed, it would end FINISHED around values the store never took

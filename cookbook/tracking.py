@@ -140,7 +140,7 @@ class MlflowTracker(Hook):
 
     def __init__(self, cfg: Config, data_md5: dict[str, str], experiment: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, system_metrics: bool = True, extra_tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None, base: Config | None = None, flush_timeout: float = FLUSH_TIMEOUT,
+                 parent_run_id: str | None = None, base: Config | None = None, flush_timeout: float | None = None,
                  log_model: bool = True):
         """base: the config file as written (default: cfg itself, i.e. no overrides); log_model: the trained network
         as an MLflow LoggedModel (off for sweeps that do not need thousands of them)."""
@@ -149,7 +149,8 @@ class MlflowTracker(Hook):
         ready_store()  # before the client: building it opens the store
         self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
         self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id
-        self.flush_timeout, self.uri, self.log_model = flush_timeout, mlflow.get_tracking_uri(), log_model
+        self.flush_timeout = FLUSH_TIMEOUT if flush_timeout is None else flush_timeout  # read now: a test may shorten it
+        self.uri, self.log_model = mlflow.get_tracking_uri(), log_model
         self.client = MlflowClient(self.uri)
         self.run_id: str | None = None
         self.steps_logged = 0  # training steps whose metrics were handed over (what an interrupted run kept)
@@ -239,7 +240,8 @@ class MlflowTracker(Hook):
             kept = f"{values} metric values are lost: the spool {path} could not be written ({e.strerror})"
         why = f"cannot take writes ({self.writer.fatal})" if self.writer.fatal else \
             f"unreachable ({self.writer.outage})" if self.writer.outage else "had not taken every write yet"
-        message = f"tracking store {self.uri} {why}: run {self.run_id} stopped after {self.steps_logged} steps; {kept}"
+        ended = "ended" if exc_type is None else "stopped"  # ended: it trained to its end, only the store failed
+        message = f"tracking store {self.uri} {why}: run {self.run_id} {ended} after {self.steps_logged} steps; {kept}"
         if exc_type is None or issubclass(exc_type, StoreFailure):
             raise StoreFailure(message)
         print(f"error: {message}", file=sys.stderr)

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 from cookbook.monitor import STEP_LOSS
+from cookbook.spooled import pending_spool, store_spool
 from cookbook.tracking import DIVERGED_STEP_TAG, DIVERGED_TAG, PRUNED_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG
 from cookbook.train import EPOCH_LOSS, SUMMARY_KEYS, TrainResult
 from experiments.storage import PRUNED_ATTR, RUN_ID_ATTR, TRIAL_TAG
@@ -66,10 +67,10 @@ def adopt(trial: optuna.Trial, stored: StoredRun) -> None:
 
 
 def orphaned_run(trial: optuna.Trial, same: Callable[[FrozenTrial], bool]) -> StoredRun | None:
-    """The FINISHED run a failed trial of this study left (killed after its run ended, before tell()), for a failed trial
-    that `same` picks (its point or cell), retagged as this trial's; None if there is none. Only the run the failed trial
-    names, and only while its trial tag is still that trial's: a run of another study or storage, or one a retry took
-    already, is never taken."""
+    """The FINISHED run a failed trial of this study left (killed after its run ended, before tell(), or its end spooled
+    through a store outage: stored first), for a failed trial that `same` picks (its point or cell), retagged as this
+    trial's; None if there is none. Only the run the failed trial names, and only while its trial tag is still that
+    trial's: a run of another study or storage, or one a retry took already, is never taken."""
     client = MlflowClient()
     for failed in trial.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = failed.user_attrs.get(RUN_ID_ATTR)
@@ -80,6 +81,9 @@ def orphaned_run(trial: optuna.Trial, same: Callable[[FrozenTrial], bool]) -> St
         except MlflowException:  # the run is in another store (the study moved)
             continue
         mine = run.data.tags.get(TRIAL_TAG) == str(failed.number) and run.info.lifecycle_stage == "active"
+        if mine and run.info.status == "RUNNING" and (spool := pending_spool(run)):  # its end waited out an outage:
+            store_spool(spool, client.tracking_uri)  # stored now (as `sync` would), a finished run is taken, a stopped one
+            run = client.get_run(run_id)  # resumed from its checkpoint (resume_cells.stopped_run)
         if mine and run.info.status == "FINISHED" and (stored := stored_run(client, run)) is not None:
             client.set_tag(run_id, TRIAL_TAG, str(trial.number))  # the trial that holds it now
             return stored

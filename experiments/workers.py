@@ -15,8 +15,10 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from cookbook.data import load_mnist
+from cookbook.errors import StoreFailure
 from cookbook.resources import visible_gpus
-from cookbook.tracking import REPO, ready_store
+from cookbook.stop import process_id
+from cookbook.tracking import PROCESS_TAG, REPO, ready_store
 from experiments.storage import PARENT_RUN_ATTR, give_back
 
 WORKER_INDEX_ENV = "COOKBOOK_WORKER_INDEX"  # which of the coordinator's workers a process is (0, 1, ...)
@@ -88,8 +90,10 @@ def join_workers(procs: list[subprocess.Popen], wait: Callable[[list[subprocess.
 @contextlib.contextmanager
 def parent_run(active: mlflow.ActiveRun):
     """A coordinator's parent run, ended KILLED (not FAILED, MLflow's end for an exception) when SIGTERM or Ctrl-C
-    stops the coordinator anywhere inside it: waiting for its workers, or summarising after them."""
+    stops the coordinator anywhere inside it: waiting for its workers, or summarising after them. It names the
+    coordinator's process, so that `sync` ends it KILLED if the coordinator dies without a word (SIGKILL, the store away)."""
     with active as run:
+        mlflow.set_tag(PROCESS_TAG, process_id())
         try:
             yield run
         except KeyboardInterrupt:
@@ -114,15 +118,15 @@ def start_worker(threads: int | None) -> None:
 
 
 class QuietOnStop(logging.Filter):
-    """Drops what Optuna logs from a SIGTERM/Ctrl-C on: its warning with the traceback of the trial the signal failed
-    (55 lines a worker) and what follows. The worker says it in one line, and gives the trial's cell back."""
+    """Drops what Optuna logs from a SIGTERM/Ctrl-C or a failed tracking store on: its warning with the traceback of the
+    trial it failed (20-55 lines a worker) and what follows. The worker says it in one line, and gives the trial back."""
 
     def __init__(self):
         super().__init__()
         self.stopped = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.stopped = self.stopped or bool(record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        self.stopped = self.stopped or bool(record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, StoreFailure)))
         return not self.stopped
 
 
@@ -139,9 +143,10 @@ def run_experiment(run_id: str) -> str:
 
 
 def serve(study: optuna.Study, loop: Callable[[], None]) -> None:
-    """Run a worker's loop; if SIGTERM/Ctrl-C stops it, queue what it was training again before exiting."""
+    """Run a worker's loop; if SIGTERM/Ctrl-C or a failed tracking store stops it, queue what it was training again
+    before exiting (a stress study has no coordinator that would: the point would be lost)."""
     try:
         loop()
-    except KeyboardInterrupt:
-        give_back(study)
+    except (KeyboardInterrupt, StoreFailure):  # the store's failure is no fault of the point: its retry takes the run
+        give_back(study)  # once the spool is stored (adopt.orphaned_run), or trains it
         raise
