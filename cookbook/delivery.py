@@ -246,9 +246,11 @@ def spool_path(run_id: str, spool_dir: str | Path = SPOOL_DIR) -> Path:
     return Path(spool_dir) / f"{run_id}.jsonl"
 
 
-def write_spool(path: Path, tracking_uri: str, run_id: str, ops: list[Op]) -> None:
-    """One header line (store and run), then one op per line; written whole or not at all."""
-    lines = [json.dumps({"tracking_uri": tracking_uri, "run_id": run_id})] + [json.dumps(op) for op in ops]
+def write_spool(path: Path, tracking_uri: str, run_id: str, ops: list[Op], checkpoint: str | None = None) -> None:
+    """One header line (store, run, and where its checkpoint is: `sync` may run in another folder), then one op per
+    line; written whole or not at all."""
+    header = {"tracking_uri": tracking_uri, "run_id": run_id, **({"checkpoint": checkpoint} if checkpoint else {})}
+    lines = [json.dumps(header)] + [json.dumps(op) for op in ops]
     write_whole(path, lambda partial: partial.write_text("\n".join(lines) + "\n"))
 
 
@@ -273,7 +275,7 @@ def replay(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
             send(client, run_id, op)
         except Exception as e:
             if verdict(e) != "rejected":
-                write_spool(path, header["tracking_uri"], run_id, ops[i:])
+                write_spool(path, header["tracking_uri"], run_id, ops[i:], header.get("checkpoint"))
                 return stored, len(ops) - i, f"not synced ({first_line(e)})"
             count_not_stored(ops, refused(op))
         sent(op)

@@ -1,6 +1,7 @@
 """A run's writes spooled while the store was away: where they are, and storing them as `sync` does."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mlflow.entities import Run
@@ -21,8 +22,9 @@ def pending_spool(run: Run) -> Path | None:
 
 def store_spool(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
     """Replay a spool file (ops stored, ops left, the run's status now); a run it ends FINISHED loses its checkpoint
-    here, as a run whose end was stored at once does (nothing will resume it)."""
+    (where it trained, as its spool says; else here), as a run whose end was stored at once does (nothing will resume it)."""
+    header = json.loads(path.read_text().split("\n", 1)[0])
     stored, left, status = replay(path, tracking_uri)
     if status == "FINISHED":
-        remove(checkpoint_path(path.stem))
+        remove(Path(header["checkpoint"]) if "checkpoint" in header else checkpoint_path(header["run_id"]))
     return stored, left, status

@@ -21,6 +21,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
+from .checkpoint import checkpoint_path
 from .config import DEFAULT_EXPERIMENT, Config, overridden_keys, to_params, to_yaml
 from .delivery import FLUSH_TIMEOUT, StoreWriter, first_line, metrics_op, spool_path, write_spool
 from .errors import StoreFailure, StoreUnusable
@@ -232,7 +233,7 @@ class MlflowTracker(Hook):
         values = sum(len(op.get("metrics", ())) for op in writes)
         path = spool_path(self.run_id)
         try:
-            write_spool(path, self.uri, self.run_id, left)
+            write_spool(path, self.uri, self.run_id, left, str(checkpoint_path(self.run_id).resolve()))  # train()'s, if any
             when = "once it takes writes again (space freed, permissions fixed)" if self.writer.fatal else "when the store is back"
             kept = f"{len(writes)} writes ({values} metric values) and the run's end are spooled in {path}; " \
                    f"`python -m cookbook sync` stores them {when}"

@@ -122,8 +122,24 @@ def train_group(members: list[Claim], experiment: str, parent_run_id: str | None
         for m, tracker in zip(members, trackers):
             m.trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
             m.trial.set_user_attr("stacked", len(members))
-        return train_stacked([run.cfg for run in runs], runs[0].data,
-                             [[tr, ReportToOptuna(m.trial)] for m, tr in zip(members, trackers)])
+        results = train_stacked([run.cfg for run in runs], runs[0].data,
+                                [[tr, ReportToOptuna(m.trial)] for m, tr in zip(members, trackers)])
+        stack.pop_all()  # trained to the end: each run ends on its own, not FAILED on the store failure of another's end
+    end_each(trackers)
+    return results
+
+
+def end_each(trackers: list) -> None:
+    """End every run of a group that trained to its end; then raise the first error an end raised (the store away:
+    its writes spooled), so that one member's failed end is not the others' too."""
+    errors = []
+    for tracker in reversed(trackers):
+        try:
+            tracker.__exit__(None, None, None)
+        except BaseException as e:  # SIGTERM too: the remaining ends still spool what the store did not take
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def work(storage_spec: str, name: str, experiment: str, threads: int | None = None, stack: int = 1) -> None:

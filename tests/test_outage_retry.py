@@ -13,9 +13,10 @@ from optuna.trial import TrialState
 
 from conftest import DATA_DIR, WITH_ROOT
 from cookbook import delivery, tracking
-from cookbook.checkpoint import checkpoint_path
+from cookbook.checkpoint import checkpoint_path, save
 from cookbook.delivery import spool_path
 from cookbook.errors import StoreFailure
+from cookbook.tracking import MlflowTracker
 from experiments import stress, sweep
 from experiments.grid import make_cells
 from experiments.queue import enqueue_missing, open_study
@@ -36,27 +37,28 @@ def store_away_at_the_end(monkeypatch):
     monkeypatch.setattr(tracking, "FLUSH_TIMEOUT", 0.5)
 
 
-def check_taken_not_trained(study, work, monkeypatch):
-    """The outage: the trial fails, its run RUNNING with its end spooled, its point queued again; the store back, the
-    retry stores the spool and takes the run (one FINISHED run, no spool, no checkpoint left), training nothing."""
+def check_taken_not_trained(study, work, monkeypatch, cells=1):
+    """The outage: each trial fails, its run RUNNING with its end spooled, its point queued again; the store back, each
+    retry stores the spool and takes the run (one FINISHED run a cell, no spool, no checkpoint left), training nothing."""
     with monkeypatch.context() as outage:
         store_away_at_the_end(outage)
         with pytest.raises(StoreFailure, match="ended after 8 steps"):
             work()
-    failed, retry = study.trials
-    run_id = failed.user_attrs["mlflow_run_id"]
-    assert (failed.state, retry.state, retry.system_attrs["fixed_params"]) == (TrialState.FAIL, TrialState.WAITING, failed.params)
-    assert MlflowClient().get_run(run_id).info.status == "RUNNING" and spool_path(run_id).is_file()
+    failed, retries = study.trials[:cells], study.trials[cells:]
+    runs = [t.user_attrs["mlflow_run_id"] for t in failed]
+    assert {t.state for t in failed} == {TrialState.FAIL} and {t.state for t in retries} == {TrialState.WAITING}
+    assert [t.system_attrs["fixed_params"] for t in retries] == [t.params for t in failed]
+    assert all(MlflowClient().get_run(r).info.status == "RUNNING" and spool_path(r).is_file() for r in runs)
     with monkeypatch.context() as untrained:
-        untrained.setattr(stress, "train", lambda *a, **k: pytest.fail("trained a point whose run had ended"))
-        untrained.setattr(sweep, "train", lambda *a, **k: pytest.fail("trained a cell whose run had ended"))
+        for module, name in ((stress, "train"), (sweep, "train"), (sweep, "train_stacked")):
+            untrained.setattr(module, name, lambda *a, **k: pytest.fail("trained a point whose run had ended"))
         work()
-    failed, retry = study.trials
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["mlflow_run_id"] == run_id
-    run = MlflowClient().get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["trial"] == str(retry.number)
-    assert len(MlflowClient().search_runs([run.info.experiment_id])) == 1
-    assert not spool_path(run_id).exists() and not checkpoint_path(run_id).exists()
+    retries = study.trials[cells:]
+    assert {t.state for t in retries} == {TrialState.COMPLETE} and [t.user_attrs["mlflow_run_id"] for t in retries] == runs
+    stored = [MlflowClient().get_run(r) for r in runs]
+    assert [(r.info.status, r.data.tags["trial"]) for r in stored] == [("FINISHED", str(t.number)) for t in retries]
+    assert len(MlflowClient().search_runs([stored[0].info.experiment_id])) == cells
+    assert not any(spool_path(r).exists() or checkpoint_path(r).exists() for r in runs)
 
 
 def test_a_stress_point_whose_run_end_was_spooled_is_queued_again_and_taken_once_stored(mnist_dir, tracking, tmp_path,
@@ -74,6 +76,31 @@ def test_a_sweep_cell_whose_run_end_was_spooled_is_taken_once_stored(mnist_dir, 
     study = open_study(storage, "outage", make_cells("no_tricks", "0", ""), SETTINGS, "none")
     enqueue_missing(study)
     check_taken_not_trained(study, lambda: sweep.work(storage, "outage", "outage"), monkeypatch)
+
+
+def test_the_runs_of_a_stacked_group_whose_ends_were_spooled_end_finished_and_are_taken(mnist_dir, tracking, tmp_path,
+                                                                                         monkeypatch):
+    """One member's failed end reached the others' as their exception: they ended FAILED, and were trained again."""
+    storage = str(tmp_path / "j.log")
+    study = open_study(storage, "stacked", make_cells("no_tricks", "0,1", ""), SETTINGS, "none")
+    enqueue_missing(study)
+    check_taken_not_trained(study, lambda: sweep.work(storage, "stacked", "outage", stack=2), monkeypatch, cells=2)
+
+
+def test_sync_from_another_folder_deletes_the_checkpoint_of_a_run_it_ends_finished(tiny_cfg, tracking, tmp_path,
+                                                                                    monkeypatch):
+    """Its checkpoint stayed (1.1 MB a run): `sync --spool-dir` looked for it in the folder sync ran in."""
+    with monkeypatch.context() as outage:
+        store_away_at_the_end(outage)
+        with pytest.raises(StoreFailure), MlflowTracker(tiny_cfg, {}, experiment="away", system_metrics=False) as tracker:
+            save(checkpoint_path(tracker.run_id), {"epoch": 1})  # as train() leaves it after its last epoch
+    checkpoint = checkpoint_path(tracker.run_id).resolve()
+    assert checkpoint.is_file() and MlflowClient().get_run(tracker.run_id).info.status == "RUNNING"
+    (tmp_path / "elsewhere").mkdir()
+    sync = subprocess.run([sys.executable, "-m", "cookbook", "sync", "--spool-dir", str(tmp_path / "mlflow-spool")],
+                          env={**os.environ, **WITH_ROOT}, cwd=tmp_path / "elsewhere", capture_output=True, text=True)
+    assert sync.returncode == 0 and "run FINISHED" in sync.stdout, sync.stderr[-2000:]
+    assert MlflowClient().get_run(tracker.run_id).info.status == "FINISHED" and not checkpoint.exists()
 
 
 def test_optuna_says_nothing_of_a_trial_the_store_failed():
