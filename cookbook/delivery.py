@@ -280,6 +280,6 @@ def replay(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
             count_not_stored(ops, refused(op))
         sent(op)
         stored += 1
-    path.unlink()
+    path.unlink(missing_ok=True)  # a second replay of it (sync by hand beside a sweep's retry) may have been first
     remove_if_empty(path.parent)
     return stored, 0, client.get_run(run_id).info.status

@@ -23,8 +23,11 @@ def pending_spool(run: Run) -> Path | None:
 def store_spool(path: Path, tracking_uri: str | None = None) -> tuple[int, int, str]:
     """Replay a spool file (ops stored, ops left, the run's status now); a run it ends FINISHED loses its checkpoint
     (where it trained, as its spool says; else here), as a run whose end was stored at once does (nothing will resume it)."""
-    header = json.loads(path.read_text().split("\n", 1)[0])
-    stored, left, status = replay(path, tracking_uri)
+    try:
+        header = json.loads(path.read_text().split("\n", 1)[0])
+        stored, left, status = replay(path, tracking_uri)
+    except FileNotFoundError:  # stored meanwhile by another replay (a sync by hand beside a sweep's retry)
+        return 0, 0, "stored elsewhere meanwhile"
     if status == "FINISHED":
         remove(Path(header["checkpoint"]) if "checkpoint" in header else checkpoint_path(header["run_id"]))
     return stored, left, status

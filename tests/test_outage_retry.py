@@ -16,6 +16,7 @@ from cookbook import delivery, tracking
 from cookbook.checkpoint import checkpoint_path, save
 from cookbook.delivery import spool_path
 from cookbook.errors import StoreFailure
+from cookbook.spooled import store_spool
 from cookbook.tracking import MlflowTracker
 from experiments import stress, sweep
 from experiments.grid import make_cells
@@ -126,3 +127,8 @@ def test_sync_ends_killed_the_parent_run_of_a_coordinator_that_died(tracking, tm
     assert sync.returncode == 0, sync.stderr[-2000:]
     assert f"run {run.info.run_id}: its process is gone; ended KILLED" in sync.stdout
     assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_spool_another_replay_stored_meanwhile_is_no_error(tmp_path):
+    """A sync by hand beside a sweep's retry: the second to come found the file gone (a traceback, or a failed trial)."""
+    assert store_spool(tmp_path / "mlflow-spool" / "gone.jsonl")[:2] == (0, 0)
