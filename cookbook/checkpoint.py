@@ -18,7 +18,11 @@ def checkpoint_path(run_id: str, checkpoint_dir: str | Path = CHECKPOINT_DIR) ->
 
 def save(path: Path, state: dict) -> None:
     """Write state to path atomically: a kill mid-write leaves the previous epoch's checkpoint, never half of one."""
-    write_whole(path, lambda partial: torch.save(state, partial))
+    def write(partial: Path) -> None:
+        with open(partial, "wb") as file:  # open() says FileNotFoundError if our folder went; torch.save, a RuntimeError
+            torch.save(state, file)
+
+    write_whole(path, write)
 
 
 def load(path: Path | None) -> dict | None:

@@ -1,6 +1,9 @@
 """A run's files: written whole even when another run removes their empty folder mid-write; folders kept while in use."""
+from pathlib import Path
+
 import pytest
 
+from cookbook.checkpoint import load, save
 from cookbook.files import remove_if_empty, write_whole
 
 
@@ -29,6 +32,21 @@ def test_the_folder_is_made_again_if_another_run_removed_it_empty(tmp_path):
 
     write_whole(folder / "r.pt", write)
     assert (folder / "r.pt").read_text() == "epoch 1" and len(calls) == 2 and not list(folder.glob("*.partial"))
+
+
+def test_a_checkpoint_is_written_when_another_run_removes_its_folder_after_our_mkdir(tmp_path, monkeypatch):
+    """Runs started together in one folder: one ends and removes ./checkpoints, empty, as another is about to save."""
+    made, mkdirs = Path.mkdir, []
+
+    def mkdir_then_removed(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        mkdirs.append(self)
+        if len(mkdirs) == 1:
+            remove_if_empty(self)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_removed)
+    save(tmp_path / "checkpoints" / "r.pt", {"epoch": 1})
+    assert load(tmp_path / "checkpoints" / "r.pt") == {"epoch": 1} and len(mkdirs) == 2
 
 
 def test_a_missing_file_for_another_reason_is_not_retried(tmp_path):
