@@ -7,7 +7,7 @@ from mlflow.exceptions import MlflowException
 from .config import ConfigError
 from .monitor import STEP_LOSS
 from .stop import elsewhere, gone
-from .tracking import PROCESS_TAG, STEPS_RUN_TAG, store_unreadable
+from .tracking import PROCESS_TAG, STEPS_RUN_TAG, TOTAL_STEPS_TAG, store_unreadable
 
 
 def unknown_fate(process: str) -> str | None:
@@ -43,8 +43,8 @@ def check_closable(uri: str, run_ids: list[str]) -> None:
 def close_orphans(client: MlflowClient, skip: set[str] = frozenset(),
                   close: set[str] = frozenset()) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
     """End KILLED every RUNNING run whose training process on this host is gone, and those in `close` (on the user's
-    word), with steps_run = the steps it stored: (run id, steps) for each; and (run id, why) for the RUNNING runs whose
-    process this host cannot check, left RUNNING. Runs in `skip` (spooled) are left alone."""
+    word), a training run tagged steps_run = the steps it stored: (run id, steps) for each; and (run id, why) for the
+    RUNNING runs whose process this host cannot check, left RUNNING. Runs in `skip` (spooled) are left alone."""
     ids = [e.experiment_id for e in client.search_experiments()]
     running = client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=10_000) if ids else []
     closed, unknown = [], []
@@ -56,7 +56,8 @@ def close_orphans(client: MlflowClient, skip: set[str] = frozenset(),
             unknown += [(run_id, why)] if (why := unknown_fate(process)) else []
             continue
         steps = len(client.get_metric_history(run_id, STEP_LOSS))
-        client.set_tag(run_id, STEPS_RUN_TAG, str(steps))
+        if steps or TOTAL_STEPS_TAG in run.data.tags:  # a training run; a sweep's parent run trains nothing
+            client.set_tag(run_id, STEPS_RUN_TAG, str(steps))
         client.set_terminated(run_id, "KILLED")
         closed.append((run_id, steps))
     return closed, unknown
