@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import minimize
 
 CONVERGE_RATIO = 0.5  # default: converged = final train loss below half the loss of step 0
 CHANCE_LOSS = math.log(10)  # cross-entropy of guessing among 10 classes: a run at or above it has learned nothing
@@ -36,6 +35,8 @@ def fit_logistic(log_lrs: np.ndarray, failed: np.ndarray, l2: float = 1e-2) -> t
         slope = np.logaddexp(0, raw)  # softplus: slope >= 0
         z = slope * (log_lrs - x0)
         return np.sum(np.logaddexp(0, z) - y * z) + l2 * slope**2
+
+    from scipy.optimize import minimize  # here: every sweep worker imports this module for CHANCE_LOSS, none fits
 
     x0, raw = minimize(loss, [float(np.median(log_lrs)), 0.5], method="Nelder-Mead").x
     return float(np.clip(x0, lo - 1, hi + 1)), float(np.logaddexp(0, raw))  # x0 kept within a decade of the data

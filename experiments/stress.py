@@ -64,7 +64,6 @@ from experiments.stress_range import (
 )
 from experiments.stress_report import DONE, STRESS_REPORT, STRESS_RUN, done_trials, format_report, report, unrecorded
 from experiments.stress_study import open_stress_study, stress_name
-from experiments.study_figures import log_stress_history
 from experiments.workers import cached_mnist, join_workers, nested_under, parent_and_experiment, parent_run, serve, spawn, start_worker
 
 
@@ -190,6 +189,8 @@ def range_from_test(spec: dict, parent) -> dict:
 
 def run_stress(args: argparse.Namespace) -> int:
     """Validate everything, then one study per config, each run by `workers` processes; print the boundaries."""
+    from experiments.study_figures import log_stress_history  # here: the workers run this module and never draw
+
     configs, settings, seeds = check_args(args)
     check_tracking()  # first: a bad store makes no journal; then a bad storage makes no store
     open_storage(args.storage)

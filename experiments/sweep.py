@@ -48,7 +48,6 @@ from experiments.storage import (
     heartbeat,
     recover_dead_workers,
 )
-from experiments.study_figures import log_study_figures
 from experiments.sweep_summary import print_summary, summary
 from experiments.workers import cached_mnist, join_workers, nested_under, parent_and_experiment, parent_run, serve, spawn, start_worker
 
@@ -223,6 +222,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         run_rounds(study, args, started, before["done"])
         table = summary(study)
         mlflow.log_text(table.to_csv(index=False), "sweep_summary.csv")
+        from experiments.study_figures import log_study_figures  # here: the workers run this module and never draw
+
         log_study_figures(table)
         after = state_counts(study)
         mlflow.log_metrics({"sweep/cells_done": after["done"], "sweep/wall_seconds": time.time() - started}, step=0)
