@@ -59,6 +59,9 @@ def training_runs(experiment: str) -> pd.DataFrame:
     if exp is None:
         names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
         raise AnalysisError(f"no experiment '{experiment}' in {mlflow.get_tracking_uri()}; experiments: {names}")
+    if exp.lifecycle_stage == "deleted":  # found by name all the same, its runs too: a report of what the user threw away
+        raise AnalysisError(f"experiment '{experiment}' is deleted in {mlflow.get_tracking_uri()}; restore it first "
+                            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`)")
     runs = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
     config_col = f"tags.{t.CONFIG_TAG}"
     if config_col in runs:

@@ -93,12 +93,12 @@ def lr_stress(runs: pd.DataFrame, reports: list[dict], tests: pd.DataFrame) -> S
             "the loss of step 0; **diverged** = a non-finite loss or one above the divergence factor x the loss of step 0.")
     bounds = boundaries(runs, reports)
     versus, versus_table = range_test_vs_boundary(reports, tests) if reports else ("", pd.DataFrame())
-    scale = scale_note(hit) if len(hit) else "*Scale: the stress study's (below).*\n\n"
+    scale = scale_note(hit) if len(hit) else "*Scale: the stress study's (below).*\n\n" if reports else ""
     latest = latest_per_config(reports).values()
     figs = {"lr_stress": figures.lr_stress(grid, {r["config"]: r["boundary_lr"] for r in latest if r.get("boundary_lr")})} \
         if grid.lr.nunique() >= 2 else {}
     grid_note = f"\n\nFigure: final loss against LR. *Grid scale: {'; '.join(sorted(grid.scale.unique()))}.*" if figs else ""
-    tables = {"lr_x100": x100, **({"range_test_vs_boundary": versus_table} if len(versus_table) else {})}
+    tables = {**({"lr_x100": x100} if len(x100) else {}), **({"range_test_vs_boundary": versus_table} if len(versus_table) else {})}
     return Section("LR stress", scale + rule + "\n\n" + survivors(x100) + bounds + versus + grid_note, tables, figs)
 
 
@@ -178,7 +178,7 @@ def isolation(runs: pd.DataFrame) -> Section:
              if c != winner]
     compared = pd.concat(at_best.values())
     text = (scale_note(compared) + "Each config at the LR that is best for it on the grid, among LRs where no seed diverged. "
-            f"Best: **{winner}**. " + "; ".join(notes) + ".")
+            f"Best: **{winner}**." + (f" {'; '.join(notes)}." if notes else ""))
     return Section("Tuned comparison (best LR per config)", text, {"isolation": table})
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, load
-from analysis.select import baseline_runs
+from analysis.select import TREATMENT_COLUMNS, baseline_runs, baseline_split, treatment_values
 from analysis.stats import mean_ci95, within_noise
 from cookbook.monitor import STEP_GRAD_NORM, STEP_LOSS
 from cookbook.train import CLIP_FRACTION, EPOCH_LOSS
@@ -87,7 +87,7 @@ def not_diverged(base: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 def results_table(runs: pd.DataFrame) -> Section:
     """1. One row per config (every config, even one whose every seed diverged): mean and 95% interval over the seeds
     that did not diverge, the seed's claim beside it."""
-    base = baseline_runs(runs)
+    base, earlier = baseline_split(runs)
     if base.empty:
         raise Skip("no finished run at a config's own settings")
     done, _ = not_diverged(base)
@@ -108,8 +108,21 @@ def results_table(runs: pd.DataFrame) -> Section:
                         **{f"{k}_ci95": v[1] for k, v in stats.items()}})
     values = pd.DataFrame(numeric).set_index("config")
     text = (scale_note(base) + f"{len(base)} runs, every config at its own settings (no model, optim or schedule key "
-            "overridden). " + ranking(base, per_run, values))
+            "overridden). " + ranking(base, per_run, values) + other_settings(base, earlier))
     return Section("Results table", text, {"results": pd.DataFrame(rows), "results_values": values.reset_index()})
+
+
+def other_settings(base: pd.DataFrame, earlier: pd.DataFrame) -> str:
+    """A sentence naming the runs left out because their config's own settings differ from its latest run's."""
+    if earlier.empty:
+        return ""
+    parts, values, now = [], treatment_values(earlier), treatment_values(base).groupby(base.config).last()
+    for config, g in values.groupby(earlier.config):
+        changed = [f"{k} {', '.join(sorted(set(g[k])))} (latest: {now.loc[config, k]})" for k in TREATMENT_COLUMNS
+                   if (g[k] != now.loc[config, k]).any()]
+        parts.append(f"{len(g)} runs of {config} at {'; '.join(changed)}")
+    return (" Left out, trained at other own settings than their config's latest run (its file changed between "
+            "runs, or another file of the same name): " + "; ".join(parts) + ".")
 
 
 def ranking(base: pd.DataFrame, per_run: pd.DataFrame, values: pd.DataFrame) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.load import KEYS
 from cookbook.config import CONFIGS_DIR, TEST_SIZE, TRAIN_SIZE, ConfigError, load_config
 from experiments.boundary import CONVERGE_RATIO, converged
 
@@ -15,6 +16,7 @@ SIZE_ALLOWED = {LR_KEY, WARMUP_KEY, *SIZE_KEYS}  # what a size sweep's run may o
 SCALE = ["epochs", "train_images", "test_images", "batch_size", "precision"]
 MIN_GRID_LRS = 3  # an LR curve needs 3 points to show a minimum: prefer the largest scale that has them
 CELL = ["config", "lr", "width", "depth", "warmup_epochs", "seed"]
+TREATMENT_COLUMNS = [column for column, key in KEYS.items() if key.startswith(TREATMENT_SECTIONS)]
 
 
 def treatments(overrides: str | None) -> frozenset[str] | None:
@@ -64,7 +66,18 @@ def classified(runs: pd.DataFrame, allowed: set[str], required: set[str] = froze
 
 def baseline_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Every config at its own settings (whatever the seed or scale), at one scale (main_scale)."""
-    return main_scale(classified(runs, set()))
+    return baseline_split(runs)[0]
+
+
+def baseline_split(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """baseline_runs, and the runs of the same scale left out of them: a config's own settings are those of its latest
+    run, so runs made before its config file was edited (or from a same-named file elsewhere) are never pooled with them
+    as if they were more seeds (the overrides tag is relative to the file)."""
+    base = main_scale(classified(runs, set()))
+    values = treatment_values(base)
+    latest_values = values.groupby(base.config).last().loc[base.config]  # main_scale sorted them by start time
+    same = (values.values == latest_values.values).all(axis=1)
+    return base[same], base[~same]
 
 
 def lr_grid(runs: pd.DataFrame, min_lrs: int = MIN_GRID_LRS) -> pd.DataFrame:
@@ -97,13 +110,18 @@ def size_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     return main_scale(same)
 
 
+def treatment_values(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs' TREATMENT_COLUMNS as text, a value a run did not log as "none" (so that two such runs compare equal)."""
+    return runs[TREATMENT_COLUMNS].astype(str).fillna("none")
+
+
 def own_lr(runs: pd.DataFrame, config: str) -> float:
     """The config's own LR: from its baseline runs, else from its config file; NaN if neither (a config given as a
     file elsewhere: its runs keep only its name), so that config has no x100 row."""
     base = classified(runs, set())
-    at = base[base.config == config].lr.dropna()
+    at = base[base.config == config].sort_values("start_time").lr.dropna()
     if len(at):
-        return float(at.iloc[0])
+        return float(at.iloc[-1])  # its latest run's, as baseline_split takes: the config file may have changed since
     try:
         return load_config(config, CONFIGS_DIR).optim.lr
     except ConfigError:

@@ -226,12 +226,17 @@ def test_missing_experiment_and_no_finished_runs(tracking, tmp_path, capsys):
     pruned = client.create_experiment("pruned")
     for seed in (0, 1):  # finished, but stopped by the pruner: no final result either
         client.set_tag(make_run(client, pruned, "no_tricks", seed, 0.2), PRUNED_TAG, "true")
-    for experiment in ("nope", "empty", "pruned"):
+    deleted = client.create_experiment("deleted")
+    make_run(client, deleted, "no_tricks", 0, 0.2)
+    client.delete_experiment(deleted)  # MLflow still finds it by name, runs and all
+    for experiment in ("nope", "empty", "pruned", "deleted"):
         assert main(["--experiment", experiment, "--output", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors[0].startswith("error: no experiment 'nope'")
-    assert errors[1:] == [f"error: experiment '{e}' has no finished training runs (a run the pruner stopped has no final result)"
-                          for e in ("empty", "pruned")]
+    assert errors[1:3] == [f"error: experiment '{e}' has no finished training runs (a run the pruner stopped has no final result)"
+                           for e in ("empty", "pruned")]
+    assert errors[3] == (f"error: experiment 'deleted' is deleted in {tracking}; restore it first "
+                         f"(`mlflow experiments restore --experiment-id {deleted}`)")
 
 
 def test_short_runs_draw_what_they_can(tracking, tmp_path, capsys):

@@ -227,3 +227,21 @@ def test_both_results_tables_count_the_seeds_run_and_the_values_say_how_many_are
     assert main(["--experiment", "seeds", "--output", str(tmp_path), "--no-mlflow-log"]) == 0
     shown, values = (pd.read_csv(tmp_path / f"{name}.csv").set_index("config").loc["no_tricks"] for name in ("results", "results_values"))
     assert (shown["seeds"], values["seeds"], values["seeds_in_mean"]) == (2, 2, 1)
+
+
+def test_runs_of_a_config_file_edited_between_them_are_not_pooled_as_more_seeds(tracking, tmp_path):
+    """The overrides tag is relative to the file: runs made before no_tricks.yaml's LR was edited carry none either.
+    The results table takes the settings of the config's latest run and says which runs it left out."""
+    client = MlflowClient()
+    exp = client.create_experiment("edited")
+    for seed in (0, 1):
+        make_run(client, exp, "no_tricks", seed, 0.5, lr=1e-3, overrides=[])
+    for seed in (0, 1):
+        make_run(client, exp, "no_tricks", seed, 0.1 + seed / 100, lr=3e-3, overrides=[])  # after the edit
+    text = report(tmp_path, "edited")
+    results = pd.read_csv(tmp_path / "results_values.csv").set_index("config")
+    assert results.loc["no_tricks", "seeds"] == 2 and results.loc["no_tricks", "final_loss_mean"] == pytest.approx(0.105)
+    assert "Left out, trained at other own settings than their config's latest run" in text
+    assert "2 runs of no_tricks at lr 0.001 (latest: 0.003)" in text
+    assert "Best: **no_tricks**.\n" in text  # the tuned comparison of one config: nobody to compare it with
+    assert "the stress study's" not in text and not (tmp_path / "lr_x100.csv").exists()  # no stress study, no x100 run
