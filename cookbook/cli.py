@@ -28,7 +28,7 @@ from .config import (
 )
 from .data import DataError, load_mnist
 from .hooks import Recorder
-from .lr_find import END_LR, START_LR, STEPS, UNUSED_KEYS
+from .lr_find import END_LR, MAX_STEPS, START_LR, STEPS, UNUSED_KEYS
 from .progress import Progress
 from .stop import exit_code
 from .train import EPOCH_GRAD_NORM, EPOCH_LOSS, TEST_ACC, TEST_LOSS, train
@@ -146,6 +146,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .resume import recorded_training, store_client
     client = store_client()
     run = recorded_training(client, args.run_id, "reproduce")
+    if run.info.status == "RUNNING":  # no steps_run tag yet: every stored value would read as a mismatch
+        raise ConfigError(f"run {args.run_id} is still RUNNING: it trains, or its process died (`python -m cookbook sync` "
+                          "ends such a run with the steps it stored); reproduce compares a run that has ended")
     cfg = match_recorded(from_params(run.data.params), run.data.tags)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     result = train(cfg, data, [Progress(f"reproduce {cfg.name} s{cfg.seed}"), recorder := Recorder()])
@@ -211,15 +214,19 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     """Run the range test, print the suggestions, track it as one MLflow run (loss against LR, figure, tags)."""
     from .lr_find import lr_range_test
 
-    if not 0 < args.start_lr < args.end_lr or not math.isfinite(args.end_lr / args.start_lr) or args.steps < 3:
-        raise ConfigError(f"need 0 < --start-lr < --end-lr (finite, their ratio too) and --steps >= 3; got {args.start_lr}, "
-                          f"{args.end_lr}, {args.steps}")
+    if not 0 < args.start_lr < args.end_lr or not math.isfinite(args.end_lr / args.start_lr) or not 3 <= args.steps <= MAX_STEPS:
+        raise ConfigError(f"need 0 < --start-lr < --end-lr (finite, their ratio too) and 3 <= --steps <= {MAX_STEPS:,}; got "
+                          f"{args.start_lr}, {args.end_lr}, {args.steps}")
     unused = [key for key in flat_overrides(args) if key.startswith(UNUSED_KEYS)]
     if unused:
         raise ConfigError(f"lr-find sets each update's LR itself and runs --steps updates: {', '.join(unused)} would be "
                           f"ignored; drop it (unused here: {', '.join(k + '*' * k.endswith('.') for k in UNUSED_KEYS)})")
     cfg = load_config(args.config, args.configs_dir, overrides_from(args))
     resources.check(cfg)
+    if not args.no_track:  # a store or experiment it cannot log to: refused now, not after the whole test
+        from .range_run import check_experiment
+
+        check_experiment(args.experiment)
     data = load_mnist(cfg.data.data_dir, cfg.data.train_subset, cfg.data.test_subset)
     result = lr_range_test(cfg, data, args.start_lr, args.end_lr, args.steps)
     blowup = f"blew up at LR {result.blowup_lr:.3g}" if result.blowup_lr else "did not blow up"

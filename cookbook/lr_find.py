@@ -15,6 +15,7 @@ from .schedule import set_lr
 from .train import build_parts, resolve_device, single_update
 
 START_LR, END_LR, STEPS, STOP_FACTOR, BETA = 1e-6, 10.0, 100, 4.0, 0.98  # fastai's defaults, Smith's stop rule
+MAX_STEPS = 1_000_000  # the test holds its LRs and losses in memory; a million updates is days here, not a range test
 # Config keys the range test has no use for: it sets each update's LR itself, runs a number of updates (not epochs) and
 # stops on its own rule, with no monitor, no CUDA graph and no test pass. Given on purpose, they would be silently ignored.
 UNUSED_KEYS = ("optim.lr", "epochs", "schedule.", "monitor.", "compute.cuda_graphs", "data.test_subset")

@@ -7,16 +7,30 @@ import os
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from .config import Config, to_params
-from .delivery import metrics_op, send
+from .config import Config, ConfigError, to_params
+from .delivery import first_line, metrics_op, send
 from .stop import process_id
-from .tracking import PROCESS_TAG, SEED_TAG, ready_store
+from .tracking import PROCESS_TAG, SEED_TAG, check_tracking, ready_store
 from .ui import mark_training
 
 LR_FIND_TAG = "lr_find"  # on a range-test run: its config's name (not CONFIG_TAG: the analysis must not read it as a training)
 LR_FIND_BLOWUP_TAG = f"{LR_FIND_TAG}.blowup_lr"  # the LR where its loss blew up; "none" if it never did
+
+
+def check_experiment(experiment: str) -> None:
+    """A store the test cannot log to, or an experiment it cannot log into (deleted, an invalid name), refused in one
+    line before the test runs (inside `mlflow run` it logs into the project's run)."""
+    check_tracking()
+    ready_store()
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return
+    try:
+        mlflow.set_experiment(experiment)
+    except MlflowException as e:
+        raise ConfigError(f"--experiment {experiment!r}: {first_line(e)}") from None
 
 
 def log_range_test(cfg: Config, data_md5: dict[str, str], result, experiment: str, parent_run_id: str | None = None) -> str:

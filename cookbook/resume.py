@@ -78,7 +78,7 @@ def recorded_run(client: MlflowClient, run_id: str):
     try:
         return client.get_run(run_id)
     except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # the latter: no id at all ("", "../x")
             raise
         raise ConfigError(f"no run '{run_id}' in {client.tracking_uri}") from None
 

@@ -141,6 +141,10 @@ def exit_now(code: int) -> None:
     sys.exit(code)
 
 
+# A store's errors while a command reads it: MLflow's, and SQLAlchemy's (a database store away, a file not a database)
+STORE_ERRORS = (("mlflow.exceptions", "MlflowException"), ("sqlalchemy.exc", "SQLAlchemyError"))
+
+
 def exit_code(command: Callable[[], int], bad_input: tuple[type[Exception], ...], stopped: str) -> int:
     """Run a command-line command: bad input or an unusable store is one line and exit 2 (nothing was started), a store
     that failed mid-run one line and 1, SIGTERM/SIGINT one line ("stopped by X; " + stopped) and 143/130; any other
@@ -155,8 +159,8 @@ def exit_code(command: Callable[[], int], bad_input: tuple[type[Exception], ...]
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        errors = sys.modules.get("mlflow.exceptions")  # not imported: not MLflow's (the library trains without it)
-        if errors is None or not isinstance(e, errors.MlflowException):
+        store_errors = tuple(getattr(sys.modules[module], name) for module, name in STORE_ERRORS if module in sys.modules)
+        if not isinstance(e, store_errors):  # a module not imported raised nothing (the library trains without either)
             raise
         import mlflow
 

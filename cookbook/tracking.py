@@ -53,6 +53,7 @@ THREADS_TAG, DEVICE_TAG, TORCH_TAG = "torch_threads", "device", "torch_version" 
 OVERRIDES_TAG = "overrides"  # comma list of the config keys the run sets differently from its config file; "" = none
 REPO = Path(__file__).resolve().parent.parent
 MIN_FREE_BYTES = 64 << 10  # less than this and not even the run's params and first batches fit
+SQLITE_HEADER = b"SQLite format 3\0"  # the first 16 bytes of every SQLite database
 
 
 def git_state(repo: Path = REPO) -> tuple[str, bool]:
@@ -67,8 +68,7 @@ def git_state(repo: Path = REPO) -> tuple[str, bool]:
 
 
 def ready_store(uri: str | None = None) -> None:
-    """Create a SQLite store's tables once, under a lock: processes starting together on a fresh store would
-    otherwise race in MLflow's schema migrations ("duplicate column name: step"; 7 of 8 crashed here)."""
+    """A SQLite store's tables made once, under a lock: processes starting together raced in MLflow's migrations."""
     uri = uri or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):  # server and database stores are set up by whoever runs them
         _create_sqlite_store(uri)
@@ -79,6 +79,7 @@ def check_tracking(uri: str | None = None) -> None:
     a store MLflow can open for another scheme; else a one-line StoreUnusable."""
     uri = uri or mlflow.get_tracking_uri()
     if (path := sqlite_file(uri)) is not None:
+        check_sqlite(uri, path.resolve())
         return check_writable(uri, path.resolve())
     try:
         MlflowClient(uri)
@@ -118,9 +119,17 @@ def check_writable(uri: str, path: Path) -> None:
         raise StoreUnusable(f"tracking store {uri} is full ({free // 1024} KiB free in {folder})")
 
 
+def check_sqlite(uri: str, path: Path) -> None:
+    """A file already there (not empty) must be a SQLite database, by its header: else MLflow's error is 80 lines."""
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError), open(path, "rb") as file:  # the header only
+        if file.read(len(SQLITE_HEADER)) not in (SQLITE_HEADER, b""):
+            raise StoreUnusable(f"tracking store {uri}: {path} is not a SQLite database")
+
+
 @functools.cache  # once per store and process: every tracker and sweep cell calls ready_store
 def _create_sqlite_store(uri: str) -> None:
     path = sqlite_file(uri).resolve()
+    check_sqlite(uri, path)
     check_writable(uri, path)
     with open(store_lock(path), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -147,6 +156,7 @@ class MlflowTracker(Hook):
         as an MLflow LoggedModel (off for sweeps that do not need thousands of them)."""
         self.cfg, self.data_md5, self.experiment = cfg, data_md5, experiment
         self.overrides = overridden_keys(cfg, base or cfg)
+        check_tracking()  # a database store away (building its client connects) is one line before any run, not a traceback
         ready_store()  # before the client: building it opens the store
         self.run_name = run_name or f"{cfg.name}-s{cfg.seed}"
         self.system_metrics, self.extra_tags, self.parent_run_id = system_metrics, extra_tags or {}, parent_run_id

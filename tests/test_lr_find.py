@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, created_store
 from cookbook.cli import main
 from cookbook.lr_find import exponential_lrs, lr_range_test, smooth, suggest
 
@@ -58,11 +58,22 @@ def test_lr_find_command_tracks_one_run(mnist_dir, tracking, capsys):
 
 
 @pytest.mark.parametrize("lrs", [["--start-lr", "1", "--end-lr", "0.1"], ["--end-lr", "inf"], ["--start-lr", "1e-9", "--end-lr", "1e300"],
-                                 ["--start-lr", "nan"]])
+                                 ["--start-lr", "nan"], ["--steps", "10000000000"]])  # the last: 75 GiB of LRs
 def test_a_range_that_is_not_finite_and_increasing_is_one_line_before_any_run(tracking, capsys, lrs):
     assert main(["lr-find", "--config", "no_tricks", *lrs, "--experiment", "lr"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: need 0 < --start-lr < --end-lr (finite, their ratio too)")
     assert MlflowClient().get_experiment_by_name("lr") is None
+
+
+@pytest.mark.parametrize("experiment", ["gone", ""])
+def test_an_experiment_it_cannot_log_into_is_one_line_before_the_test_runs(experiment, tracking, monkeypatch, capsys):
+    """A deleted experiment or an invalid name: the whole test ran first, then exit 1 blaming the store."""
+    client = MlflowClient(created_store(tracking))
+    client.delete_experiment(client.create_experiment("gone"))
+    monkeypatch.setattr("cookbook.lr_find.lr_range_test", lambda *a, **k: pytest.fail("the range test ran"))
+    assert main(["lr-find", "--config", "no_tricks", *RANGE_FLAGS, "--experiment", experiment]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --experiment {experiment!r}: ")
+    assert not [r for e in client.search_experiments(view_type=3) for r in client.search_runs([e.experiment_id], run_view_type=3)]
 
 
 @pytest.mark.parametrize("flags,named", [(["--lr", "1e-7"], "optim.lr"), (["--epochs", "2"], "epochs"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import TINY_FLAGS, created_store, only_run
+from conftest import DATA_DIR, TINY_FLAGS, created_store, only_run, training_run
 from cookbook.cli import main
 from cookbook.reproduce import compare, stopped_after, through
 from cookbook.tracking import PRUNED_TAG
@@ -39,11 +39,38 @@ def test_commands_that_read_runs_make_no_store_where_there_is_none(command, code
             f"error: no tracking store at {uri}; point MLFLOW_TRACKING_URI at the store the runs are in"]
 
 
-def test_reproduce_unknown_run_is_one_line_error(tracking, capsys):
+@pytest.mark.parametrize("command", ["reproduce", "resume"])
+@pytest.mark.parametrize("run_id", ["0123456789abcdef", "", "../x"])  # the last two: MLflow's "invalid value", not "no run"
+def test_an_unknown_or_malformed_run_id_is_one_line_error(command, run_id, tracking, capsys):
     created_store(tracking)
-    assert main(["reproduce", "0123456789abcdef"]) == 2
+    assert main([command, run_id]) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # MLflow may log INFO lines first
-    assert last_line.startswith("error: no run '0123456789abcdef' in sqlite:///")
+    assert last_line.startswith(f"error: no run '{run_id}' in sqlite:///")
+
+
+def test_reproduce_refuses_a_run_still_running_instead_of_reporting_every_metric_a_mismatch(tracking, capsys):
+    client = MlflowClient(created_store(tracking))
+    run_id = training_run(client, "live")  # RUNNING: training now, or its process died before sync ended it
+    assert main(["reproduce", run_id]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: run {run_id} is still RUNNING: it trains, or its process died (`python -m cookbook sync` ends such a run "
+        "with the steps it stored); reproduce compares a run that has ended")
+
+
+@pytest.mark.parametrize("command", [["train", "--config", "no_tricks", *TINY_FLAGS],
+                                     ["lr-find", "--config", "no_tricks", "--data-dir", str(DATA_DIR)],
+                                     ["reproduce", "0123456789abcdef"], ["resume", "0123456789abcdef"], ["sync"]])
+def test_a_store_file_that_is_not_a_database_is_one_line(command, tmp_path, tracking, monkeypatch, capsys):
+    """Each was a traceback of 80-90 lines (SQLAlchemy's); the commands that would train refuse before any run. (A
+    PostgreSQL store away goes the same way, checked by hand: MLflow retries its connection for 100 s first.)"""
+    (tmp_path / "notes.db").write_text("not a database\n")
+    uri = f"sqlite:///{tmp_path}/notes.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    assert main(command) == (2 if command[0] in ("train", "lr-find") else 1)  # refused before, or failed reading
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: tracking store {uri}"), err
+    assert (tmp_path / "notes.db").read_text() == "not a database\n"
 
 
 def test_reproduce_detects_a_changed_history(mnist_dir, tracking, capsys):
