@@ -213,7 +213,7 @@ def test_a_coordinator_stopped_while_it_reports_ends_its_stress_run_killed(track
 
     def stopped(*args):
         raise Terminated()
-    monkeypatch.setattr(stress, "log_stress_history", stopped)
+    monkeypatch.setattr("experiments.study_figures.log_stress_history", stopped)
     assert main(["run", "--configs", "no_tricks", "--seeds", "0", "--n-trials", "2", "--storage", str(tmp_path / "j.log"),
                  *TINY]) == 143
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("stability-cookbook").experiment_id])

@@ -49,7 +49,7 @@ def test_the_same_seeds_in_another_order_are_the_same_study_and_an_earlier_study
     """`--seeds 1,0` and `--seeds 0,1` made two studies (each point trained twice); a study named by the order given, as
     names were made before they sorted seeds, is resumed rather than started again."""
     monkeypatch.setattr(stress, "run_workers", lambda args, study: True)  # what is made, not what is trained
-    monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
+    monkeypatch.setattr("experiments.study_figures.log_stress_history", lambda *a: None)
     studies = lambda storage: optuna.get_all_study_names(open_storage(storage))  # noqa: E731
     run = lambda seeds, storage: main(["run", "--configs", "no_tricks", "--seeds", *seeds.split(), "--n-trials", "4",  # noqa: E731
                                        "--storage", storage, *TINY])
@@ -75,7 +75,7 @@ def test_the_same_seeds_in_another_order_are_the_same_study_and_an_earlier_study
 def test_a_study_whose_trial_runs_are_not_in_the_store_is_refused_in_one_line(tracking, tmp_path, monkeypatch, capsys):
     """Rerun against a new store (or with a trial's run deleted), it reported trials the store does not hold."""
     monkeypatch.setattr(stress, "run_workers", lambda args, study: True)
-    monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
+    monkeypatch.setattr("experiments.study_figures.log_stress_history", lambda *a: None)
     storage = str(tmp_path / "j.log")
     argv = ["run", "--configs", "no_tricks", "--seeds", "0", "--n-trials", "2", "--storage", storage, *TINY]
     assert main(argv) == 0

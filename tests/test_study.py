@@ -158,7 +158,7 @@ def test_inside_mlflow_run_the_phases_nest_under_the_project_run_in_its_experime
     client.update_run(project, "RUNNING")  # as it is while its phases run (the study ended it here, timings logged)
     monkeypatch.setattr(sweep, "run_rounds", lambda *a: None)
     monkeypatch.setattr(stress, "run_workers", lambda *a: True)
-    monkeypatch.setattr(stress, "log_stress_history", lambda *a: None)
+    monkeypatch.setattr("experiments.study_figures.log_stress_history", lambda *a: None)
     tiny = ["--epochs", "1", "--train-subset", "256", "--test-subset", "100", "--experiment", "chosen"]
     sweep.main(["run", "--configs", "no_tricks", "--storage", str(tmp_path / "s.log"), *tiny])
     stress.main(["run", "--configs", "no_tricks", "--seeds", "0", "--n-trials", "2", "--storage", str(tmp_path / "t.log"), *tiny])
